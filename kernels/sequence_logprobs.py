@@ -1,0 +1,235 @@
+"""Triton kernels for token log-probabilities from hidden states and an LM-head weight.
+
+For scored tokens i (already compacted: every label is a valid class id) with hidden h_i in R^H,
+LM-head weight W in R^{V x H}, optional bias b and optional soft-cap c:
+
+    z_iv  = W_v . h_i + b_v                   (fp32 accumulation of input-dtype operands)
+    s_iv  = c * tanh(z_iv / c)   if c else z_iv
+    lse_i = log sum_v exp(s_iv)
+    logp_i = s_{i, y_i} - lse_i
+
+Forward (`_logits_lse_kernel`): a 2-D grid of [BLOCK_N x BLOCK_V] logit tiles, each the full
+H-reduction of a matmul tile, visited in grouped order so the weight tiles are reused from L2.
+Each tile reduces to a partial log-sum-exp per row, written to a [num_v_blocks, N] fp32 buffer
+(combined afterwards by one logsumexp: deterministic, no locks), and the tile that holds a row's
+label writes that row's target logit. Extra memory: N * ceil(V / BLOCK_V) floats, never N * V.
+
+Backward: d logp_i / d s_iv = onehot(y_i)_v - softmax(s_i)_v, times the chain factor
+1 - (s_iv / c)^2 for the soft-cap. `_dlogits_kernel` recomputes each logit tile, forms
+d_z = g_i * (onehot - softmax) * cap', and writes it in the input dtype for one chunk of tokens;
+d_hidden = d_z @ W and d_weight += d_z^T @ h then run as dense GEMMs (cuBLAS on GPU), because
+H is thousands wide and an [BLOCK x H] accumulator cannot live on chip. The d_z chunk is the only
+[tokens x vocab]-shaped buffer and its row count is capped (`max_chunk_elements`), so peak extra
+memory is O(N + chunk x V). FLOPs: 2NHV forward, 6NHV backward (recompute + two GEMMs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs():
+    if _INTERPRET:
+        # Small tiles keep the CPU interpreter fast; tile edges are still exercised by the tests.
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "GROUP_N": 2}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=8, num_stages=4),
+    ]
+
+
+# Buffers whose row count depends on the tile chosen by the autotuner are sized for the smallest tile.
+_MIN_BLOCK_V = min(c.kwargs["BLOCK_V"] for c in _configs())
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _configs())
+
+
+@triton.jit
+def _tile_indices(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    # Grouped ordering: GROUP_N row-blocks sweep the vocabulary together, so each weight tile is
+    # fetched from HBM once per group instead of once per row-block.
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_v = tl.cdiv(V, BLOCK_V)
+    num_in_group = GROUP_N * num_pid_v
+    group_id = pid // num_in_group
+    first_n = group_id * GROUP_N
+    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + ((pid % num_in_group) % group_size)
+    pid_v = (pid % num_in_group) // group_size
+    return pid_n, pid_v
+
+
+@triton.jit
+def _logit_tile(
+    h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Returns the capped logits s [BLOCK_N, BLOCK_V] (fp32) of one tile, and the raw tile z."""
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    col_ok = cols < V
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + ks[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_w + ks[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, tl.cdiv(H, BLOCK_K)):
+        k_ok = (ks + k * BLOCK_K) < H
+        a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # the CPU interpreter cannot multiply bf16 operands correctly
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        # tanh(x) = 2 sigmoid(2x) - 1, stable for large |x|
+        acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
+    return acc
+
+
+# restore_value: benchmarking a config must not leave its partial rows behind for the next one.
+@triton.autotune(configs=_configs(), key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"],
+                 restore_value=["partial_lse_ptr", "target_ptr"])
+@triton.jit
+def _logits_lse_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, partial_lse_ptr, target_ptr,
+    N, V, H, stride_h, stride_w, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    pid_n, pid_v = _tile_indices(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    s = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, softcap,
+                    HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    s = tl.where((cols < V)[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    lse = m + tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
+    row_ok = rows < N
+    tl.store(partial_lse_ptr + pid_v.to(tl.int64) * N + rows, lse, mask=row_ok)
+
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    hit = cols[None, :] == labels[:, None]
+    target = tl.sum(tl.where(hit, s, 0.0), axis=1)
+    mine = row_ok & (labels >= pid_v * BLOCK_V) & (labels < pid_v * BLOCK_V + BLOCK_V)
+    tl.store(target_ptr + rows, target, mask=mine)
+
+
+@triton.autotune(configs=_configs(), key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"], reset_to_zero=["dbias_partial_ptr"])
+@triton.jit
+def _dlogits_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, dz_ptr, dbias_partial_ptr,
+    N, V, H, stride_h, stride_w, stride_dz, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    pid_n, pid_v = _tile_indices(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
+    if tl.max(tl.abs(g), axis=0) == 0.0:
+        # Tokens of sequences that receive no gradient (e.g. detached passes): skip the matmul.
+        dz = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    else:
+        s = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, softcap,
+                        HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        p = tl.exp(s - lse[:, None])
+        dz = tl.where(cols[None, :] == labels[:, None], 1.0 - p, -p) * g[:, None]
+        if HAS_SOFTCAP:
+            t = s / softcap
+            dz = dz * (1.0 - t * t)
+        dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :],
+             dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if HAS_BIAS:
+        tl.store(dbias_partial_ptr + pid_n.to(tl.int64) * V + cols, tl.sum(dz, axis=0), mask=col_ok)
+
+
+def _launch_args(hidden: torch.Tensor):
+    upcast = _INTERPRET
+    precision = "ieee" if (hidden.dtype == torch.float32 or upcast) else "tf32"
+    return upcast, precision
+
+
+def token_logprobs_forward(hidden, weight, bias, labels, softcap):
+    """Returns (logp [N] fp32, lse [N] fp32) for compacted tokens (every label valid)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    partial = torch.full((triton.cdiv(V, _MIN_BLOCK_V), N), float("-inf"), device=hidden.device, dtype=torch.float32)
+    target = torch.zeros(N, device=hidden.device, dtype=torch.float32)
+    if N == 0:
+        return target, target.clone()
+    upcast, precision = _launch_args(hidden)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+    _logits_lse_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels, partial, target,
+        N, V, H, hidden.stride(0), weight.stride(0), float(softcap or 1.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=upcast, PRECISION=precision,
+    )
+    lse = torch.logsumexp(partial, dim=0)
+    return target - lse, lse
+
+
+def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, max_chunk_elements):
+    """Gradients of sum_i grad_i * logp_i w.r.t. hidden, weight (fp32) and bias (fp32)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    d_hidden = torch.empty_like(hidden)
+    d_weight = torch.zeros(V, H, device=hidden.device, dtype=torch.float32)
+    d_bias = torch.zeros(V, device=hidden.device, dtype=torch.float32) if bias is not None else None
+    if N == 0:
+        return d_hidden, d_weight, d_bias
+    chunk = max(1, min(N, max_chunk_elements // V))
+    upcast, precision = _launch_args(hidden)
+    dz = torch.empty(chunk, V, device=hidden.device, dtype=hidden.dtype)
+    grad = grad.contiguous().float()
+    for start in range(0, N, chunk):
+        end = min(N, start + chunk)
+        n = end - start
+        h = hidden[start:end]
+        dbias_partial = (
+            torch.zeros(triton.cdiv(n, _MIN_BLOCK_N), V, device=hidden.device, dtype=torch.float32)
+            if bias is not None else None
+        )
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+        _dlogits_kernel[grid](
+            h, weight, bias if bias is not None else h, labels[start:end], lse[start:end], grad[start:end],
+            dz, dbias_partial if bias is not None else dz,
+            n, V, H, hidden.stride(0), weight.stride(0), dz.stride(0), float(softcap or 1.0),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=upcast, PRECISION=precision,
+        )
+        dz_n = dz[:n]
+        torch.mm(dz_n, weight, out=d_hidden[start:end])
+        _accumulate_mm(d_weight, dz_n.t(), h)
+        if bias is not None:
+            d_bias += dbias_partial.sum(0)
+    return d_hidden, d_weight, d_bias
+
+
+def _accumulate_mm(out_fp32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out_fp32 += a @ b with fp32 accumulation across chunks (inputs may be bf16)."""
+    if a.dtype == torch.float32:
+        out_fp32.addmm_(a, b)
+    elif a.is_cuda:
+        try:
+            out_fp32.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+        out_fp32.add_(torch.mm(a, b).float())
+    else:
+        out_fp32.add_(torch.mm(a, b).float())

@@ -1,0 +1,23 @@
+"""nash-fast: fused per-sequence log-probs and exact losses for general-preference alignment.
+
+Public API:
+    sequence_logprobs          per-sequence log p(y|x) from final hidden states and the LM-head weight
+    FusedLinearPreferenceLoss  one call from hidden states to (loss, metrics) for every loss below
+    losses                     sppo_loss, inpo_loss, ipo_loss, dpo_loss, sr_dpo_loss, sr_ipo_loss, spce_loss
+"""
+
+import importlib
+
+from nash_fast.logprobs import sequence_logprobs, token_logprobs
+
+__all__ = ["sequence_logprobs", "token_logprobs", "FusedLinearPreferenceLoss", "losses"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy so `import nash_fast` stays light (no transformers / deepspeed / triton import).
+    if name == "losses":
+        return importlib.import_module("nash_fast.losses")
+    if name == "FusedLinearPreferenceLoss":
+        return importlib.import_module("nash_fast.fused_loss").FusedLinearPreferenceLoss
+    raise AttributeError(f"module 'nash_fast' has no attribute {name!r}")

@@ -1,0 +1,254 @@
+"""Per-sequence log-probabilities from final hidden states and the LM-head weight.
+
+    logp(seq s) = sum_{i in s, y_i != ignore} log softmax(cap(W h_i + b))_{y_i}      (average=False)
+                = (1 / n_s) * the same sum, n_s = scored tokens of s (0 when n_s = 0) (average=True)
+
+This is log pi(y | x) of the DPO/IPO/SPPO/INPO objectives (SPPO eq. 4.7, INPO eq. 9, IPO eq. 17 of
+Azar et al.): the only part of those losses that touches the [tokens x vocab] logits, which it
+never materializes. Ignored tokens are compacted away before any vocabulary work, so prompt
+tokens of a packed batch cost nothing.
+
+Two backends compute the same function:
+  "triton"  nash_fast.kernels.sequence_logprobs: fused tile kernels (GPU; CPU under TRITON_INTERPRET=1)
+  "torch"   token chunks through plain PyTorch ops, recomputed in backward (the CPU path)
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sequence_logprobs", "token_logprobs"]
+
+# Largest [chunk x V] buffer either backend allocates, in elements. 2**26 bf16 = 128 MiB; with
+# V = 128256 that is a 523-token chunk (torch) or backward d_logits chunk (triton).
+MAX_CHUNK_ELEMENTS = 2**26
+# The torch backend allocates several fp32 [chunk x V] temporaries, so its chunks are smaller.
+TORCH_CHUNK_ELEMENTS = 2**22
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def _validate(hidden, weight, labels, cu_seqlens, ignore_index, bias, softcap, backend):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise ValueError("hidden must be a floating-point tensor")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D [V, H] tensor, got shape {tuple(getattr(weight, 'shape', ()))}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [N, H] (packed) or [B, T, H] (padded), got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden width {hidden.shape[-1]} does not match weight width {weight.shape[1]} (weight is [V, H])")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (V = 0)")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden dtype {hidden.dtype} differs from weight dtype {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise ValueError(f"bias must match weight dtype/device ({weight.dtype}, {weight.device}), got ({bias.dtype}, {bias.device})")
+    if softcap is not None and not (float(softcap) > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's leading shape {tuple(hidden.shape[:-1])}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
+    if hidden.dim() == 3 and cu_seqlens is not None:
+        raise ValueError("cu_seqlens must be None for padded [B, T, H] hidden (each row is one sequence)")
+    if hidden.dim() == 2 and cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens must be an int32 (or int64) tensor, got {getattr(cu_seqlens, 'dtype', type(cu_seqlens))}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+        if cu[-1] != hidden.shape[0]:
+            raise ValueError(f"cu_seqlens must end at N = {hidden.shape[0]} (tokens in hidden), got {cu[-1]}")
+        if any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError("cu_seqlens must be non-decreasing")
+    V = weight.shape[0]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        first = labels[bad].flatten()[0].item()
+        raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}; found {first}")
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+# ----------------------------------------------------------------------------- torch backend
+
+def _acc_dtype(dtype):
+    """float32 for 16/32-bit inputs; float64 inputs keep float64 (exact gradchecks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _torch_chunk_logits(h, weight, bias, softcap):
+    z = torch.matmul(h, weight.t())
+    if bias is not None:
+        z = z + bias
+    z = z.to(_acc_dtype(h.dtype))
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def _torch_forward(hidden, weight, bias, labels, softcap):
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    chunk = max(1, TORCH_CHUNK_ELEMENTS // V)
+    logp = torch.empty(N, device=hidden.device, dtype=_acc_dtype(hidden.dtype))
+    lse = torch.empty_like(logp)
+    for start in range(0, N, chunk):
+        end = min(N, start + chunk)
+        s = _torch_chunk_logits(hidden[start:end], weight, bias, softcap)
+        lse[start:end] = torch.logsumexp(s, dim=1)
+        logp[start:end] = s.gather(1, labels[start:end, None]).squeeze(1) - lse[start:end]
+    return logp, lse
+
+
+def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    chunk = max(1, TORCH_CHUNK_ELEMENTS // V)
+    d_hidden = torch.empty_like(hidden)
+    acc = _acc_dtype(hidden.dtype)
+    d_weight = torch.zeros(V, H, device=hidden.device, dtype=acc)
+    d_bias = torch.zeros(V, device=hidden.device, dtype=acc) if bias is not None else None
+    for start in range(0, N, chunk):
+        end = min(N, start + chunk)
+        h = hidden[start:end]
+        s = _torch_chunk_logits(h, weight, bias, softcap)
+        dz = torch.exp(s - lse[start:end, None]).neg_()
+        dz.scatter_add_(1, labels[start:end, None], torch.ones_like(dz[:, :1]))
+        dz.mul_(grad[start:end, None])
+        if softcap is not None:
+            dz.mul_(1.0 - (s / softcap) ** 2)
+        if bias is not None:
+            d_bias += dz.sum(0)
+        dz = dz.to(hidden.dtype)
+        d_hidden[start:end] = dz @ weight
+        d_weight += (dz.t() @ h).to(acc)
+    return d_hidden, d_weight, d_bias
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _backend_fns(backend):
+    if backend == "triton":
+        from nash_fast.kernels import sequence_logprobs as kern
+
+        return kern.token_logprobs_forward, lambda *a: kern.token_logprobs_backward(*a, MAX_CHUNK_ELEMENTS)
+    return _torch_forward, _torch_backward
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """logp_i = log softmax(cap(W h_i + b))_{y_i} for compacted tokens; saves only lse [N]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, softcap, backend):
+        forward_fn, _ = _backend_fns(backend)
+        logp, lse = forward_fn(hidden, weight, bias, labels, softcap)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.softcap = softcap
+        ctx.backend = backend
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        _, backward_fn = _backend_fns(ctx.backend)
+        d_hidden, d_weight, d_bias = backward_fn(hidden, weight, bias, labels, ctx.softcap, lse, grad.to(lse.dtype))
+        return (
+            d_hidden if ctx.needs_input_grad[0] else None,
+            d_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+            d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
+            None, None, None,
+        )
+
+
+def token_logprobs(hidden, weight, labels, *, bias=None, softcap=None, backend="auto"):
+    """log p(labels[i] | hidden[i]) for [N, H] hidden and [N] labels that are all valid class ids.
+
+    The building block of `sequence_logprobs` (no ignore handling, no sequence reduction).
+    Returns float32 [N] (float64 for float64 inputs); differentiable w.r.t. hidden, weight and bias.
+    """
+    backend = _pick_backend(backend, hidden.device)
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    labels = labels.contiguous().long()
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if not needs_grad:  # forward-only path: nothing is saved
+        forward_fn, _ = _backend_fns(backend)
+        return forward_fn(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, softcap)[0]
+    return _TokenLogprobs.apply(hidden, weight, bias, labels, softcap, backend)
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    average: bool = False,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-sequence log p(labels | hidden) under the LM head, without materializing logits.
+
+    Args:
+        hidden: [N, H] packed tokens (with `cu_seqlens`) or [B, T, H] padded rows (one sequence each).
+        weight: LM-head weight [V, H] (same dtype and device as hidden).
+        labels: [N] or [B, T] integer ids; labels[i] is the token predicted at position i;
+            `ignore_index` marks positions that are not scored.
+        cu_seqlens: int32 [S + 1] boundaries of the packed sequences, 0 = cu[0] <= ... <= cu[S] = N
+            (empty sequences allowed). None with [N, H] hidden means one sequence.
+        average: divide each sequence's sum by its own count of scored tokens (0 if it has none).
+        bias: optional LM-head bias [V].
+        softcap: optional final-logit soft-cap c (Gemma-2): logits -> c * tanh(logits / c).
+        backend: "auto" (triton on CUDA, torch elsewhere), "triton" or "torch".
+
+    Returns:
+        [S] (packed) or [B] (padded), float32 (float64 for float64 inputs, so gradcheck is exact).
+    """
+    _validate(hidden, weight, labels, cu_seqlens, ignore_index, bias, softcap, backend)
+    softcap = None if softcap is None else float(softcap)
+    H = hidden.shape[-1]
+    device = hidden.device
+    if hidden.dim() == 3:
+        B, T = labels.shape
+        num_seqs = B
+        seq_id = torch.arange(B, device=device).repeat_interleave(T)
+    else:
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, hidden.shape[0]], device=device)
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
+        num_seqs = lengths.numel()
+        seq_id = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths)
+    flat_hidden = hidden.reshape(-1, H)
+    flat_labels = labels.reshape(-1)
+
+    scored = (flat_labels != ignore_index).nonzero().squeeze(1)
+    token_lp = token_logprobs(
+        flat_hidden.index_select(0, scored), weight, flat_labels.index_select(0, scored),
+        bias=bias, softcap=softcap, backend=backend,
+    )
+    scored_seq = seq_id.index_select(0, scored)
+    seq_lp = torch.zeros(num_seqs, device=device, dtype=token_lp.dtype).index_add(0, scored_seq, token_lp)
+    if average:
+        counts = torch.bincount(scored_seq, minlength=num_seqs).clamp_min(1)
+        seq_lp = seq_lp / counts
+    return seq_lp

@@ -1,0 +1,216 @@
+"""sequence_logprobs (both backends) against a float64 reference that materializes the logits.
+
+Tolerance rule (flash-attention's): for every output and gradient,
+    max|ours - ref64| <= 2 * max|plain - ref64| + floor * (1 + max|ref64|)
+where `plain` is the textbook implementation run in the input dtype (logits, log_softmax, gather)
+and floor is 1e-5 for float32 and 2e-3 for bfloat16: the floor only matters when the plain
+implementation happens to be exact on a tiny draw.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import nash_fast.logprobs as lp_mod
+from nash_fast import sequence_logprobs
+from reference import reference_sequence_logprobs
+
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
+VOCABS = [1, 2, 3, 7, 31, 32, 53, 97, 131]
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    HAVE_TRITON = False
+
+BACKENDS = ["torch"] + (["triton"] if HAVE_TRITON else [])
+
+
+@st.composite
+def problems(draw):
+    V = draw(st.sampled_from(VOCABS))
+    H = draw(st.integers(1, 40))
+    lengths = draw(st.lists(st.integers(0, 13), min_size=1, max_size=5))
+    padded = draw(st.booleans())
+    ignore_p = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    return dict(
+        V=V, H=H, lengths=lengths, padded=padded, ignore_p=ignore_p,
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        average=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        softcap=draw(st.sampled_from([None, None, 4.0])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def make_inputs(p):
+    g = torch.Generator().manual_seed(p["seed"])
+    V, H, dtype = p["V"], p["H"], p["dtype"]
+    lengths = p["lengths"]
+    if p["padded"]:
+        T = max(max(lengths), 1)
+        hidden = torch.randn(len(lengths), T, H, generator=g)
+        labels = torch.randint(0, V, (len(lengths), T), generator=g)
+        for row, n in enumerate(lengths):  # padding positions are ignored, as a collator would mark them
+            labels[row, n:] = -100
+        cu = None
+    else:
+        N = sum(lengths)
+        hidden = torch.randn(N, H, generator=g)
+        labels = torch.randint(0, V, (N,), generator=g)
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+    drop = torch.rand(labels.shape, generator=g) < p["ignore_p"]
+    labels = labels.masked_fill(drop, -100)
+    weight = torch.randn(V, H, generator=g) / math.sqrt(H) * 3
+    bias = torch.randn(V, generator=g) if p["bias"] else None
+    cast = lambda t: None if t is None else t.to(dtype).requires_grad_(True)
+    return cast(hidden), cast(weight), labels, cu, cast(bias)
+
+
+def _grads(out, upstream, tensors):
+    tensors = [t for t in tensors if t is not None]
+    if not out.requires_grad:  # no token at all: every gradient is zero
+        return [torch.zeros_like(t) for t in tensors]
+    grads = torch.autograd.grad(out, tensors, upstream, allow_unused=True)
+    return [torch.zeros_like(t) if gr is None else gr for t, gr in zip(tensors, grads)]
+
+
+def _check(name, ours, plain, ref, dtype):
+    ours, plain, ref = ours.double(), plain.double(), ref.double()
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err = (ours - ref).abs().max().item() if ref.numel() else 0.0
+    plain_err = (plain - ref).abs().max().item() if ref.numel() else 0.0
+    scale = 1 + (ref.abs().max().item() if ref.numel() else 0.0)
+    bound = 2 * plain_err + FLOOR[dtype] * scale
+    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (plain same-dtype error {plain_err:.3g})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(p=problems())
+def test_forward_backward_matches_float64(backend, p):
+    hidden, weight, labels, cu, bias = make_inputs(p)
+    kw = dict(average=p["average"], softcap=p["softcap"])
+    ours = sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, bias=bias, backend=backend, **kw)
+    ref = reference_sequence_logprobs(hidden, weight, labels, cu, bias=bias, **kw)
+    plain = reference_sequence_logprobs(hidden, weight, labels, cu, bias=bias, dtype=p["dtype"], **kw)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    _check("forward", ours, plain, ref, p["dtype"])
+
+    upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(p["seed"] + 1))
+    tensors = [hidden, weight, bias]
+    g_ours = _grads(ours, upstream, tensors)
+    g_ref = _grads(ref, upstream.double(), tensors)
+    g_plain = _grads(plain, upstream.double(), tensors)
+    for name, a, b, c in zip(["d_hidden", "d_weight", "d_bias"], g_ours, g_plain, g_ref):
+        assert a.dtype == p["dtype"]
+        _check(name, a, b, c, p["dtype"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_paths_equal_single_chunk(backend, monkeypatch):
+    """Token chunking (forward in torch, backward d_logits in both) does not change the result."""
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 45, 24, 61
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    weight = torch.randn(V, H, generator=g).requires_grad_(True)
+    labels = torch.randint(0, V, (N,), generator=g)
+    cu = torch.tensor([0, 10, 10, 31, 45], dtype=torch.int32)
+    upstream = torch.randn(4, generator=g)
+
+    def run():
+        out = sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, backend=backend)
+        return (out, *torch.autograd.grad(out, [hidden, weight], upstream))
+
+    whole = run()
+    monkeypatch.setattr(lp_mod, "TORCH_CHUNK_ELEMENTS", 3 * V)
+    monkeypatch.setattr(lp_mod, "MAX_CHUNK_ELEMENTS", 7 * V)
+    chunked = run()
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    if backend == "triton":
+        pytest.skip("Triton dots run in fp32 ('ieee'); float64 gradcheck applies to the torch backend")
+    g = torch.Generator().manual_seed(1)
+    N, H, V = 9, 5, 7
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[3] = -100
+    cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
+    f = lambda h, w, b: sequence_logprobs(h, w, labels, cu_seqlens=cu, bias=b, softcap=3.0, average=True, backend=backend).double()
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_and_empty_sequences_give_zero(backend):
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    labels = torch.tensor([-100, -100, 3, -100, -100, -100])
+    cu = torch.tensor([0, 2, 2, 4, 6], dtype=torch.int32)
+    for average in (False, True):
+        out = sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, average=average, backend=backend)
+        assert torch.isfinite(out).all()
+        assert out[0] == 0 and out[1] == 0 and out[3] == 0 and out[2] < 0
+    out.sum().backward()
+    assert hidden.grad[[0, 1, 3, 4, 5]].abs().sum() == 0 and hidden.grad[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_is_forward_only(backend):
+    hidden = torch.randn(10, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    labels = torch.randint(0, 13, (10,))
+    with_grad = sequence_logprobs(hidden, weight, labels, backend=backend)
+    with torch.no_grad():
+        without = sequence_logprobs(hidden, weight, labels, backend=backend)
+    assert without.grad_fn is None
+    torch.testing.assert_close(with_grad.detach(), without)
+
+
+def test_single_sequence_default_layout_and_padded_equals_packed():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 8, generator=g)
+    weight = torch.randn(17, 8, generator=g)
+    labels = torch.randint(0, 17, (2, 5), generator=g)
+    padded = sequence_logprobs(hidden, weight, labels, backend="torch")
+    packed = sequence_logprobs(hidden.reshape(10, 8), weight, labels.reshape(10),
+                               cu_seqlens=torch.tensor([0, 5, 10], dtype=torch.int32), backend="torch")
+    whole = sequence_logprobs(hidden.reshape(10, 8), weight, labels.reshape(10), backend="torch")
+    torch.testing.assert_close(padded, packed)
+    torch.testing.assert_close(whole, packed.sum(0, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a: a.update(labels=torch.tensor([0, 1, 7, 2])), r"labels must be in \[0, 7\)"),
+        (lambda a: a.update(labels=torch.tensor([0, -5, 1, 2])), "labels must be in"),
+        (lambda a: a.update(labels=torch.tensor([0.0, 1.0, 1.0, 2.0])), "labels must be an integer"),
+        (lambda a: a.update(labels=torch.tensor([0, 1, 2])), "labels shape"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([0.0, 4.0])), "cu_seqlens must be an int32"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([0, 3, 2, 4], dtype=torch.int32)), "non-decreasing"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)), "must end at N = 4"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([1, 4], dtype=torch.int32)), "must start at 0"),
+        (lambda a: a.update(weight=torch.randn(7, 5)), "hidden width 6 does not match weight width 5"),
+        (lambda a: a.update(weight=torch.randn(7, 6, dtype=torch.float64)), "dtype"),
+        (lambda a: a.update(weight=torch.randn(7, 6, device="meta")), "weight is on meta"),
+        (lambda a: a.update(bias=torch.randn(6)), "bias must have shape"),
+        (lambda a: a.update(softcap=-1.0), "softcap"),
+        (lambda a: a.update(backend="cuda"), "backend"),
+        (lambda a: a.update(hidden=torch.randn(4)), "hidden must be"),
+    ],
+)
+def test_bad_input_names_the_argument(mutate, match):
+    args = dict(hidden=torch.randn(4, 6), weight=torch.randn(7, 6), labels=torch.tensor([0, 1, 6, -100]),
+                cu_seqlens=torch.tensor([0, 1, 4], dtype=torch.int32), bias=None, softcap=None, backend="torch")
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        sequence_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
