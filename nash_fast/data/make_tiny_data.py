@@ -2,11 +2,11 @@
 
 Everything here is synthetic and deterministic (seeded), so tests and examples never download anything:
 
-- prefs.jsonl: pairwise preference records {prompt, chosen, rejected, task[, preference, chosen_winrate,
-  rejected_winrate]} over tasks whose better answer is well defined (arithmetic, reversing a word, sorting a
+- prefs.jsonl: pairwise preference records {prompt, chosen, rejected, task, preference, chosen_winrate,
+  rejected_winrate} over tasks whose better answer is well defined (arithmetic, reversing a word, sorting a
   list of words, counting letters). `chosen` is the correct answer and `rejected` a plausible wrong one.
-  `preference` = P(chosen beats rejected) and the per-response win rates P(y beats the current policy) are
-  given for every third record, so both the hard-label and the soft-label code paths have data.
+  `preference` = P(chosen beats rejected) (a noisy judge, 0.6-0.95) and the per-response win rates
+  P(y beats the current policy) feed the soft-label losses (SPPO, SPCE); hard-label losses ignore them.
 - prompts.jsonl: {prompt, answer, task} for self-play; `answer` lets a rule-based judge score generations.
 - tiny_tokenizer/: a byte-level BPE tokenizer (vocabulary 512) trained with Hugging Face `tokenizers` on the
   text above, with <s>, </s>, <pad> and a minimal chat template.
@@ -87,11 +87,10 @@ def make_preferences(n: int = 320, seed: int = 0) -> list[dict]:
         task = names[i % len(names)]
         prompt, _, chosen, rejected = TASKS[task](rng)
         record = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "task": task}
-        if i % 3 == 0:
-            # A noisy judge: the correct answer wins with probability 0.6-0.95.
-            record["preference"] = round(rng.uniform(0.6, 0.95), 3)
-            record["chosen_winrate"] = round(rng.uniform(0.5, 0.9), 3)
-            record["rejected_winrate"] = round(rng.uniform(0.1, 0.5), 3)
+        # A noisy judge: the correct answer wins with probability 0.6-0.95.
+        record["preference"] = round(rng.uniform(0.6, 0.95), 3)
+        record["chosen_winrate"] = round(rng.uniform(0.5, 0.9), 3)
+        record["rejected_winrate"] = round(rng.uniform(0.1, 0.5), 3)
         records.append(record)
     return records
 
