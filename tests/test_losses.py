@@ -1,0 +1,361 @@
+"""nash_fast.losses against formulas written here independently, in float64 NumPy.
+
+Tolerances: float64 inputs are compared at rtol 1e-9; float32 inputs (computed in float32, the
+reference in float64 from the same rounded values) at rtol 1e-5. Both add an absolute term that
+scales with the inputs' magnitude (the log-ratios reach |x| ~ 1e4 here, and squared losses then
+reach ~1e9, where float rounding of the differences is the only error).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nash_fast import losses as L
+
+
+# ----------------------------------------------------------------------------- references (NumPy)
+
+def _neg_logsigmoid(z):
+    return np.logaddexp(0.0, -z)  # -log(1 / (1 + e^-z)) = log(1 + e^-z)
+
+
+def ref_dpo(pi_w, pi_l, ref_w, ref_l, beta):
+    return _neg_logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))
+
+
+def ref_ipo(pi_w, pi_l, ref_w, ref_l, beta):
+    return ((pi_w - ref_w) - (pi_l - ref_l) - 1 / (2 * beta)) ** 2
+
+
+def ref_sppo(pi, ref, winrate, eta):
+    return (pi - ref - eta * (winrate - 0.5)) ** 2
+
+
+def ref_sppo_pair(pi_w, pi_l, ref_w, ref_l, p, eta):
+    # SPPO eq. 4.8: the rejected response's win probability is P(y_l > y_w) = 1 - p.
+    return (pi_w - ref_w - eta * (p - 0.5)) ** 2 + (pi_l - ref_l - eta * ((1 - p) - 0.5)) ** 2
+
+
+def ref_inpo(pi_w, pi_l, ref_w, ref_l, prev_w, prev_l, eta, tau):
+    h = (pi_w - pi_l) - tau / eta * (ref_w - ref_l) - (eta - tau) / eta * (prev_w - prev_l)
+    return (h - 1 / (2 * eta)) ** 2
+
+
+def _refinement(a_pw, a_pl, a_rw, a_rl, beta):
+    return beta * ((a_pw - a_rw) - (a_pl - a_rl))
+
+
+def ref_sr_dpo(pi_w, pi_l, ref_w, ref_l, a_pw, a_pl, a_rw, a_rl, beta, lam):
+    d = _refinement(a_pw, a_pl, a_rw, a_rl, beta)
+    return _neg_logsigmoid(beta * (pi_w - ref_w) - beta * (pi_l - ref_l) - lam * d)
+
+
+def ref_sr_ipo(pi_w, pi_l, ref_w, ref_l, a_pw, a_pl, a_rw, a_rl, beta, lam):
+    d = _refinement(a_pw, a_pl, a_rw, a_rl, beta)
+    return ((pi_w - ref_w) - (pi_l - ref_l) - lam * d - 1 / (2 * beta)) ** 2
+
+
+def ref_spce(pi_w, pi_l, ref_w, ref_l, t, beta):
+    z = beta * ((pi_w - ref_w) - (pi_l - ref_l))
+    return t * np.logaddexp(0.0, -z) + (1 - t) * np.logaddexp(0.0, z)
+
+
+# name -> (function, reference, tensor argument names, probability arguments, power of the loss
+#          in its inputs: 2 for the squared losses, 1 for the log-sigmoid ones)
+SPECS = {
+    "dpo": (L.dpo_loss, ref_dpo, ("pi_w", "pi_l", "ref_w", "ref_l"), (), 1),
+    "ipo": (L.ipo_loss, ref_ipo, ("pi_w", "pi_l", "ref_w", "ref_l"), (), 2),
+    "sppo": (L.sppo_loss, ref_sppo, ("pi", "ref", "winrate"), ("winrate",), 2),
+    "sppo_pair": (L.sppo_pair_loss, ref_sppo_pair, ("pi_w", "pi_l", "ref_w", "ref_l", "winrate_w"), ("winrate_w",), 2),
+    "inpo": (L.inpo_loss, ref_inpo, ("pi_w", "pi_l", "ref_w", "ref_l", "prev_w", "prev_l"), (), 2),
+    "sr_dpo": (
+        L.sr_dpo_loss, ref_sr_dpo,
+        ("pi_w", "pi_l", "ref_w", "ref_l", "aug_pi_w", "aug_pi_l", "aug_ref_w", "aug_ref_l"), (), 1,
+    ),
+    "sr_ipo": (
+        L.sr_ipo_loss, ref_sr_ipo,
+        ("pi_w", "pi_l", "ref_w", "ref_l", "aug_pi_w", "aug_pi_l", "aug_ref_w", "aug_ref_l"), (), 2,
+    ),
+    "spce": (L.spce_loss, ref_spce, ("pi_w", "pi_l", "ref_w", "ref_l", "target_prob"), ("target_prob",), 1),
+}
+HYPER_NAMES = {
+    "dpo": ("beta",), "ipo": ("beta",), "sppo": ("eta",), "sppo_pair": ("eta",), "inpo": ("eta", "tau"),
+    "sr_dpo": ("beta", "lam"), "sr_ipo": ("beta", "lam"), "spce": ("beta",),
+}
+DEFAULT_HYPER = {"beta": 0.1, "eta": 2.0, "tau": 0.5, "lam": 0.3}
+
+logratio = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False)
+probability = st.floats(min_value=0.0, max_value=1.0)
+
+
+@st.composite
+def loss_case(draw, name):
+    """(tensor values as float64 arrays, hyperparameters) for loss `name`."""
+    _, _, args, probs, _ = SPECS[name]
+    n = draw(st.integers(1, 6))
+    values = {a: np.array(draw(st.lists(probability if a in probs else logratio, min_size=n, max_size=n))) for a in args}
+    hyper = {}
+    if "beta" in HYPER_NAMES[name]:
+        hyper["beta"] = draw(st.floats(1e-3, 10.0))
+    if "eta" in HYPER_NAMES[name]:
+        hyper["eta"] = draw(st.floats(1e-2, 100.0))
+    if "tau" in HYPER_NAMES[name]:
+        hyper["tau"] = hyper["eta"] * draw(st.floats(0.0, 0.999))
+    if "lam" in HYPER_NAMES[name]:
+        hyper["lam"] = draw(st.floats(-2.0, 2.0))
+    return values, hyper
+
+
+def _scale(values, hyper, probs):
+    big = max(float(np.abs(v).max()) for a, v in values.items() if a not in probs)
+    return (1.0 + big) * (1.0 + max(hyper.values(), default=0.0)) + max(1.0 / hyper.get("beta", 1.0), 1.0 / hyper.get("eta", 1.0))
+
+
+def _check_against_reference(name, values, hyper, dtype, rtol, atol_per_unit):
+    fn, ref, args, probs, power = SPECS[name]
+    tensors = [torch.tensor(values[a], dtype=dtype) for a in args]
+    out = fn(*tensors, **hyper)
+    assert out.shape == tensors[0].shape
+    assert out.dtype == torch.promote_types(dtype, torch.float32)
+    rounded = [t.double().numpy() for t in tensors]  # the reference sees exactly the values we passed
+    expected = ref(*rounded, **hyper)
+    assert np.isfinite(out.double().numpy()).all()
+    atol = atol_per_unit * _scale(values, hyper, probs) ** power
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_matches_reference_float64(name, data):
+    values, hyper = data.draw(loss_case(name))
+    _check_against_reference(name, values, hyper, torch.float64, rtol=1e-9, atol_per_unit=1e-13)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_matches_reference_float32(name, data):
+    values, hyper = data.draw(loss_case(name))
+    _check_against_reference(name, values, hyper, torch.float32, rtol=1e-5, atol_per_unit=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_bfloat16_inputs_are_upcast(name):
+    fn, ref, args, probs, _ = SPECS[name]
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        (torch.rand(5, generator=gen) if a in probs else torch.randn(5, generator=gen) * 3).to(torch.bfloat16) for a in args
+    ]
+    hyper = {h: DEFAULT_HYPER[h] for h in HYPER_NAMES[name]}
+    out = fn(*tensors, **hyper)
+    assert out.dtype == torch.float32
+    expected = ref(*[t.double().numpy() for t in tensors], **hyper)
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_finite_at_extreme_logratios(name, dtype):
+    fn, _, args, probs, _ = SPECS[name]
+    hyper = {h: DEFAULT_HYPER[h] for h in HYPER_NAMES[name]}
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    for flip in (1.0, -1.0):
+        tensors = []
+        for i, a in enumerate(args):
+            if a in probs:
+                t = torch.tensor([0.0, 1.0, 1.0, 0.0])
+            else:  # chosen and rejected pushed 1e4 apart in both directions
+                t = flip * signs * 1e4 * (1 if i % 2 == 0 else -1)
+            tensors.append(t.to(dtype).requires_grad_())
+        out = fn(*tensors, **hyper)
+        assert torch.isfinite(out).all(), out
+        out.sum().backward()
+        for a, t in zip(args, tensors):
+            assert t.grad is None or torch.isfinite(t.grad).all(), a
+
+
+def test_spce_large_logits_matches_linear_asymptote():
+    # For z -> -inf with t = 1, -log sigmoid(z) = -z + log(1 + e^z) ~ -z: finite and exact.
+    pi_w, pi_l = torch.tensor([-1e4], dtype=torch.float64), torch.tensor([1e4], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    out = L.spce_loss(pi_w, pi_l, zero, zero, torch.ones(1, dtype=torch.float64), beta=1.0)
+    assert out.item() == pytest.approx(2e4, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_gradcheck_float64(name):
+    fn, _, args, probs, _ = SPECS[name]
+    hyper = {h: DEFAULT_HYPER[h] for h in HYPER_NAMES[name]}
+    gen = torch.Generator().manual_seed(1)
+    tensors = [
+        (torch.rand(4, generator=gen, dtype=torch.float64) * 0.8 + 0.1 if a in probs
+         else torch.randn(4, generator=gen, dtype=torch.float64))
+        for a in args
+    ]
+    # The aug_* inputs of Sr-DPO / Sr-IPO are under stop-gradient, so their analytic gradient is
+    # deliberately 0 (tested below); check the others.
+    differentiable = [i for i, a in enumerate(args) if not a.startswith("aug_")]
+
+    def f(*diff):
+        full = list(tensors)
+        for i, t in zip(differentiable, diff):
+            full[i] = t
+        return fn(*full, **hyper)
+
+    inputs = tuple(tensors[i].clone().requires_grad_() for i in differentiable)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("name", ["sr_dpo", "sr_ipo"])
+def test_refinement_is_stop_gradient(name):
+    fn, _, args, _, _ = SPECS[name]
+    beta, lam = 0.2, 0.7
+    gen = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in args]
+    out = fn(*tensors, beta=beta, lam=lam)
+    grads = torch.autograd.grad(out.sum(), tensors, allow_unused=True)
+    for a, g in zip(args, grads):
+        if a.startswith("aug_"):
+            assert g is None or torch.count_nonzero(g) == 0, a
+    # d loss / d pi_w with D held constant, by hand.
+    pw, pl, rw, rl, apw, apl, arw, arl = (t.detach().numpy() for t in tensors)
+    d = beta * ((apw - arw) - (apl - arl))
+    if name == "sr_dpo":
+        z = beta * ((pw - rw) - (pl - rl)) - lam * d
+        expected = -beta / (1 + np.exp(z))  # d/dz [-log sigmoid(z)] = -sigmoid(-z)
+    else:
+        expected = 2 * ((pw - rw) - (pl - rl) - lam * d - 1 / (2 * beta))
+    np.testing.assert_allclose(grads[0].numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(grads[1].numpy(), -expected, rtol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.lists(st.tuples(logratio, logratio, logratio, logratio), min_size=1, max_size=6),
+    beta=st.floats(1e-3, 10.0),
+)
+def test_sppo_hard_labels_equal_trl_sppo_hard(data, beta):
+    # TRL DPOTrainer, loss_type="sppo_hard": a = pi_w - ref_w, b = pi_l - ref_l,
+    # losses = (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2. Ours with P = 1 and eta = 1 / beta.
+    pi_w, pi_l, ref_w, ref_l = (torch.tensor(col, dtype=torch.float64) for col in zip(*data))
+    a, b = pi_w - ref_w, pi_l - ref_l
+    trl = [(ai - 0.5 / beta) ** 2 + (bi + 0.5 / beta) ** 2 for ai, bi in zip(a.tolist(), b.tolist())]
+    ours = L.sppo_pair_loss(pi_w, pi_l, ref_w, ref_l, torch.ones_like(pi_w), eta=1.0 / beta)
+    scale = 1 + max(abs(x) for row in data for x in row) + 1 / beta
+    np.testing.assert_allclose(ours.numpy(), trl, rtol=1e-9, atol=1e-13 * scale**2)
+
+
+def test_sppo_pair_is_two_per_response_terms_and_all_k_shapes():
+    gen = torch.Generator().manual_seed(3)
+    pi, ref = torch.randn(2, 2, 3, 4, generator=gen, dtype=torch.float64)
+    p = torch.rand(3, 4, generator=gen, dtype=torch.float64)
+    per_response = L.sppo_loss(pi, ref, torch.stack([p, 1 - p]), eta=3.0)
+    assert per_response.shape == (2, 3, 4)  # [2 responses, P prompts, K] works on any shape
+    pair = L.sppo_pair_loss(pi[0], pi[1], ref[0], ref[1], p, eta=3.0)
+    torch.testing.assert_close(pair, per_response.sum(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(per_response.numpy(), ref_sppo(pi.numpy(), ref.numpy(), np.stack([p, 1 - p]), 3.0))
+
+
+def test_special_cases_reduce_to_parents():
+    gen = torch.Generator().manual_seed(4)
+    pw, pl, rw, rl, a1, a2, a3, a4 = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    dpo = L.dpo_loss(pw, pl, rw, rl, beta=0.3)
+    torch.testing.assert_close(L.sr_dpo_loss(pw, pl, rw, rl, a1, a2, a3, a4, beta=0.3, lam=0.0), dpo)
+    torch.testing.assert_close(L.spce_loss(pw, pl, rw, rl, torch.ones(5, dtype=torch.float64), beta=0.3), dpo)
+    ipo = L.ipo_loss(pw, pl, rw, rl, beta=0.3)
+    torch.testing.assert_close(L.sr_ipo_loss(pw, pl, rw, rl, a1, a2, a3, a4, beta=0.3, lam=0.0), ipo)
+    # INPO with tau = 0 is IPO against the previous iterate, with beta = eta.
+    torch.testing.assert_close(L.inpo_loss(pw, pl, rw, rl, a1, a2, eta=0.3, tau=0.0), L.ipo_loss(pw, pl, a1, a2, beta=0.3))
+    # SPCE with t = 0 is DPO with chosen and rejected swapped.
+    torch.testing.assert_close(
+        L.spce_loss(pw, pl, rw, rl, torch.zeros(5, dtype=torch.float64), beta=0.3), L.dpo_loss(pl, pw, rl, rw, beta=0.3)
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _valid_call(name, n=3, dtype=torch.float32):
+    fn, _, args, probs, _ = SPECS[name]
+    tensors = {a: (torch.full((n,), 0.5, dtype=dtype) if a in probs else torch.zeros(n, dtype=dtype)) for a in args}
+    hyper = {h: DEFAULT_HYPER[h] for h in HYPER_NAMES[name]}
+    return fn, tensors, hyper
+
+
+def _call(fn, tensors, hyper):
+    return fn(*tensors.values(), **hyper)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_valid_call_passes(name):
+    fn, tensors, hyper = _valid_call(name)
+    assert torch.isfinite(_call(fn, tensors, hyper)).all()
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_shape_dtype_device_mismatch_names_argument(name):
+    _, _, args, _, _ = SPECS[name]
+    for arg in args[1:]:
+        fn, tensors, hyper = _valid_call(name)
+        tensors[arg] = torch.zeros(4, dtype=tensors[arg].dtype)
+        with pytest.raises(ValueError, match=rf"{arg}\b.*shape"):
+            _call(fn, tensors, hyper)
+        fn, tensors, hyper = _valid_call(name)
+        tensors[arg] = tensors[arg].double()
+        with pytest.raises(ValueError, match=rf"{arg}\b.*dtype"):
+            _call(fn, tensors, hyper)
+        fn, tensors, hyper = _valid_call(name)
+        tensors[arg] = torch.empty(3, device="meta")
+        with pytest.raises(ValueError, match=rf"{arg}\b.*meta"):
+            _call(fn, tensors, hyper)
+    for arg in args:
+        fn, tensors, hyper = _valid_call(name)
+        tensors[arg] = torch.zeros(3, dtype=torch.long)
+        with pytest.raises(ValueError, match=rf"{arg}\b.*floating"):
+            _call(fn, tensors, hyper)
+        fn, tensors, hyper = _valid_call(name)
+        tensors[arg] = [0.0, 0.0, 0.0]
+        with pytest.raises(ValueError, match=rf"{arg}\b.*Tensor"):
+            _call(fn, tensors, hyper)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, math.nan, math.inf])
+@pytest.mark.parametrize("name", [n for n in sorted(SPECS) if SPECS[n][3]])
+def test_probability_out_of_range_names_argument(name, bad):
+    fn, tensors, hyper = _valid_call(name)
+    (prob,) = SPECS[name][3]
+    tensors[prob] = torch.tensor([0.5, bad, 0.5])
+    with pytest.raises(ValueError, match=rf"{prob}\b.*\[0, 1\]"):
+        _call(fn, tensors, hyper)
+
+
+BAD_HYPER = {
+    "beta": [0.0, -1.0, math.nan, math.inf, True, "0.1", None],
+    "eta": [0.0, -2.0, math.nan, math.inf, None],
+    "tau": [-0.1, 2.0, 5.0, math.nan, None],  # eta = 2.0 in the valid call: tau must be < eta
+    "lam": [math.nan, math.inf, -math.inf, None, "1"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_bad_hyperparameter_names_it(name):
+    for h in HYPER_NAMES[name]:
+        for bad in BAD_HYPER[h]:
+            fn, tensors, hyper = _valid_call(name)
+            hyper[h] = bad
+            with pytest.raises(ValueError, match=rf"\b{h}\b"):
+                _call(fn, tensors, hyper)
+
+
+def test_hyperparameters_are_keyword_only():
+    z = torch.zeros(2)
+    with pytest.raises(TypeError):
+        L.dpo_loss(z, z, z, z, 0.1)
+    with pytest.raises(TypeError):
+        L.inpo_loss(z, z, z, z, z, z, 1.0, 0.1)
