@@ -16,11 +16,12 @@ label writes that row's target logit. Extra memory: N * ceil(V / BLOCK_V) floats
 
 Backward: d logp_i / d s_iv = onehot(y_i)_v - softmax(s_i)_v, times the chain factor
 1 - (s_iv / c)^2 for the soft-cap. `_dlogits_kernel` recomputes each logit tile, forms
-d_z = g_i * (onehot - softmax) * cap', and writes it in the input dtype for one chunk of tokens;
-d_hidden = d_z @ W and d_weight += d_z^T @ h then run as dense GEMMs (cuBLAS on GPU), because
-H is thousands wide and an [BLOCK x H] accumulator cannot live on chip. The d_z chunk is the only
-[tokens x vocab]-shaped buffer and its row count is capped (`max_chunk_elements`), so peak extra
-memory is O(N + chunk x V). FLOPs: 2NHV forward, 6NHV backward (recompute + two GEMMs).
+d_z = g_i * (onehot - softmax) * cap', and writes it in the input dtype for one vocabulary slice
+(all tokens); d_weight[slice] = d_z^T @ h and d_hidden += d_z @ W[slice] then run as dense GEMMs
+(cuBLAS on GPU), because H is thousands wide and a [BLOCK x H] accumulator cannot live on chip.
+The d_z slice is the only [tokens x vocab]-shaped buffer and its size is capped
+(`max_chunk_elements`), so peak extra memory is O(N x H + chunk) besides the gradients.
+FLOPs: 2NHV forward, 6NHV backward (recompute + two GEMMs).
 """
 
 from __future__ import annotations
@@ -129,10 +130,11 @@ def _logits_lse_kernel(
 @triton.jit
 def _dlogits_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, dz_ptr, dbias_partial_ptr,
-    N, V, H, stride_h, stride_w, stride_dz, softcap,
+    N, V, H, v_offset, stride_h, stride_w, stride_dz, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
+    """d_z for every row and the V columns of one vocabulary slice starting at v_offset."""
     pid_n, pid_v = _tile_indices(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -146,7 +148,7 @@ def _dlogits_kernel(
         s = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, softcap,
                         HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1) - v_offset
         p = tl.exp(s - lse[:, None])
         dz = tl.where(cols[None, :] == labels[:, None], 1.0 - p, -p) * g[:, None]
         if HAS_SOFTCAP:
@@ -185,51 +187,64 @@ def token_logprobs_forward(hidden, weight, bias, labels, softcap):
 
 
 def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, max_chunk_elements):
-    """Gradients of sum_i grad_i * logp_i w.r.t. hidden, weight (fp32) and bias (fp32)."""
+    """Gradients of sum_i grad_i * logp_i w.r.t. hidden, weight and bias (each in its input dtype).
+
+    The vocabulary is processed in slices of Vc = max_chunk_elements // N columns: for each slice the
+    kernel writes d_z [N, Vc]; d_weight[slice] = d_z^T @ hidden is then final (one GEMM over all tokens,
+    written once, no [V, H] fp32 buffer) and d_hidden += d_z @ W[slice] accumulates in fp32 [N, H].
+    """
     N, H = hidden.shape
     V = weight.shape[0]
-    d_hidden = torch.empty_like(hidden)
-    d_weight = torch.zeros(V, H, device=hidden.device, dtype=torch.float32)
-    d_bias = torch.zeros(V, device=hidden.device, dtype=torch.float32) if bias is not None else None
+    d_weight = torch.empty_like(weight)
+    d_bias = torch.empty_like(bias) if bias is not None else None
     if N == 0:
-        return d_hidden, d_weight, d_bias
-    chunk = max(1, min(N, max_chunk_elements // V))
+        d_weight.zero_()
+        if d_bias is not None:
+            d_bias.zero_()
+        return torch.empty_like(hidden), d_weight, d_bias
+    v_chunk = max(1, min(V, max_chunk_elements // N))
     upcast, precision = _launch_args(hidden)
-    dz = torch.empty(chunk, V, device=hidden.device, dtype=hidden.dtype)
+    # The CPU interpreter truncates fp32 -> bf16 stores instead of rounding to nearest even, so
+    # there d_z is stored in fp32 and rounded by PyTorch; on GPU the kernel rounds it itself.
+    dz = torch.empty(N, v_chunk, device=hidden.device, dtype=torch.float32 if _INTERPRET else hidden.dtype)
+    d_hidden = torch.zeros(N, H, device=hidden.device, dtype=torch.float32)
     grad = grad.contiguous().float()
-    for start in range(0, N, chunk):
-        end = min(N, start + chunk)
-        n = end - start
-        h = hidden[start:end]
+    for v_start in range(0, V, v_chunk):
+        v_end = min(V, v_start + v_chunk)
+        vc = v_end - v_start
+        w = weight[v_start:v_end]
+        b = bias[v_start:v_end] if bias is not None else None
         dbias_partial = (
-            torch.zeros(triton.cdiv(n, _MIN_BLOCK_N), V, device=hidden.device, dtype=torch.float32)
+            torch.zeros(triton.cdiv(N, _MIN_BLOCK_N), vc, device=hidden.device, dtype=torch.float32)
             if bias is not None else None
         )
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),)
         _dlogits_kernel[grid](
-            h, weight, bias if bias is not None else h, labels[start:end], lse[start:end], grad[start:end],
+            hidden, w, b if b is not None else hidden, labels, lse, grad,
             dz, dbias_partial if bias is not None else dz,
-            n, V, H, hidden.stride(0), weight.stride(0), dz.stride(0), float(softcap or 1.0),
+            N, vc, H, v_start, hidden.stride(0), weight.stride(0), dz.stride(0), float(softcap or 1.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=upcast, PRECISION=precision,
         )
-        dz_n = dz[:n]
-        torch.mm(dz_n, weight, out=d_hidden[start:end])
-        _accumulate_mm(d_weight, dz_n.t(), h)
+        dz_v = dz[:, :vc].to(hidden.dtype)
+        torch.mm(dz_v.t(), hidden, out=d_weight[v_start:v_end])
+        _accumulate_mm(d_hidden, dz_v, w)
         if bias is not None:
-            d_bias += dbias_partial.sum(0)
-    return d_hidden, d_weight, d_bias
+            d_bias[v_start:v_end] = dbias_partial.sum(0)
+    return d_hidden.to(hidden.dtype), d_weight, d_bias
 
 
 def _accumulate_mm(out_fp32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out_fp32 += a @ b with fp32 accumulation across chunks (inputs may be bf16)."""
+    """out_fp32 += a @ b, accumulating across vocabulary slices in fp32 (a, b may be bf16)."""
     if a.dtype == torch.float32:
         out_fp32.addmm_(a, b)
-    elif a.is_cuda:
-        try:
-            out_fp32.add_(torch.mm(a, b, out_dtype=torch.float32))
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE[0]:
+        try:  # bf16 operands, fp32 C read and written in the GEMM epilogue: no extra pass
+            torch.addmm(out_fp32, a, b, out_dtype=torch.float32, out=out_fp32)
             return
         except (TypeError, RuntimeError, NotImplementedError):
-            pass
-        out_fp32.add_(torch.mm(a, b).float())
-    else:
-        out_fp32.add_(torch.mm(a, b).float())
+            _ADDMM_OUT_DTYPE[0] = False
+    out_fp32.add_(torch.mm(a, b))
+
+
+_ADDMM_OUT_DTYPE = [True]
