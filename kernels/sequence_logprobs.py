@@ -39,6 +39,11 @@ def _configs():
     if _INTERPRET:
         # Small tiles keep the CPU interpreter fast; tile edges are still exercised by the tests.
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "GROUP_N": 2}, num_warps=4)]
+    return gpu_configs()
+
+
+def gpu_configs():
+    """Autotuning candidates on GPU (Hopper/Ampere-sized tiles; compiled for sm_90 in the tests)."""
     return [
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
