@@ -258,7 +258,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         else:
             for name, value in (("aug_hidden", aug_hidden), ("aug_labels", aug_labels)):
                 if value is not None:
-                    raise ValueError(f"{name} is for the Liger layout; packed batches carry augmented sequences as role 2/3")
+                    raise ValueError(
+                        f"{name} is for the Liger layout; packed batches carry augmented sequences as role 2/3"
+                    )
             chosen, rejected, aug_chosen, aug_rejected, num_tokens = self._packed_layout(
                 weight, hidden, labels, bias, cu_seqlens, role, pair_index
             )
@@ -331,7 +333,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             )
         rows = hidden.shape[0]
         if rows == 0 or rows % 2:
-            raise ValueError(f"hidden must have an even, non-zero number of rows 2B (chosen then rejected), got {rows}")
+            raise ValueError(
+                f"hidden must have an even, non-zero number of rows 2B (chosen then rejected), got {rows}"
+            )
         policy = self._logps(hidden, weight, labels, bias)
         num_pairs = rows // 2
         num_tokens = (labels != self.ignore_index).sum()
@@ -342,7 +346,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                     raise ValueError(f"loss={self.loss!r} in the Liger layout needs {name} [2B, T', ...]")
             if aug_hidden.dim() != 3 or aug_hidden.shape[0] != rows:
                 raise ValueError(
-                    f"aug_hidden must be [2B, T', H] with 2B = {rows} rows like hidden, got shape {tuple(aug_hidden.shape)}"
+                    f"aug_hidden must be [2B, T', H] with 2B = {rows} rows like hidden, "
+                    f"got shape {tuple(aug_hidden.shape)}"
                 )
             with torch.no_grad():  # the refinement D is under stop-gradient (Sr-DPO Algorithm 1)
                 augmented = self._logps(aug_hidden, weight, aug_labels, bias)
@@ -355,7 +360,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         role = _sequence_ids("role", role, num_seqs)
         pair_index = _sequence_ids("pair_index", pair_index, num_seqs)
         if bool(((role < 0) | (role > AUG_REJECTED)).any()):
-            raise ValueError(f"role values must be 0..3 (chosen, rejected, aug chosen, aug rejected), got {role.unique().tolist()}")
+            raise ValueError(
+                f"role values must be 0..3 (chosen, rejected, aug chosen, aug rejected), got {role.unique().tolist()}"
+            )
         used_roles = (CHOSEN, REJECTED, AUG_CHOSEN, AUG_REJECTED) if self._uses_augmented else (CHOSEN, REJECTED)
         if not self._uses_augmented and bool((role >= AUG_CHOSEN).any()):
             raise ValueError(f"role has augmented sequences (2/3) but loss={self.loss!r} does not use them")
@@ -365,17 +372,21 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         order = {r: _pair_order(role, pair_index, r, num_pairs) for r in used_roles}
 
         device = hidden.device
-        token_is_aug = torch.repeat_interleave((role >= AUG_CHOSEN).to(device), lengths.to(device), output_size=hidden.shape[0])
+        token_is_aug = torch.repeat_interleave(
+            (role >= AUG_CHOSEN).to(device), lengths.to(device), output_size=hidden.shape[0]
+        )
         policy_labels = labels.masked_fill(token_is_aug, self.ignore_index) if self._uses_augmented else labels
         policy = self._logps(hidden, weight, policy_labels, bias, cu_seqlens)
         num_tokens = (policy_labels != self.ignore_index).sum()
         aug_chosen = aug_rejected = None
         if self._uses_augmented:
             with torch.no_grad():  # the refinement D is under stop-gradient (Sr-DPO Algorithm 1)
-                augmented = self._logps(hidden, weight, labels.masked_fill(~token_is_aug, self.ignore_index), bias, cu_seqlens)
+                aug_labels = labels.masked_fill(~token_is_aug, self.ignore_index)
+                augmented = self._logps(hidden, weight, aug_labels, bias, cu_seqlens)
             aug_chosen = augmented[order[AUG_CHOSEN].to(device)]
             aug_rejected = augmented[order[AUG_REJECTED].to(device)]
-        return policy[order[CHOSEN].to(device)], policy[order[REJECTED].to(device)], aug_chosen, aug_rejected, num_tokens
+        chosen, rejected = policy[order[CHOSEN].to(device)], policy[order[REJECTED].to(device)]
+        return chosen, rejected, aug_chosen, aug_rejected, num_tokens
 
     def _all_responses(self, weight, hidden, labels, bias, cu_seqlens, role, pair_index, ref_logps, winrate):
         if cu_seqlens is None:
@@ -383,13 +394,18 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 if value is not None:
                     raise ValueError(f"{name} is only used with the packed layout (give cu_seqlens too)")
             if hidden.dim() != 3 or hidden.shape[0] == 0:
-                raise ValueError(f"hidden must be [S, T, H] (one response per row) when cu_seqlens is None, got {tuple(hidden.shape)}")
+                raise ValueError(
+                    f"hidden must be [S, T, H] (one response per row) when cu_seqlens is None, "
+                    f"got shape {tuple(hidden.shape)}"
+                )
             num_seqs = hidden.shape[0]
         else:
             hidden, labels, lengths = _packed_inputs(hidden, labels, cu_seqlens)
             num_seqs = lengths.numel()
             if role is not None and bool((_sequence_ids("role", role, num_seqs) != CHOSEN).any()):
-                raise ValueError("role must be None or all 0 in SPPO's all-responses form (every sequence is one response)")
+                raise ValueError(
+                    "role must be None or all 0 in SPPO's all-responses form (every sequence is one response)"
+                )
             if pair_index is not None:
                 pair_index = _sequence_ids("pair_index", pair_index, num_seqs)
         if num_seqs == 0:
@@ -425,7 +441,9 @@ def _packed_inputs(hidden, labels, cu_seqlens):
     if labels.dim() == 2 and labels.shape[0] == 1:
         labels = labels[0]
     if labels.shape != hidden.shape[:1]:
-        raise ValueError(f"labels must be [N] = [{hidden.shape[0]}] like hidden's tokens, got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be [N] = [{hidden.shape[0]}] like hidden's tokens, got shape {tuple(labels.shape)}"
+        )
     if (
         not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0
         or cu_seqlens.dtype not in (torch.int32, torch.int64)
@@ -447,11 +465,15 @@ def _sequence_ids(name, ids, num_seqs):
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor [S], got {getattr(ids, 'dtype', type(ids).__name__)}")
     if ids.shape != (num_seqs,):
-        raise ValueError(f"{name} must be [S] = [{num_seqs}] (one per sequence of cu_seqlens), got shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"{name} must be [S] = [{num_seqs}] (one per sequence of cu_seqlens), got shape {tuple(ids.shape)}"
+        )
     return ids.detach().cpu().long()
 
 
-_ROLE_NAMES = {CHOSEN: "chosen", REJECTED: "rejected", AUG_CHOSEN: "augmented chosen", AUG_REJECTED: "augmented rejected"}
+_ROLE_NAMES = {
+    CHOSEN: "chosen", REJECTED: "rejected", AUG_CHOSEN: "augmented chosen", AUG_REJECTED: "augmented rejected",
+}
 
 
 def _pair_order(role, pair_index, which, num_pairs):
@@ -478,9 +500,12 @@ def _pair_order(role, pair_index, which, num_pairs):
 def _per_example(name, value, count, device, probability, what="pairs"):
     """Checks a precomputed per-pair (or per-sequence) tensor and returns it as float32."""
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {getattr(value, 'dtype', type(value).__name__)}")
+        got = getattr(value, "dtype", type(value).__name__)
+        raise ValueError(f"{name} must be a floating-point tensor, got {got}")
     if value.shape != (count,):
-        raise ValueError(f"{name} must have shape [{count}] (one per {what[:-1]}: {count} {what}), got {tuple(value.shape)}")
+        raise ValueError(
+            f"{name} must have shape [{count}] (one per {what[:-1]}: {count} {what}), got {tuple(value.shape)}"
+        )
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the hidden states are on {device}")
     if probability and not bool(((value >= 0) & (value <= 1)).all()):

@@ -7,13 +7,14 @@ _w is the chosen (winning) response and _l the rejected one, and Delta_w = pi_w 
 Delta_l = pi_l - ref_l are the log-ratios. Hyperparameters are keyword-only.
 
     dpo_loss        -log sigmoid(beta (Delta_w - Delta_l))                       DPO; SPPO paper eq. 4.9
-    ipo_loss        (Delta_w - Delta_l - 1/(2 beta))^2                           IPO (Azar et al.); Sr-DPO paper eq. 14 with lam = 0
+    ipo_loss        (Delta_w - Delta_l - 1/(2 beta))^2                           IPO; Sr-DPO eq. 14 at lam = 0
     sppo_loss       (pi - ref - eta (P(y > pi_t) - 1/2))^2 per response          SPPO eq. 4.6 / 4.7
     sppo_pair_loss  chosen term with P(y_w > y_l) + rejected term with 1 - P     SPPO eq. 4.8
-    inpo_loss       (h - 1/(2 eta))^2                                            INPO eq. 8 / Alg. 1 line 5
-    sr_dpo_loss     -log sigmoid(beta (Delta_w - Delta_l) - lam sg[D])           Sr-DPO eq. 11, 12
-    sr_ipo_loss     (Delta_w - Delta_l - lam sg[D] - 1/(2 beta))^2               Sr-DPO paper eq. 14, Alg. 2
-    spce_loss       -(t log sigma(z) + (1 - t) log sigma(-z)), z = beta (Delta_w - Delta_l)   OSP eq. 7, 8
+    inpo_loss       (h - 1/(2 eta))^2, h as in inpo_loss                         INPO eq. 8, Alg. 1 line 5
+    sr_dpo_loss     -log sigmoid(beta (Delta_w - Delta_l) - lam sg[D])           Sr-DPO eq. 11, 12, Alg. 1
+    sr_ipo_loss     (Delta_w - Delta_l - lam sg[D] - 1/(2 beta))^2               Sr-DPO eq. 11, 14, Alg. 2
+    spce_loss       -(t log sigma(z) + (1 - t) log sigma(-z))                    OSP eq. 7, 8
+                    with z = beta (Delta_w - Delta_l), t the target P(y_w > y_l)
 
 Inputs must share shape, dtype and device; they are upcast to at least float32 (bf16 log-probs
 would lose the small log-ratio differences these losses act on). Every loss is written with
