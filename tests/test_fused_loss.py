@@ -410,7 +410,8 @@ def test_sppo_eta_defaults():
 def test_triton_backend_matches_reference_under_interpreter():
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.fail("tests/conftest.py sets TRITON_INTERPRET=1 on CPU; it was not in effect")
+        # tests/conftest.py sets TRITON_INTERPRET=1 on CPU unless the caller explicitly chose otherwise.
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
     seqs, weight, bias, g = make_problem(17, 2, 16, 37, augmented=True, bias=True, max_len=5)
     run_case("sr_dpo", dict(beta=0.4, lam=0.5), seqs, weight, bias, g, layout="packed", softcap=None,
              average=False, reduction="mean", backend="triton")
