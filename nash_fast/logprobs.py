@@ -3,8 +3,8 @@
     logp(seq s) = sum_{i in s, y_i != ignore} log softmax(cap(W h_i + b))_{y_i}      (average=False)
                 = (1 / n_s) * the same sum, n_s = scored tokens of s (0 when n_s = 0) (average=True)
 
-This is log pi(y | x) of the DPO/IPO/SPPO/INPO objectives (SPPO eq. 4.7, INPO eq. 9, IPO eq. 17 of
-Azar et al.): the only part of those losses that touches the [tokens x vocab] logits, which it
+This is log pi(y | x) of the DPO/IPO/SPPO/INPO objectives (SPPO eq. 4.7, INPO eq. 8, Sr-DPO eq. 12,
+OSP eq. 8): the only part of those losses that touches the [tokens x vocab] logits, which it
 never materializes. Ignored tokens are compacted away before any vocabulary work, so prompt
 tokens of a packed batch cost nothing.
 
@@ -93,12 +93,13 @@ def _acc_dtype(dtype):
 
 
 def _torch_chunk_logits(h, weight, bias, softcap):
+    """Capped logits of one token chunk in the accumulation dtype (in-place where possible)."""
     z = torch.matmul(h, weight.t())
     if bias is not None:
-        z = z + bias
+        z += bias
     z = z.to(_acc_dtype(h.dtype))
     if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+        z.div_(softcap).tanh_().mul_(softcap)
     return z
 
 
@@ -111,33 +112,38 @@ def _torch_forward(hidden, weight, bias, labels, softcap):
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
         s = _torch_chunk_logits(hidden[start:end], weight, bias, softcap)
-        lse[start:end] = torch.logsumexp(s, dim=1)
+        torch.logsumexp(s, dim=1, out=lse[start:end])
         logp[start:end] = s.gather(1, labels[start:end, None]).squeeze(1) - lse[start:end]
     return logp, lse
 
 
 def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad):
+    """d_z = g * (onehot - softmax) * cap'; d_hidden = d_z @ W, d_weight = sum over chunks of d_z^T @ h."""
     N, H = hidden.shape
     V = weight.shape[0]
     chunk = max(1, TORCH_CHUNK_ELEMENTS // V)
-    d_hidden = torch.empty_like(hidden)
     acc = _acc_dtype(hidden.dtype)
+    d_hidden = torch.empty_like(hidden)
     d_weight = torch.zeros(V, H, device=hidden.device, dtype=acc)
     d_bias = torch.zeros(V, device=hidden.device, dtype=acc) if bias is not None else None
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
         h = hidden[start:end]
         s = _torch_chunk_logits(h, weight, bias, softcap)
-        dz = torch.exp(s - lse[start:end, None]).neg_()
+        dz = torch.sub(s, lse[start:end, None]).exp_().neg_()
         dz.scatter_add_(1, labels[start:end, None], torch.ones_like(dz[:, :1]))
         dz.mul_(grad[start:end, None])
         if softcap is not None:
-            dz.mul_(1.0 - (s / softcap) ** 2)
+            dz.mul_(s.div_(softcap).square_().neg_().add_(1.0))  # d cap(z) / dz = 1 - tanh^2
+        del s
         if bias is not None:
             d_bias += dz.sum(0)
         dz = dz.to(hidden.dtype)
-        d_hidden[start:end] = dz @ weight
-        d_weight += (dz.t() @ h).to(acc)
+        torch.mm(dz, weight, out=d_hidden[start:end])
+        if acc == hidden.dtype:
+            d_weight.addmm_(dz.t(), h)
+        else:
+            d_weight += (dz.t() @ h).to(acc)
     return d_hidden, d_weight, d_bias
 
 
