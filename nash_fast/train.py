@@ -1,0 +1,1027 @@
+"""python -m nash_fast.train: a slim trainer for SPPO, INPO, IPO, DPO, Sr-DPO, Sr-IPO and SPCE.
+
+    python -m nash_fast.train                                  # demo: tiny model, shipped data, SPPO, CPU
+    python -m nash_fast.train --config run.yaml --max-steps 500 --output-dir runs/x
+    deepspeed --num_gpus 8 --module nash_fast.train --zero-stage 2 --bf16 --model Qwen/Qwen2.5-0.5B-Instruct ...
+    torchrun --nproc-per-node 8 -m nash_fast.train --zero-stage 3 ...
+
+Every option is a field of nash_fast.config.TrainConfig (see --help). The run, top to bottom:
+
+1. Data: rows from a jsonl/json/parquet file or a datasets name, columns renamed by --columns, the
+   schema checked (errors name the row and column) before any model is loaded, then tokenized
+   (nash_fast.data: chat template or raw text; nothing truncated).
+2. Precompute (nash_fast.precompute): reference log-probs of every sequence (INPO: also the previous
+   iterate's; Sr-DPO/Sr-IPO: also the reference's on the augmented query p + x), forward-only, cached
+   on disk by model and data fingerprint. The frozen models are released before training.
+3. Training: an endless stream of packed token-budget micro-batches (TokenBudgetBatchSampler,
+   epoch e shuffled with seed + e); optimizer step s consumes global micro-batches
+   [s * W * G, (s + 1) * W * G) (W processes, G = --grad-accum), process r taking every W-th one, so a
+   run's data and updates depend on the global batch only. Each micro-batch: backbone forward over the
+   packed row (nash_fast.model.packed_hidden_states), FusedLinearPreferenceLoss on the LM-head weight
+   (gathered under ZeRO-3), backward. With --deepspeed / --zero-stage the DeepSpeed engine does
+   backward and step; otherwise a plain torch optimizer does, in the same loop.
+4. Faults: a non-finite loss or gradient norm skips the optimizer step (logged with "skipped" in
+   metrics.jsonl); --max-consecutive-bad-steps in a row stop the run. SIGTERM saves a checkpoint and
+   exits 0. Checkpoints are atomic (nash_fast.checkpoint), so a kill -9 loses at most the steps since
+   the last one; rerunning with the same --output-dir resumes from it.
+5. Output (OUTPUT_DIR): metrics.jsonl (one line per step), checkpoints/step-N/, final/
+   (save_pretrained model + tokenizer), plots/*.png, tensorboard/ when tensorboard is installed.
+
+Multi-process runs need DeepSpeed (--deepspeed FILE or --zero-stage N); on CPU, DeepSpeed uses gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from nash_fast.checkpoint import (
+    checkpoint_name,
+    checkpoint_step,
+    is_complete,
+    latest_checkpoint,
+    remove_checkpoints,
+    save_checkpoint,
+    write_json_atomic,
+)
+from nash_fast.config import COLUMN_FIELDS, TrainConfig, parse_config, to_dict
+
+__all__ = ["main", "train", "load_records", "validate_records", "LossPlan", "micro_batch_loss"]
+
+_TEXT_FIELDS = ("prompt", "chosen", "rejected")
+_PROBABILITY_FIELDS = ("preference", "chosen_winrate", "rejected_winrate")
+
+
+def log(message: str) -> None:
+    print(f"[nash_fast] {message}", flush=True)
+
+
+# =============================================================================================== data
+
+def load_rows(cfg: TrainConfig) -> list[dict]:
+    """Raw rows of --dataset (no model, no tokenizer)."""
+    name = cfg.dataset
+    if name == "tiny":
+        from nash_fast.data import load_tiny_preferences
+
+        return load_tiny_preferences()
+    path = Path(name)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            from nash_fast.data import load_jsonl
+
+            return load_jsonl(path)
+        if suffix == ".json":
+            with open(path) as f:
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"--dataset {name}: not valid JSON ({error})") from None
+            if isinstance(data, dict) and isinstance(data.get(cfg.dataset_split), list):
+                data = data[cfg.dataset_split]
+            if not isinstance(data, list):
+                raise ValueError(f"--dataset {name}: expected a JSON list of records (or {{split: [records]}})")
+            return data
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        raise ValueError(f"--dataset {name}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+    import datasets
+
+    if path.is_dir() and (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if cfg.dataset_split not in loaded:
+                raise ValueError(f"--dataset-split {cfg.dataset_split!r} not in {sorted(loaded)}")
+            loaded = loaded[cfg.dataset_split]
+    else:
+        try:
+            loaded = datasets.load_dataset(name, cfg.dataset_config, split=cfg.dataset_split)
+        except Exception as error:
+            raise ValueError(f"--dataset {name!r}: not a file and could not be loaded with datasets ({error})") from error
+    return loaded.to_list()
+
+
+def validate_records(rows: Sequence[Any], cfg: TrainConfig) -> list[dict]:
+    """Rename columns (--columns) to the trainer's fields and check the schema the loss needs.
+
+    Errors name the row and the dataset's column. Returns the records with canonical field names
+    (other columns are kept unchanged).
+    """
+    mapping = cfg.column_mapping()
+    column = {f: mapping.get(f, f) for f in COLUMN_FIELDS}
+    if not rows:
+        raise ValueError(f"--dataset {cfg.dataset}: no rows")
+    groups = isinstance(rows[0], dict) and column["responses"] in rows[0]
+    if groups and cfg.loss != "sppo":
+        raise ValueError(
+            f"--dataset has a {column['responses']!r} column (K-response groups): only --loss sppo (its all-responses "
+            f"form) trains on groups; --loss {cfg.loss} needs chosen/rejected pairs"
+        )
+    records = []
+    for index, row in enumerate(rows):
+        where = f"--dataset {cfg.dataset}: row {index}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a mapping of column: value, got {type(row).__name__}")
+        renamed_away = {column[f] for f in COLUMN_FIELDS if column[f] != f}
+        record = {k: v for k, v in row.items() if k not in renamed_away}
+        for f in COLUMN_FIELDS:
+            if column[f] in row:
+                record[f] = row[column[f]]
+            elif f in record and column[f] != f:
+                del record[f]  # a column named like a field but not the one mapped to it
+        needed_text = ("prompt", "responses") if groups else _TEXT_FIELDS
+        for f in needed_text:
+            if f not in record:
+                raise ValueError(f"{where}: missing column {column[f]!r} (field {f!r}); map it with --columns {f}=COLUMN")
+        if (column["responses"] in row) != groups:
+            raise ValueError(f"{where}: mixes pair rows and K-response rows ({column['responses']!r} column)")
+        for f in ("prompt",) if groups else _TEXT_FIELDS:
+            value = record[f]
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{where}: column {column[f]!r} (field {f!r}) must be a non-empty string, got {value!r:.60}")
+        if groups:
+            responses = record["responses"]
+            if not isinstance(responses, list) or not responses or not all(isinstance(r, str) and r.strip() for r in responses):
+                raise ValueError(f"{where}: column {column['responses']!r} must be a non-empty list of non-empty strings")
+            winrates = record.get("winrates")
+            if winrates is None:
+                raise ValueError(f"{where}: missing column {column['winrates']!r} (field 'winrates'): SPPO's "
+                                 "all-responses form needs each response's P(y > pi_t)")
+            if not isinstance(winrates, list) or len(winrates) != len(responses):
+                raise ValueError(f"{where}: column {column['winrates']!r} must list one win rate per response")
+            for k, w in enumerate(winrates):
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+                    raise ValueError(f"{where}: column {column['winrates']!r}[{k}] must be a probability in [0, 1], got {w!r}")
+        else:
+            for f in _PROBABILITY_FIELDS:
+                value = record.get(f)
+                if value is None:
+                    record.pop(f, None)
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                    raise ValueError(f"{where}: column {column[f]!r} (field {f!r}) must be a probability in [0, 1], got {value!r}")
+            if cfg.loss in ("sppo", "spce") and "preference" not in record:
+                if cfg.default_preference is None:
+                    raise ValueError(
+                        f"{where}: missing column {column['preference']!r} (field 'preference', P(chosen beats rejected)) "
+                        f"needed by --loss {cfg.loss}; map it with --columns preference=COLUMN or set --default-preference "
+                        "(1.0 for hard labels)"
+                    )
+                record["preference"] = cfg.default_preference
+            if cfg.loss in ("sr_dpo", "sr_ipo"):
+                aug = record.get("aug_prompt")
+                if aug is None:
+                    record["aug_prompt"] = cfg.aug_prompt
+                elif not isinstance(aug, str) or not aug.strip():
+                    raise ValueError(f"{where}: column {column['aug_prompt']!r} (field 'aug_prompt') must be a non-empty string")
+            else:
+                record.pop("aug_prompt", None)
+        records.append(record)
+    return records
+
+
+def load_records(cfg: TrainConfig) -> list[dict]:
+    """load_rows + validate_records: the validated records of --dataset."""
+    return validate_records(load_rows(cfg), cfg)
+
+
+def tokenize(cfg: TrainConfig, tokenizer, records: list[dict]) -> list[dict]:
+    from nash_fast.data import tokenize_records
+
+    use_chat_template = {"auto": None, "on": True, "off": False}[cfg.chat_template]
+    examples = tokenize_records(tokenizer, records, use_chat_template=use_chat_template, max_length=cfg.max_length)
+    # Only the fields the collator and losses read travel with the examples.
+    keep = ("prompt_ids", "chosen_ids", "rejected_ids", "aug_prompt_ids", "responses_ids", "responses_winrate", "preference")
+    return [{k: e[k] for k in keep if k in e} for e in examples]
+
+
+# =============================================================================================== models
+
+def load_tokenizer(cfg: TrainConfig):
+    name = cfg.tokenizer or cfg.model
+    if name == "tiny":
+        from nash_fast.tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+
+
+def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str | None:
+    if cfg.attn_implementation is not None:
+        return cfg.attn_implementation
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return None
+
+
+def load_model(name: str, cfg: TrainConfig, *, vocab_size: int, dtype: torch.dtype, device: torch.device):
+    """A causal LM by hub name / local path, or the tiny random-init model (seeded by --seed)."""
+    attn = _attn_implementation(cfg, device)
+    if name == "tiny":
+        from nash_fast.tiny import build_tiny_model
+
+        model = build_tiny_model(vocab_size, seed=cfg.seed, dtype=dtype, attn_implementation=attn)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+        if attn is not None:
+            kwargs["attn_implementation"] = attn
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if model.get_input_embeddings().weight.shape[0] < vocab_size:
+        raise ValueError(f"model {name!r} has {model.get_input_embeddings().weight.shape[0]} embeddings, fewer than "
+                         f"the tokenizer's {vocab_size} tokens")
+    return model.to(device)
+
+
+# =============================================================================================== loss
+
+@dataclass
+class LossPlan:
+    """What the collator carries and how a batch maps to FusedLinearPreferenceLoss's inputs."""
+
+    loss: str
+    groups: bool  # SPPO all-responses form (K-response records)
+    augment: bool  # Sr-DPO / Sr-IPO: pack the p + x sequences too
+    sequence_fields: tuple[str, ...] = ()
+    pair_fields: tuple[str, ...] = ()
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig, examples: Sequence[dict]) -> "LossPlan":
+        groups = "responses_ids" in examples[0]
+        augment = cfg.loss in ("sr_dpo", "sr_ipo")
+        sequence_fields = ("ref_logps",) + (("prev_logps",) if cfg.loss == "inpo" else ()) + (("winrate",) if groups else ())
+        pair_fields = ("preference",) if cfg.loss in ("sppo", "spce") and not groups else ()
+        return cls(cfg.loss, groups, augment, sequence_fields, pair_fields)
+
+    def collator(self, max_tokens: int | None = None):
+        from nash_fast.data import PackedPreferenceCollator
+
+        return PackedPreferenceCollator(
+            augment=self.augment, sequence_fields=self.sequence_fields, pair_fields=self.pair_fields, max_tokens=max_tokens
+        )
+
+    def loss_inputs(self, batch: dict, device) -> dict[str, torch.Tensor]:
+        from nash_fast.data import split_by_role
+
+        if self.groups:
+            return {"ref_logps": batch["ref_logps"].to(device), "winrate": batch["winrate"].to(device),
+                    "pair_index": batch["pair_index"].to(device)}
+        ref = split_by_role(batch["ref_logps"], batch)
+        inputs = {"ref_chosen_logps": ref["chosen"], "ref_rejected_logps": ref["rejected"]}
+        if self.augment:
+            inputs.update(aug_ref_chosen_logps=ref["aug_chosen"], aug_ref_rejected_logps=ref["aug_rejected"])
+        if self.loss == "inpo":
+            prev = split_by_role(batch["prev_logps"], batch)
+            inputs.update(prev_chosen_logps=prev["chosen"], prev_rejected_logps=prev["rejected"])
+        if self.loss == "sppo":
+            inputs["winrate"] = batch["preference"]
+        if self.loss == "spce":
+            inputs["target_prob"] = batch["preference"]
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs.update(role=batch["role"].to(device), pair_index=batch["pair_index"].to(device))
+        return inputs
+
+
+def build_loss_fn(cfg: TrainConfig):
+    from nash_fast.fused_loss import FusedLinearPreferenceLoss
+
+    hyper = {k: getattr(cfg, k) for k in ("beta", "eta", "tau", "lam") if getattr(cfg, k) is not None}
+    return FusedLinearPreferenceLoss(cfg.loss, average_log_prob=cfg.average_log_prob, backend=cfg.logprob_backend, **hyper)
+
+
+def micro_batch_loss(model, batch: dict, loss_fn, plan: LossPlan, *, autocast_dtype: torch.dtype | None = None,
+                     backward=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and metrics of one packed micro-batch; with backward given, backward(loss) runs while the LM-head
+    weight is still gathered (ZeRO-3 needs forward and backward inside the gather)."""
+    from nash_fast.model import _head_logit_transform, gathered_lm_head, packed_hidden_states
+
+    device = model.get_input_embeddings().weight.device
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
+        hidden = packed_hidden_states(model, batch)
+    scale, softcap = _head_logit_transform(model)
+    if softcap is not None and loss_fn.softcap != softcap:
+        loss_fn.softcap = softcap
+    with gathered_lm_head(model) as (weight, bias):
+        weight = weight.to(hidden.dtype) * scale if scale != 1.0 else weight.to(hidden.dtype)
+        if bias is not None:
+            bias = bias.to(hidden.dtype) * scale
+        loss, metrics = loss_fn(weight, hidden, batch["labels"][0].to(device), bias=bias,
+                                cu_seqlens=batch["cu_seqlens"].to(device), **plan.loss_inputs(batch, device))
+        if backward is not None:
+            backward(loss)
+    return loss, metrics
+
+
+# =============================================================================================== distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world_size > 1:
+            reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+            torch.distributed.all_reduce(tensor, op=reduce_op)
+        return tensor
+
+
+def setup_distributed(cfg: TrainConfig) -> Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if not cfg.uses_deepspeed():
+        if world_size > 1:
+            raise ValueError(f"WORLD_SIZE={world_size}: multi-process training goes through DeepSpeed; add "
+                             "--zero-stage 0|1|2|3 or --deepspeed FILE")
+        return Dist()
+    import deepspeed
+
+    deepspeed.init_distributed()  # nccl on GPUs, gloo on CPU (DeepSpeed's accelerator picks)
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def select_device(cfg: TrainConfig, dist: Dist) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    torch.cuda.set_device(dist.local_rank)
+    return torch.device("cuda", dist.local_rank)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config: --deepspeed FILE with its 'auto' values filled, or one built from the flags.
+
+    One packed row is one micro-batch, so train_micro_batch_size_per_gpu is 1 and the token budget is
+    --max-tokens."""
+    derived = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": world_size * cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    if cfg.deepspeed is not None:
+        with open(cfg.deepspeed) as f:
+            try:
+                ds = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--deepspeed {cfg.deepspeed}: not valid JSON ({error})") from None
+        for key, value in derived.items():
+            if ds.get(key, "auto") == "auto":
+                ds[key] = value
+            elif ds[key] != value:
+                raise ValueError(
+                    f"--deepspeed {cfg.deepspeed}: {key}={ds[key]!r} disagrees with the trainer's {value!r} "
+                    f"(from --grad-accum / --max-grad-norm and {world_size} processes; micro-batches are one packed row); "
+                    "set it to \"auto\""
+                )
+        for precision in ("bf16", "fp16"):
+            if isinstance(ds.get(precision), dict) and ds[precision].get("enabled") == "auto":
+                ds[precision]["enabled"] = cfg.bf16 if precision == "bf16" else False
+        if cfg.bf16 and not ds.get("bf16", {}).get("enabled", False):
+            ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+        if ds.get("fp16", {}).get("enabled", False):
+            raise ValueError(f"--deepspeed {cfg.deepspeed}: fp16 is not supported by the trainer (use bf16)")
+        if "optimizer" in ds or "scheduler" in ds:
+            raise ValueError(f"--deepspeed {cfg.deepspeed}: remove its optimizer/scheduler sections; the trainer builds "
+                             "them from --optimizer / --lr / --lr-scheduler")
+        ds.setdefault("zero_allow_untested_optimizer", True)
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+        ds.setdefault("steps_per_print", 10**12)
+        return ds
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        **derived,
+        "bf16": {"enabled": cfg.bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # our torch AdamW / RMSprop
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+# =============================================================================================== optimization
+
+def build_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimizer:
+    parameters = [p for p in parameters if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=cfg.resolved_lr(), betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.optimizer_eps, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(parameters, lr=cfg.resolved_lr(), alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps,
+                               weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of --lr for optimizer step `step` (0-based): linear warmup from 0 over warmup_steps, then
+    linear or cosine decay to 0 at total_steps, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# =============================================================================================== data stream
+
+class BatchStream:
+    """The run's endless sequence of global micro-batches: epoch 0's token-budget batches, then epoch 1's, ...
+    Global micro-batch p is a list of example indices; epochs are shuffled with seed + epoch."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self._epochs: dict[int, list[list[int]]] = {}
+        self._starts = [0]  # _starts[e] = global index of epoch e's first batch
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            self.sampler.set_epoch(epoch)
+            self._epochs = {epoch: self.sampler.all_batches(), **{k: v for k, v in self._epochs.items() if k >= epoch - 1}}
+        return self._epochs[epoch]
+
+    def epoch_start(self, epoch: int) -> int:
+        while len(self._starts) <= epoch:
+            e = len(self._starts) - 1
+            self._starts.append(self._starts[e] + len(self.epoch_batches(e)))
+        return self._starts[epoch]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, index within the epoch) of global micro-batch `position`."""
+        epoch = 0
+        while self.epoch_start(epoch + 1) <= position:
+            epoch += 1
+        return epoch, position - self.epoch_start(epoch)
+
+    def batch(self, position: int) -> list[int]:
+        epoch, index = self.locate(position)
+        return self.epoch_batches(epoch)[index]
+
+    def micro_batches_for_epochs(self, num_epochs: float) -> int:
+        whole = int(num_epochs)
+        total = self.epoch_start(whole)
+        fraction = num_epochs - whole
+        if fraction > 0:
+            total += math.ceil(fraction * len(self.epoch_batches(whole)))
+        return total
+
+
+# =============================================================================================== RNG state
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# =============================================================================================== trainer
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done (applied or skipped)
+    position: int = 0  # global micro-batches consumed
+    consecutive_bad: int = 0
+    skipped_steps: int = 0
+    tokens_seen: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Run:
+    """Everything the loop touches."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    model: torch.nn.Module  # the HF model (engine.module under DeepSpeed)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    engine: Any
+    loss_fn: Any
+    plan: LossPlan
+    collate: Any
+    examples: list[dict]
+    stream: BatchStream
+    sampler: Any
+    total_steps: int
+    state: TrainerState = field(default_factory=TrainerState)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+
+def _save(run: Run) -> Path | None:
+    """Atomic checkpoint of the current step (no-op if one exists for it)."""
+    final = run.checkpoint_root / checkpoint_name(run.state.step)
+    if is_complete(final):
+        return final
+    rank = run.dist.rank
+
+    def write(tmp: Path) -> None:
+        if run.engine is not None:
+            run.engine.save_checkpoint(str(tmp), tag="engine", client_state={}, save_latest=False)
+        elif rank == 0:
+            torch.save(run.model.state_dict(), tmp / "model.pt")
+            torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+        if rank == 0:
+            torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
+            write_json_atomic(tmp / "trainer_state.json", {
+                **run.state.to_dict(), "world_size": run.dist.world_size, "grad_accum": run.cfg.grad_accum,
+                "total_steps": run.total_steps, "config": to_dict(run.cfg),
+            })
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+
+    path = save_checkpoint(run.checkpoint_root, run.state.step, write, keep_last=run.cfg.save_total_limit,
+                           rank=rank, barrier=run.dist.barrier)
+    if run.dist.is_main:
+        log(f"saved checkpoint {path}")
+    return path
+
+
+def _load(run: Run, path: Path) -> None:
+    with open(path / "trainer_state.json") as f:
+        saved = json.load(f)
+    if run.engine is not None:
+        if not (path / "engine").is_dir():
+            raise ValueError(f"checkpoint {path} was not written by a DeepSpeed run; resume it without --deepspeed/--zero-stage")
+        load_path, _ = run.engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        if load_path is None:
+            raise ValueError(f"DeepSpeed could not load checkpoint {path}")
+    else:
+        if not (path / "model.pt").is_file():
+            raise ValueError(f"checkpoint {path} was written by a DeepSpeed run; resume it with the same --deepspeed/--zero-stage")
+        run.model.load_state_dict(torch.load(path / "model.pt", map_location=run.device, weights_only=True))
+        run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=run.device, weights_only=True))
+    run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    run.state = TrainerState(**{k: saved[k] for k in TrainerState().to_dict()})
+    rng_file = path / f"rng_rank{run.dist.rank}.pt"
+    if rng_file.is_file():  # absent when resuming with more processes than were saved
+        set_rng_state(torch.load(rng_file, weights_only=False))  # numpy state holds arrays: our own file
+    if saved.get("world_size") != run.dist.world_size or saved.get("grad_accum") != run.cfg.grad_accum:
+        if run.dist.is_main:
+            log(f"warning: resuming a run of {saved.get('world_size')} processes x grad_accum {saved.get('grad_accum')} "
+                f"with {run.dist.world_size} x {run.cfg.grad_accum}: the data position carries over, the batches per step change")
+
+
+def _resume_path(cfg: TrainConfig, root: Path) -> Path | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume in ("auto", "latest"):
+        path = latest_checkpoint(root)
+        if path is None and cfg.resume == "latest":
+            raise ValueError(f"--resume: no complete checkpoint under {root}")
+        return path
+    path = Path(cfg.resume)
+    if not is_complete(path):
+        raise ValueError(f"--resume {path}: not a complete checkpoint directory (no valid complete.json)")
+    return path
+
+
+class MetricsLog:
+    """OUTPUT/metrics.jsonl (one JSON line per step) and TensorBoard when installed; rank 0 only."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int):
+        self.path = output_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            # Lines after the checkpoint we resume from describe steps that will be redone.
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and _json_step(line) is not None and _json_step(line) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and value is not None and math.isfinite(value):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _json_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+_METRIC_KEYS = ("loss", "chosen_logratio", "rejected_logratio", "reward_accuracy", "reward_margin", "logratio")
+
+
+def _train_step(run: Run) -> dict:
+    """One optimizer step over W x G global micro-batches; returns its metrics record."""
+    cfg, dist, state = run.cfg, run.dist, run.state
+    start = time.perf_counter()
+    per_step = dist.world_size * cfg.grad_accum
+    autocast_dtype = torch.bfloat16 if cfg.bf16 and run.engine is None else None
+    sums = torch.zeros(len(_METRIC_KEYS) + 4, dtype=torch.float64)  # metrics..., tokens, padding, count, bad
+    has_key = torch.zeros(len(_METRIC_KEYS), dtype=torch.float64)
+    for j in range(cfg.grad_accum):
+        indices = run.stream.batch(state.position + j * dist.world_size + dist.rank)
+        batch = run.collate([run.examples[i] for i in indices])
+        bad = [False]
+
+        def backward(loss):
+            if not bool(torch.isfinite(loss.detach())):
+                bad[0] = True
+                if run.engine is None:
+                    return  # skip its backward; the step is skipped below
+                loss = loss * float("nan")  # make every gradient non-finite so DeepSpeed skips the step everywhere
+            if run.engine is not None:
+                run.engine.backward(loss)
+            else:
+                (loss / cfg.grad_accum).backward()
+
+        loss, metrics = micro_batch_loss(run.model, batch, run.loss_fn, run.plan, autocast_dtype=autocast_dtype,
+                                         backward=backward)
+        if run.engine is not None:
+            run.engine.step()  # applies the update at the accumulation boundary only
+        for k, key in enumerate(_METRIC_KEYS):
+            if key in metrics:
+                sums[k] += float(metrics[key])
+                has_key[k] = 1
+        stats = run.sampler.batch_stats(indices)
+        sums[-4] += stats["tokens"]
+        sums[-3] += stats["padding_fraction"]
+        sums[-2] += 1
+        sums[-1] += float(bad[0])
+    dist.all_reduce(sums)
+
+    grad_norm = None
+    if run.engine is not None:
+        skipped_before = run.engine.skipped_steps
+        # engine.step() above ran the optimizer at the boundary; a ZeRO / bf16 optimizer skips a non-finite
+        # gradient by itself (overflow). The plain fp32 stage-0 optimizer does not: that case is handled in
+        # _zero0_guard, installed as a pre-step hook.
+        norm = run.engine.get_global_grad_norm()
+        grad_norm = None if norm is None else float(norm)
+        applied = getattr(run.engine, "_step_applied", True) and not getattr(run, "_zero0_skipped", False)
+        run._zero0_skipped = False
+        del skipped_before
+    else:
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        if sums[-1] > 0:
+            applied = False
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            applied = math.isfinite(grad_norm)
+        if applied:
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    if sums[-1] > 0:
+        applied = False
+    lr = run.scheduler.get_last_lr()[0]
+    if applied:
+        run.scheduler.step()
+        state.consecutive_bad = 0
+    else:
+        state.consecutive_bad += 1
+        state.skipped_steps += 1
+    state.step += 1
+    state.position += per_step
+    tokens = int(sums[-4])
+    state.tokens_seen += tokens
+    elapsed = time.perf_counter() - start
+    count = float(sums[-2])
+    record: dict[str, Any] = {"step": state.step}
+    for k, key in enumerate(_METRIC_KEYS):
+        if has_key[k] or dist.world_size > 1 and key != "logratio" and not run.plan.groups:
+            value = float(sums[k]) / count
+            record[key] = value if math.isfinite(value) else None
+    record.update(
+        lr=lr, tokens=tokens, tokens_per_s=tokens / elapsed if elapsed > 0 else None, grad_norm=grad_norm,
+        padding_fraction=float(sums[-3]) / count, epoch=run.stream.locate(state.position)[0],
+        step_time_s=elapsed, skipped=not applied,
+    )
+    if not applied:
+        record["skip_reason"] = "non-finite loss" if sums[-1] > 0 else "non-finite gradient"
+    return record
+
+
+def _install_zero0_guard(run: Run) -> None:
+    """Plain DeepSpeed stage 0 in fp32 applies whatever gradient it has; drop a non-finite one before the
+    optimizer sees it (torch optimizers skip parameters without gradients), so that step is skipped too."""
+    run._zero0_skipped = False
+
+    def pre_step(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        if not bool(finite):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            run._zero0_skipped = True
+
+    run.optimizer.register_step_pre_hook(pre_step)
+
+
+class _Termination:
+    """SIGTERM -> a flag the loop checks at step boundaries (then it checkpoints and exits 0)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training per cfg; returns a summary (paths, steps, last metrics)."""
+    dist = setup_distributed(cfg)
+    device = select_device(cfg, dist)
+    output_dir = Path(cfg.output_dir)
+    seed_everything(cfg.seed)
+
+    # 1. data: schema before any model
+    records = load_records(cfg)
+    tokenizer = load_tokenizer(cfg)
+    examples = tokenize(cfg, tokenizer, records)
+    plan = LossPlan.for_config(cfg, examples)
+    from nash_fast.data import TokenBudgetBatchSampler, example_sequence_lengths
+
+    lengths = [example_sequence_lengths(e, i, augment=plan.augment) for i, e in enumerate(examples)]
+    sampler = TokenBudgetBatchSampler(lengths, cfg.max_tokens, shuffle=cfg.shuffle, seed=cfg.seed)
+    stream = BatchStream(sampler)
+    per_step = dist.world_size * cfg.grad_accum
+    total_steps = cfg.max_steps or max(1, math.ceil(stream.micro_batches_for_epochs(cfg.num_epochs) / per_step))
+    if dist.is_main:
+        log(f"{len(examples)} {'groups' if plan.groups else 'pairs'} from {cfg.dataset}; {len(stream.epoch_batches(0))} "
+            f"micro-batches of <= {cfg.max_tokens} tokens per epoch; {total_steps} steps of {per_step} micro-batches")
+
+    # 2. precompute with the frozen models, released afterwards
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    vocab_size = len(tokenizer)
+    _precompute(cfg, dist, device, dtype, vocab_size, examples, plan)
+
+    # 3. policy, optimizer, schedule, engine
+    model = load_model(cfg.model, cfg, vocab_size=vocab_size,
+                       dtype=dtype if cfg.uses_deepspeed() else torch.float32, device=device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    optimizer = build_optimizer(cfg, model.parameters())
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup, schedule=cfg.lr_scheduler))
+    engine = None
+    if cfg.uses_deepspeed():
+        import deepspeed
+
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                       config=deepspeed_config(cfg, dist.world_size))
+        model = engine.module
+        # DeepSpeed wraps the optimizer; the schedule must drive the wrapped one's param groups.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup, schedule=cfg.lr_scheduler))
+    run = Run(cfg, dist, device, model, optimizer, scheduler, engine, build_loss_fn(cfg), plan, plan.collator(),
+              examples, stream, sampler, total_steps)
+    if engine is not None and engine.zero_optimization_stage() == 0 and not cfg.bf16:
+        _install_zero0_guard(run)
+
+    # 4. resume
+    if cfg.resume == "never" and dist.is_main:
+        remove_checkpoints(run.checkpoint_root)
+    dist.barrier()
+    resume_from = _resume_path(cfg, run.checkpoint_root)
+    if resume_from is not None:
+        _load(run, resume_from)
+        if dist.is_main:
+            log(f"resumed from {resume_from} at step {run.state.step}")
+    metrics_log = MetricsLog(output_dir, dist.is_main, cfg.tensorboard, run.state.step)
+
+    # 5. loop
+    progress = None
+    if dist.is_main and cfg.progress_bar:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=run.state.step, desc=f"{cfg.loss}", unit="step", dynamic_ncols=True)
+    record: dict = {}
+    stopped_by_signal = False
+    try:
+        with _Termination() as termination:
+            while run.state.step < total_steps:
+                record = _train_step(run)
+                metrics_log.write(record)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=record.get("loss"), tok_s=round(record["tokens_per_s"] or 0))
+                if run.state.consecutive_bad >= cfg.max_consecutive_bad_steps:
+                    raise RuntimeError(
+                        f"{run.state.consecutive_bad} optimizer steps in a row were skipped for a non-finite loss or "
+                        f"gradient (last at step {run.state.step}, see {metrics_log.path}); stopping "
+                        f"(--max-consecutive-bad-steps {cfg.max_consecutive_bad_steps})"
+                    )
+                stop = dist.all_reduce(torch.tensor([float(termination.requested)]), "max").item() > 0
+                if stop:
+                    _save(run)
+                    stopped_by_signal = True
+                    if dist.is_main:
+                        log(f"SIGTERM: checkpoint saved at step {run.state.step}; rerun the same command to resume")
+                    break
+                if cfg.save_steps and run.state.step % cfg.save_steps == 0 and run.state.step < total_steps:
+                    _save(run)
+    finally:
+        if progress is not None:
+            progress.close()
+        metrics_log.close()
+
+    summary = {"output_dir": str(output_dir), "metrics": str(metrics_log.path), "steps": run.state.step,
+               "skipped_steps": run.state.skipped_steps, "last": record, "stopped_by_signal": stopped_by_signal}
+    if stopped_by_signal:
+        return summary
+    _save(run)
+    summary["model"] = str(_save_final_model(run, tokenizer))
+    if dist.is_main:
+        summary["plots"] = _plots(cfg, output_dir)
+        _print_summary(summary)
+    dist.barrier()
+    return summary
+
+
+def _precompute(cfg, dist, device, dtype, vocab_size, examples, plan) -> None:
+    from nash_fast.precompute import attach_logprobs, cached_sequence_logprobs
+
+    cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "precompute")
+    settings = {"dtype": str(dtype), "attn": cfg.attn_implementation, "backend": cfg.logprob_backend}
+    common = dict(cache_dir=cache_dir, augment=plan.augment, average=cfg.average_log_prob,
+                  max_tokens=cfg.precompute_max_tokens or 2 * cfg.max_tokens, backend=cfg.logprob_backend,
+                  settings=settings, rank=dist.rank, world_size=dist.world_size, barrier=dist.barrier,
+                  progress=cfg.progress_bar, log=log if dist.is_main else (lambda m: None))
+    ref_name = cfg.ref_model or cfg.model
+
+    def loader(name):
+        return lambda: load_model(name, cfg, vocab_size=vocab_size, dtype=dtype, device=device)
+
+    ref, _ = cached_sequence_logprobs("ref", ref_name, loader(ref_name), examples, **common)
+    attach_logprobs(examples, ref, "ref_logps", augment=plan.augment)
+    if cfg.loss == "inpo":
+        if cfg.prev_model is None:  # first INPO iteration: pi_1 = pi_ref
+            prev = ref
+        else:
+            prev, _ = cached_sequence_logprobs("prev", cfg.prev_model, loader(cfg.prev_model), examples, **common)
+        attach_logprobs(examples, prev, "prev_logps", augment=plan.augment)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _save_final_model(run: Run, tokenizer) -> Path:
+    """save_pretrained (+ tokenizer) into OUTPUT/final, written aside and renamed."""
+    final = run.output_dir / "final"
+    tmp = run.output_dir / ".tmp-final"
+    state_dict = None
+    if run.engine is not None and run.engine.zero_optimization_stage() == 3:
+        state_dict = run.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+    if run.dist.is_main:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        run.model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        from nash_fast.checkpoint import fsync_tree
+
+        fsync_tree(tmp)
+        old = run.output_dir / ".tmp-final-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    run.dist.barrier()
+    return final
+
+
+def _plots(cfg: TrainConfig, output_dir: Path) -> str:
+    if not cfg.plot:
+        return "disabled (--plot false)"
+    from nash_fast.plot import MatplotlibMissing, plot_metrics
+
+    try:
+        paths = plot_metrics(output_dir)
+    except MatplotlibMissing as error:
+        return str(error)
+    return str(paths[0].parent) if paths else "no metrics to plot"
+
+
+def _print_summary(summary: dict) -> None:
+    last = summary.get("last") or {}
+    loss = last.get("loss")
+    print(
+        "\n".join([
+            "",
+            f"[nash_fast] done: {summary['steps']} steps ({summary['skipped_steps']} skipped), "
+            f"last loss {loss if loss is None else round(loss, 4)}",
+            f"  metrics: {summary['metrics']}",
+            f"  plots:   {summary['plots']}",
+            f"  model:   {summary['model']}  (transformers.AutoModelForCausalLM.from_pretrained)",
+        ]),
+        flush=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(list(argv) if argv is not None else None)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
