@@ -35,7 +35,10 @@ SR_DPO_PROMPT = (
 # Learning rate when --lr is not given: 5e-7 as in the SPPO paper (Section 5, RMSprop, Mistral-7B) for
 # real models, a large one for the random-init tiny model so the demo visibly learns in a minute.
 DEFAULT_LR = 5e-7
-DEFAULT_TINY_LR = 2e-3
+DEFAULT_TINY_LR = 1e-3
+# Epochs when --num-epochs is not given: one pass for real data; the tiny demo set (320 pairs) needs more.
+DEFAULT_EPOCHS = 1.0
+DEFAULT_TINY_EPOCHS = 15.0
 
 
 def _opt(default, help, **extra):
@@ -119,7 +122,8 @@ class TrainConfig:
     output_dir: str = _opt("outputs/train", "Run directory: checkpoints/, metrics.jsonl, plots/, tensorboard/, "
                            "final/ (the save_pretrained model), precompute cache.")
     max_steps: int | None = _opt(None, "Optimizer steps to train (overrides --num-epochs).")
-    num_epochs: float = _opt(3.0, "Passes over the data when --max-steps is not given (fractions allowed).")
+    num_epochs: float | None = _opt(None, f"Passes over the data when --max-steps is not given (fractions allowed; "
+                                    f"default {DEFAULT_EPOCHS:g}, {DEFAULT_TINY_EPOCHS:g} for --dataset tiny).")
     save_steps: int = _opt(50, "Save a checkpoint every this many optimizer steps (0: only at the end).")
     save_total_limit: int = _opt(2, "Keep the last K checkpoints (older ones are deleted after a new one is complete).")
     resume: str = _opt("auto", "auto: continue from the newest complete checkpoint in --output-dir if there is one; "
@@ -138,6 +142,11 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return DEFAULT_TINY_LR if self.model == "tiny" else DEFAULT_LR
+
+    def resolved_epochs(self) -> float:
+        if self.num_epochs is not None:
+            return self.num_epochs
+        return DEFAULT_TINY_EPOCHS if self.dataset == "tiny" else DEFAULT_EPOCHS
 
     def uses_deepspeed(self) -> bool:
         return self.deepspeed is not None or self.zero_stage is not None

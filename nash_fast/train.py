@@ -841,7 +841,7 @@ def train(cfg: TrainConfig) -> dict:
     sampler = TokenBudgetBatchSampler(lengths, cfg.max_tokens, shuffle=cfg.shuffle, seed=cfg.seed)
     stream = BatchStream(sampler)
     per_step = dist.world_size * cfg.grad_accum
-    total_steps = cfg.max_steps or max(1, math.ceil(stream.micro_batches_for_epochs(cfg.num_epochs) / per_step))
+    total_steps = cfg.max_steps or max(1, math.ceil(stream.micro_batches_for_epochs(cfg.resolved_epochs()) / per_step))
     if dist.is_main:
         log(f"{len(examples)} {'groups' if plan.groups else 'pairs'} from {cfg.dataset}; {len(stream.epoch_batches(0))} "
             f"micro-batches of <= {cfg.max_tokens} tokens per epoch; {total_steps} steps of {per_step} micro-batches")
@@ -869,9 +869,8 @@ def train(cfg: TrainConfig) -> dict:
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                        config=deepspeed_config(cfg, dist.world_size))
         model = engine.module
-        # DeepSpeed wraps the optimizer; the schedule must drive the wrapped one's param groups.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup, schedule=cfg.lr_scheduler))
+        # The scheduler stays on the client optimizer: DeepSpeed's wrapper steps it with the same param-group
+        # dicts, and we step the schedule ourselves only for applied (not skipped) steps.
     run = Run(cfg, dist, device, model, optimizer, scheduler, engine, build_loss_fn(cfg), plan, plan.collator(),
               examples, stream, sampler, total_steps)
     if engine is not None and engine.zero_optimization_stage() == 0 and not cfg.bf16:

@@ -1,0 +1,136 @@
+"""Atomic checkpoints: complete-or-absent under crashes (exception mid-save, kill -9 mid-save), keep last K."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from nash_fast import checkpoint
+from nash_fast.checkpoint import (
+    checkpoint_step,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
+
+
+def writer(value):
+    def write(directory):
+        torch.save({"value": torch.full((1000,), float(value))}, directory / "state.pt")
+        (directory / "sub").mkdir()
+        (directory / "sub" / "note.txt").write_text(f"step {value}")
+    return write
+
+
+def load_value(path):
+    return torch.load(path / "state.pt", weights_only=True)["value"][0].item()
+
+
+def test_save_then_latest_and_keep_last(tmp_path):
+    for step in (1, 2, 3, 4):
+        final = save_checkpoint(tmp_path, step, writer(step), keep_last=2)
+        assert is_complete(final) and checkpoint_step(final) == step
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 4]
+    latest = latest_checkpoint(tmp_path)
+    assert checkpoint_step(latest) == 4 and load_value(latest) == 4.0
+    assert (latest / "sub" / "note.txt").read_text() == "step 4"
+    with pytest.raises(FileExistsError):
+        save_checkpoint(tmp_path, 4, writer(99))
+    assert load_value(latest_checkpoint(tmp_path)) == 4.0
+    with pytest.raises(ValueError, match="keep_last"):
+        save_checkpoint(tmp_path, 5, writer(5), keep_last=0)
+
+
+def test_crash_between_write_and_rename_keeps_previous(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, writer(1), keep_last=1)
+
+    def crash(src, dst):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(checkpoint.os, "rename", crash)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(tmp_path, 2, writer(2), keep_last=1)
+    monkeypatch.undo()
+    latest = latest_checkpoint(tmp_path)
+    assert checkpoint_step(latest) == 1 and load_value(latest) == 1.0
+    assert any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())  # the half-done save, never loaded
+    # The next save clears the leftover and succeeds.
+    save_checkpoint(tmp_path, 2, writer(2), keep_last=1)
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    assert load_value(latest_checkpoint(tmp_path)) == 2.0
+
+
+def test_crash_inside_writer_keeps_previous(tmp_path):
+    save_checkpoint(tmp_path, 1, writer(1))
+
+    def failing(directory):
+        writer(2)(directory)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(tmp_path, 2, failing)
+    assert checkpoint_step(latest_checkpoint(tmp_path)) == 1
+
+
+def test_damaged_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    save_checkpoint(tmp_path, 1, writer(1))
+    newest = save_checkpoint(tmp_path, 2, writer(2))
+    with open(newest / "state.pt", "r+b") as f:
+        f.truncate(10)
+    assert not is_complete(newest)
+    assert checkpoint_step(latest_checkpoint(tmp_path)) == 1
+    assert "incomplete" in capsys.readouterr().out
+    # A step-N directory without a manifest (e.g. copied by hand, half-way) is not complete either.
+    (newest / "complete.json").unlink()
+    assert not is_complete(newest)
+    assert latest_checkpoint(tmp_path / "does-not-exist") is None
+
+
+SAVER = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from nash_fast.checkpoint import save_checkpoint
+    root = Path(sys.argv[1])
+    step = int(sys.argv[2])
+    while True:
+        step += 1
+        def write(d, step=step):
+            # Several MB over many files, so a kill lands mid-save often.
+            for k in range(8):
+                torch.save(torch.full((200_000,), float(step)), d / f"part{k}.pt")
+        save_checkpoint(root, step, write, keep_last=2)
+        print(step, flush=True)
+    """
+)
+
+
+def test_kill_9_mid_save_never_leaves_a_bad_latest(tmp_path):
+    """A process saving checkpoints back to back is SIGKILLed at varied moments; every time the newest complete
+    checkpoint loads and holds its own step's data, and the run can keep saving after it."""
+    root = tmp_path / "ckpt"
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    last_step = 0
+    for attempt in range(4):
+        process = subprocess.Popen([sys.executable, str(script), str(root), str(last_step)], stdout=subprocess.PIPE, text=True)
+        first = process.stdout.readline()  # at least one save completed in this process
+        assert first.strip(), "saver produced no checkpoint"
+        time.sleep(0.05 + 0.07 * attempt)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        latest = latest_checkpoint(root)
+        assert latest is not None
+        step = checkpoint_step(latest)
+        assert step >= int(first)
+        for k in range(8):
+            assert torch.load(latest / f"part{k}.pt", weights_only=True)[0].item() == float(step)
+        last_step = step
+    complete = [p for _, p in list_checkpoints(root) if is_complete(p)]
+    assert 1 <= len(complete) <= 3  # keep_last=2, plus possibly one renamed just before the kill, pre-prune
