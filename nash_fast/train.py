@@ -310,17 +310,37 @@ def build_loss_fn(cfg: TrainConfig):
     return FusedLinearPreferenceLoss(cfg.loss, average_log_prob=cfg.average_log_prob, backend=cfg.logprob_backend, **hyper)
 
 
-def micro_batch_loss(model, batch: dict, loss_fn, plan: LossPlan, *, autocast_dtype: torch.dtype | None = None,
-                     backward=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and metrics of one packed micro-batch; with backward given, backward(loss) runs while the LM-head
-    weight is still gathered (ZeRO-3 needs forward and backward inside the gather)."""
+class PackedBackbone(torch.nn.Module):
+    """The policy's backbone over one packed row -> final hidden states [T, H].
+
+    This is the module DeepSpeed's engine wraps: the engine's forward must run every micro-batch (ZeRO
+    counts micro-steps there; skipping it makes ZeRO-3 overwrite instead of accumulate gradients), while
+    the LM head is applied by the fused loss, outside any module forward."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        from nash_fast.model import packed_hidden_states
+
+        return packed_hidden_states(self.lm, batch)
+
+
+def micro_batch_loss(model, batch: dict, loss_fn, plan: LossPlan, *, forward=None,
+                     autocast_dtype: torch.dtype | None = None, backward=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and metrics of one packed micro-batch of the causal LM `model`.
+
+    forward(batch) -> hidden [T, H] runs the backbone (default: packed_hidden_states(model, batch); the
+    trainer passes the DeepSpeed engine). With backward given, backward(loss) runs while the LM-head weight
+    is still gathered (ZeRO-3 needs forward and backward inside the gather)."""
     from nash_fast.model import _head_logit_transform, gathered_lm_head, packed_hidden_states
 
     device = model.get_input_embeddings().weight.device
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
-        hidden = packed_hidden_states(model, batch)
+        hidden = forward(batch) if forward is not None else packed_hidden_states(model, batch)
     scale, softcap = _head_logit_transform(model)
     if softcap is not None and loss_fn.softcap != softcap:
         loss_fn.softcap = softcap
@@ -560,6 +580,7 @@ class Run:
     stream: BatchStream
     sampler: Any
     total_steps: int
+    forward: Any = None  # batch -> hidden states: the DeepSpeed engine, or the plain PackedBackbone
     state: TrainerState = field(default_factory=TrainerState)
 
     @property
@@ -717,8 +738,8 @@ def _train_step(run: Run) -> dict:
             else:
                 (loss / cfg.grad_accum).backward()
 
-        loss, metrics = micro_batch_loss(run.model, batch, run.loss_fn, run.plan, autocast_dtype=autocast_dtype,
-                                         backward=backward)
+        loss, metrics = micro_batch_loss(run.model, batch, run.loss_fn, run.plan, forward=run.forward,
+                                         autocast_dtype=autocast_dtype, backward=backward)
         if run.engine is not None:
             run.engine.step()  # applies the update at the accumulation boundary only
         for k, key in enumerate(_METRIC_KEYS):
@@ -866,13 +887,13 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.uses_deepspeed():
         import deepspeed
 
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+        engine, optimizer, _, _ = deepspeed.initialize(model=PackedBackbone(model), optimizer=optimizer,
                                                        config=deepspeed_config(cfg, dist.world_size))
-        model = engine.module
+        model = engine.module.lm
         # The scheduler stays on the client optimizer: DeepSpeed's wrapper steps it with the same param-group
         # dicts, and we step the schedule ourselves only for applied (not skipped) steps.
     run = Run(cfg, dist, device, model, optimizer, scheduler, engine, build_loss_fn(cfg), plan, plan.collator(),
-              examples, stream, sampler, total_steps)
+              examples, stream, sampler, total_steps, forward=engine if engine is not None else PackedBackbone(model))
     if engine is not None and engine.zero_optimization_stage() == 0 and not cfg.bf16:
         _install_zero0_guard(run)
 
@@ -969,6 +990,8 @@ def _save_final_model(run: Run, tokenizer) -> Path:
     state_dict = None
     if run.engine is not None and run.engine.zero_optimization_stage() == 3:
         state_dict = run.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+        if state_dict is not None:  # keys of the PackedBackbone wrapper: lm.<name>
+            state_dict = {k[len("lm."):]: v for k, v in state_dict.items()}
     if run.dist.is_main:
         import shutil
 
