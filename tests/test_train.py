@@ -1,0 +1,369 @@
+"""python -m nash_fast.train end to end on CPU: every loss, resume == straight run, SIGTERM and kill -9,
+non-finite steps, data validation before any model, DeepSpeed ZeRO-2 with 2 processes == 1 process."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import nash_fast.train as trainer
+from nash_fast.checkpoint import checkpoint_step, latest_checkpoint
+from nash_fast.config import parse_config
+from nash_fast.data import load_tiny_preferences
+
+REPO = Path(__file__).resolve().parents[1]
+
+LOSS_FLAGS = {
+    "sppo": [],
+    "inpo": ["--eta", "0.5", "--tau", "0.1"],
+    "ipo": ["--beta", "0.5", "--average-log-prob"],
+    "dpo": ["--beta", "0.1"],
+    "sr_dpo": ["--beta", "0.1", "--lam", "0.5"],
+    "sr_ipo": ["--beta", "0.5", "--lam", "0.5"],
+    "spce": ["--beta", "0.1"],
+}
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    with open(path, "w") as f:
+        for record in load_tiny_preferences()[:24]:
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+def run_args(small_data, out, *extra):
+    return ["--dataset", small_data, "--output-dir", str(out), "--progress-bar", "false", "--plot", "false",
+            "--max-tokens", "1024", "--tensorboard", "false", *extra]
+
+
+def read_metrics(out):
+    with open(Path(out) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "final" / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------ every loss
+
+@pytest.mark.parametrize("loss", sorted(LOSS_FLAGS))
+def test_every_loss_end_to_end(tmp_path, small_data, loss):
+    summary = trainer.train(parse_config(run_args(small_data, tmp_path, "--loss", loss, *LOSS_FLAGS[loss],
+                                                  "--max-steps", "3", "--save-steps", "2")))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and summary["steps"] == 3
+    for row in rows:
+        assert not row["skipped"]
+        for key in ("loss", "lr", "tokens", "tokens_per_s", "chosen_logratio", "rejected_logratio",
+                    "reward_accuracy", "reward_margin", "grad_norm", "padding_fraction"):
+            assert isinstance(row[key], (int, float)) and torch.isfinite(torch.tensor(float(row[key]))), (key, row)
+        assert 0 <= row["reward_accuracy"] <= 1 and 0 <= row["padding_fraction"] < 1 and row["tokens"] > 0
+    # Step 1 sees the reference itself: log-ratios are exactly what the policy and reference disagree on (0).
+    assert rows[0]["chosen_logratio"] == pytest.approx(0.0, abs=1e-4)
+    # The saved model loads with transformers and is the trained one (not the initial weights).
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    initial = trainer.load_model("tiny", parse_config([]), vocab_size=model.config.vocab_size,
+                                 dtype=torch.float32, device=torch.device("cpu"))
+    assert not torch.equal(model.lm_head.weight, initial.lm_head.weight)
+    assert (tmp_path / "final" / "tokenizer.json").is_file()
+    assert checkpoint_step(latest_checkpoint(tmp_path / "checkpoints")) == 3
+
+
+@pytest.mark.parametrize("loss", sorted(LOSS_FLAGS))
+def test_loss_goes_down_on_a_fixed_batch(small_data, loss):
+    from nash_fast.precompute import attach_logprobs, dataset_sequence_logprobs
+
+    cfg = parse_config(["--dataset", small_data, "--loss", loss, *LOSS_FLAGS[loss]])
+    tokenizer = trainer.load_tokenizer(cfg)
+    examples = trainer.tokenize(cfg, tokenizer, trainer.load_records(cfg))[:6]
+    plan = trainer.LossPlan.for_config(cfg, examples)
+    cpu = torch.device("cpu")
+    reference = trainer.load_model("tiny", cfg, vocab_size=len(tokenizer), dtype=torch.float32, device=cpu)
+    logps = dataset_sequence_logprobs(reference, examples, augment=plan.augment, average=cfg.average_log_prob)
+    attach_logprobs(examples, logps, "ref_logps", augment=plan.augment)
+    if loss == "inpo":  # a previous iterate that differs from the reference
+        other = trainer.load_model("tiny", parse_config(["--seed", "7"]), vocab_size=len(tokenizer), dtype=torch.float32, device=cpu)
+        attach_logprobs(examples, dataset_sequence_logprobs(other, examples), "prev_logps", augment=False)
+    batch = plan.collator()(examples)
+    policy = trainer.load_model("tiny", cfg, vocab_size=len(tokenizer), dtype=torch.float32, device=cpu).train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    loss_fn = trainer.build_loss_fn(cfg)
+    values = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        value, _ = trainer.micro_batch_loss(policy, batch, loss_fn, plan, backward=lambda l: l.backward())
+        values.append(value.item())
+        optimizer.step()
+    assert all(map(lambda v: torch.isfinite(torch.tensor(v)), values))
+    assert values[-1] < 0.95 * values[0], values
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+def test_resume_equals_straight_run_and_sigterm_saves(tmp_path, small_data, monkeypatch):
+    """6 steps straight == 3 steps stopped by SIGTERM (checkpoint, clean exit) + rerun of the same command."""
+    args = ["--max-steps", "6", "--save-steps", "100", "--seed", "3", "--lr", "3e-3"]
+    straight = tmp_path / "straight"
+    trainer.train(parse_config(run_args(small_data, straight, *args)))
+
+    interrupted = tmp_path / "interrupted"
+    real_step = trainer._train_step
+
+    def step_then_sigterm(run):
+        record = real_step(run)
+        if run.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to our handler: checkpoint, then exit the loop
+        return record
+
+    monkeypatch.setattr(trainer, "_train_step", step_then_sigterm)
+    summary = trainer.train(parse_config(run_args(small_data, interrupted, *args)))
+    monkeypatch.undo()
+    assert summary["stopped_by_signal"] and summary["steps"] == 3
+    assert checkpoint_step(latest_checkpoint(interrupted / "checkpoints")) == 3
+    assert not (interrupted / "final").exists()
+
+    # Same command again: the output dir holds a checkpoint, so it continues from step 3.
+    trainer.train(parse_config(run_args(small_data, interrupted, *args)))
+    assert_same_weights(final_weights(straight), final_weights(interrupted))
+    timing = ("tokens_per_s", "step_time_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(interrupted)] == [
+        {k: v for k, v in r.items() if k not in timing} for r in read_metrics(straight)]
+
+    # --resume PATH from the step-3 checkpoint of a copy, and --resume never starting over, agree too.
+    copy = tmp_path / "copy"
+    shutil.copytree(interrupted / "checkpoints", copy / "saved")
+    trainer.train(parse_config(run_args(small_data, copy, *args, "--resume", str(copy / "saved" / "step-00000003"))))
+    assert_same_weights(final_weights(straight), final_weights(copy))
+    trainer.train(parse_config(run_args(small_data, copy, *args, "--resume", "never")))
+    assert_same_weights(final_weights(straight), final_weights(copy))
+    with pytest.raises(ValueError, match="--resume"):
+        trainer.train(parse_config(run_args(small_data, tmp_path / "empty", *args, "--resume", "latest")))
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import sys
+    from nash_fast.train import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_kill_9_mid_run_then_resume_equals_straight_run(tmp_path, small_data):
+    """SIGKILL a subprocess that checkpoints every step, at some moment mid-run; the newest complete checkpoint
+    loads and resuming reaches bitwise the weights of an uninterrupted run."""
+    args = ["--max-steps", "30", "--save-steps", "1", "--save-total-limit", "2", "--seed", "5"]
+    straight = tmp_path / "straight"
+    trainer.train(parse_config(run_args(small_data, straight, *args)))
+
+    killed = tmp_path / "killed"
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, str(script), *run_args(small_data, killed, *args)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    latest = latest_checkpoint(killed / "checkpoints")
+    assert latest is not None and 1 <= checkpoint_step(latest) < 30
+    trainer.train(parse_config(run_args(small_data, killed, *args)))
+    assert_same_weights(final_weights(straight), final_weights(killed))
+    assert [r["step"] for r in read_metrics(killed)] == list(range(1, 31))
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+def test_non_finite_loss_skips_the_step_then_stops_after_n_in_a_row(tmp_path, small_data, monkeypatch):
+    real = trainer.build_loss_fn
+    poisoned_calls = set()
+
+    def poisoned_loss_fn(cfg):
+        loss_fn = real(cfg)
+        calls = [0]
+
+        def wrapped(*args, **kwargs):
+            calls[0] += 1
+            loss, metrics = loss_fn(*args, **kwargs)
+            if calls[0] in poisoned_calls:
+                loss = loss * float("nan")
+            return loss, metrics
+
+        wrapped.softcap = None
+        return wrapped
+
+    monkeypatch.setattr(trainer, "build_loss_fn", poisoned_loss_fn)
+    poisoned_calls.update({2})
+    trainer.train(parse_config(run_args(small_data, tmp_path / "one", "--max-steps", "4", "--warmup-steps", "0",
+                                        "--lr-scheduler", "linear")))
+    rows = read_metrics(tmp_path / "one")
+    assert [r["skipped"] for r in rows] == [False, True, False, False]
+    assert rows[1]["skip_reason"] == "non-finite loss"
+    assert rows[2]["lr"] == rows[1]["lr"]  # the schedule did not advance on the skipped step
+    weights = final_weights(tmp_path / "one")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+    poisoned_calls.clear()
+    poisoned_calls.update(range(1, 100))
+    with pytest.raises(RuntimeError, match="3 optimizer steps in a row"):
+        trainer.train(parse_config(run_args(small_data, tmp_path / "many", "--max-steps", "10",
+                                            "--max-consecutive-bad-steps", "3")))
+    assert [r["skipped"] for r in read_metrics(tmp_path / "many")] == [True, True, True]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def test_schema_errors_name_row_and_column_before_any_model_loads(tmp_path, monkeypatch):
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the data was validated")
+
+    monkeypatch.setattr(trainer, "load_model", no_models)
+    monkeypatch.setattr(trainer, "load_tokenizer", no_models)
+    rows = [{"question": "q", "good": "a", "bad": "b", "p": 0.7}] * 3
+    rows = rows[:2] + [{"question": "q", "good": "a", "p": 0.7}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mapping = "prompt=question,chosen=good,rejected=bad,preference=p"
+    with pytest.raises(ValueError, match=r"row 2: missing column 'bad' \(field 'rejected'\)"):
+        trainer.train(parse_config(["--dataset", str(path), "--columns", mapping, "--output-dir", str(tmp_path / "o")]))
+    rows[2] = {"question": "q", "good": "a", "bad": "b", "p": 1.7}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"row 2: column 'p' \(field 'preference'\) must be a probability"):
+        trainer.train(parse_config(["--dataset", str(path), "--columns", mapping, "--output-dir", str(tmp_path / "o")]))
+    with pytest.raises(ValueError, match=r"row 0: missing column 'preference'.*--default-preference"):
+        trainer.train(parse_config(["--dataset", str(path), "--columns", "prompt=question,chosen=good,rejected=bad",
+                                    "--output-dir", str(tmp_path / "o")]))
+    with pytest.raises(ValueError, match=r"row 0: column 'question' \(field 'prompt'\) must be a non-empty string"):
+        trainer.validate_records([{"question": 3, "good": "a", "bad": "b"}], parse_config(
+            ["--loss", "dpo", "--columns", "prompt=question,chosen=good,rejected=bad"]))
+    with pytest.raises(ValueError, match="unsupported file type"):
+        trainer.load_rows(parse_config(["--dataset", str(Path(__file__))]))
+
+
+def test_column_mapping_parquet_and_default_preference(tmp_path, small_data):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = load_tiny_preferences()[:12]
+    table = pa.Table.from_pylist([{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in records])
+    pq.write_table(table, tmp_path / "data.parquet")
+    cfg = parse_config(run_args(str(tmp_path / "data.parquet"), tmp_path / "out", "--columns", "prompt=q,chosen=good,rejected=bad",
+                                "--default-preference", "1.0", "--max-steps", "2"))
+    validated = trainer.load_records(cfg)
+    assert validated[3]["prompt"] == records[3]["prompt"] and validated[3]["preference"] == 1.0
+    assert "q" not in validated[3]
+    trainer.train(cfg)
+    assert len(read_metrics(tmp_path / "out")) == 2
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+
+DS_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    import torch.multiprocessing as mp
+
+    def worker(rank, world, port, argv):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+        from nash_fast.train import main
+        main(argv)
+
+    if __name__ == "__main__":
+        world, port = int(sys.argv[1]), int(sys.argv[2])
+        mp.spawn(worker, args=(world, port, sys.argv[3:]), nprocs=world)
+    """
+)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deepspeed_zero2_two_processes_equal_one_process(tmp_path, small_data):
+    """Same global batch (2 micro-batches per step): 2 gloo processes x grad_accum 1 == 1 process x grad_accum 2,
+    and both match the plain (non-DeepSpeed) path within float32 rounding."""
+    script = tmp_path / "ds_worker.py"
+    script.write_text(DS_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    common = ["--zero-stage", "2", "--max-steps", "3", "--save-steps", "2"]
+    for world, accum, name in ((2, "1", "two"), (1, "2", "one")):
+        result = subprocess.run(
+            [sys.executable, str(script), str(world), str(_free_port()),
+             *run_args(small_data, tmp_path / name, *common, "--grad-accum", accum)],
+            env=env, capture_output=True, text=True, timeout=400,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    for a, b in zip(two, one):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert len(two) == len(one) == 3
+    assert_same_weights(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), atol=1e-6)
+    assert (latest_checkpoint(tmp_path / "two" / "checkpoints") / "engine").is_dir()
+
+    trainer.train(parse_config(run_args(small_data, tmp_path / "plain", "--max-steps", "3", "--grad-accum", "2")))
+    plain = read_metrics(tmp_path / "plain")
+    for a, b in zip(plain, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert_same_weights(final_weights(tmp_path / "plain"), final_weights(tmp_path / "one"), atol=1e-5)
+
+
+def test_deepspeed_config_from_flags_and_file(tmp_path):
+    built = trainer.deepspeed_config(parse_config(["--zero-stage", "3", "--offload-optimizer", "--offload-param",
+                                                   "--grad-accum", "4", "--bf16"]), world_size=8)
+    assert built["train_batch_size"] == 32 and built["gradient_accumulation_steps"] == 4
+    assert built["zero_optimization"]["stage"] == 3 and built["bf16"]["enabled"]
+    assert built["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+                                "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}))
+    filled = trainer.deepspeed_config(parse_config(["--deepspeed", str(path), "--grad-accum", "2"]), world_size=4)
+    assert filled["train_batch_size"] == 8 and filled["train_micro_batch_size_per_gpu"] == 1
+    assert filled["bf16"]["enabled"] is False
+    path.write_text(json.dumps({"gradient_accumulation_steps": 3}))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        trainer.deepspeed_config(parse_config(["--deepspeed", str(path)]), world_size=1)
+
+
+def test_lr_schedule():
+    factors = [trainer.lr_factor(s, total_steps=10, warmup_steps=2, schedule="linear") for s in range(10)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and factors[-1] == pytest.approx(1 / 8)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    cosine = [trainer.lr_factor(s, total_steps=10, warmup_steps=0, schedule="cosine") for s in range(11)]
+    assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0, abs=1e-12)
