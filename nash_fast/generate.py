@@ -1,0 +1,205 @@
+"""Sample K responses per prompt from a policy: vLLM on a GPU when installed, Hugging Face otherwise.
+
+    groups = generate_responses("path/to/policy", prompts, num_samples=4, temperature=1.0, top_p=1.0,
+                                max_new_tokens=128, seed=0)        # list (per prompt) of K strings
+
+    python -m nash_fast.generate --model PATH --prompts prompts.jsonl --output responses.jsonl -K 4
+
+Every sample (prompt i, sample k) has its own seed, sample_seed(seed, i, k), so a response does not depend
+on which other prompts share its batch, on the batch size or on the backend's scheduling (vLLM:
+SamplingParams(seed=...); Hugging Face: one torch.Generator per row in a batched, KV-cached sampling
+loop, since model.generate draws every row from one generator). Prompts are rendered exactly as the
+trainer renders them (nash_fast.data.tokenize_prompt: the chat template with the generation prompt when
+the tokenizer has one), so the policy is trained on the very token ids it was sampled from.
+A response is the text of the new tokens up to (not including) the first end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of sample k of prompt i: a hash of (seed, i, k) into [0, 2^31)."""
+    state = np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(1)[0]
+    return int(state) & 0x7FFFFFFF
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        has_vllm = importlib.util.find_spec("vllm") is not None
+        return "vllm" if has_vllm and torch.cuda.is_available() else "hf"
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("backend='vllm' but vllm is not installed (pip install 'nash-fast[vllm]')")
+    return backend
+
+
+def _check(num_samples, temperature, top_p, max_new_tokens):
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return ids
+
+
+def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose mass reaches top_p."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+@torch.no_grad()
+def hf_sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int], *, temperature: float,
+              top_p: float, max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+    """Sample one continuation per row (token ids, end-of-sequence excluded), row r drawn with seeds[r]."""
+    device = next(model.parameters()).device
+    eos = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[list[int]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = [list(r) for r in prompt_ids[start:start + batch_size]]
+        generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):  # left padding: every row's next token is in the last column
+            ids[r, width - len(row):] = torch.tensor(row)
+            mask[r, width - len(row):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+        new = [[] for _ in rows]
+        done = [False] * len(rows)
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float().cpu()
+            if temperature == 0:
+                tokens = logits.argmax(-1).tolist()
+            else:
+                probs = _filter_top_p(torch.softmax(logits / temperature, dim=-1), top_p)
+                tokens = [int(torch.multinomial(probs[r], 1, generator=generators[r])) for r in range(len(rows))]
+            for r, token in enumerate(tokens):
+                if not done[r]:
+                    if token in eos:
+                        done[r] = True
+                    else:
+                        new[r].append(token)
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
+            position = position[:, -1:] + 1
+            step_ids = torch.tensor(tokens, device=device)[:, None]
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=position,
+                        past_key_values=out.past_key_values, use_cache=True)
+        results.extend(new)
+    return results
+
+
+def _vllm_generate(model_path, prompt_ids, seeds, *, temperature, top_p, max_new_tokens, tensor_parallel_size,
+                   gpu_memory_utilization):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(model_path), tensor_parallel_size=tensor_parallel_size, seed=0,
+              gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
+    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=s,
+                             skip_special_tokens=True) for s in seeds]
+    outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
+    return [o.outputs[0].text for o in outputs]
+
+
+def generate_responses(model, prompts: Sequence[str], *, num_samples: int, temperature: float = 1.0,
+                       top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, tokenizer=None,
+                       use_chat_template: bool | None = None, backend: str = "auto",
+                       tensor_parallel_size: int = 1, batch_size: int = 16,
+                       gpu_memory_utilization: float = 0.85) -> list[list[str]]:
+    """K = num_samples responses for each prompt from `model` (a path, or a loaded causal LM for the
+    Hugging Face backend, with `tokenizer`). Returns one list of K strings per prompt."""
+    _check(num_samples, temperature, top_p, max_new_tokens)
+    from nash_fast.data import tokenize_prompt
+
+    backend = resolve_backend(backend)
+    if isinstance(model, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
+    elif tokenizer is None or backend == "vllm":
+        raise ValueError("a loaded model needs tokenizer=... and the Hugging Face backend (vLLM loads from a path)")
+    rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
+    encoded = [tokenize_prompt(tokenizer, p, use_chat_template=use_chat_template) for p in prompts]
+    prompt_ids = [encoded[i] for i, _ in rows]
+    seeds = [sample_seed(seed, i, k) for i, k in rows]
+    if backend == "vllm":
+        texts = _vllm_generate(model, prompt_ids, seeds, temperature=temperature, top_p=top_p,
+                               max_new_tokens=max_new_tokens, tensor_parallel_size=tensor_parallel_size,
+                               gpu_memory_utilization=gpu_memory_utilization)
+    else:
+        if isinstance(model, (str, Path)):
+            from transformers import AutoModelForCausalLM
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model = AutoModelForCausalLM.from_pretrained(str(model), dtype="auto").to(device).eval()
+        tokens = hf_sample(model, tokenizer, prompt_ids, seeds, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Sample K responses per prompt (jsonl with a 'prompt' field).")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompts", required=True, help="jsonl file, one {'prompt': ...} per line")
+    parser.add_argument("--output", required=True, help="jsonl file: {'prompt', 'responses'} per line")
+    parser.add_argument("-K", "--num-samples", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    from nash_fast.data import load_jsonl
+
+    prompts = [row["prompt"] for row in load_jsonl(args.prompts)]
+    groups = generate_responses(
+        args.model, prompts, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend,
+        use_chat_template={"auto": None, "on": True, "off": False}[args.chat_template],
+        tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size)
+    tmp = Path(args.output).with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for prompt, responses in zip(prompts, groups):
+            f.write(json.dumps({"prompt": prompt, "responses": responses}) + "\n")
+    tmp.replace(args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,611 @@
+"""python -m nash_fast.selfplay: iterative self-play (generate -> judge -> build -> train), resumable.
+
+    python -m nash_fast.selfplay                      # demo: tiny model, shipped prompts, offline judge, CPU
+    python -m nash_fast.selfplay --model Qwen/Qwen2.5-0.5B-Instruct --prompts prompts.jsonl \
+        --method sppo --judge reward:path/to/rm --iterations 3 --output-dir runs/sppo
+
+Iteration t = 1, 2, ... (SPPO Algorithm 1, INPO Algorithm 1, OSP Algorithm 1):
+  1. generate  K responses per training prompt from pi_t (nash_fast.generate: vLLM on a GPU when
+               installed, Hugging Face otherwise; one seed per sample)       -> iter_t/responses.jsonl
+  2. judge     the comparisons the method's rule asks for (nash_fast.build plans; P(a > b | x) from
+               nash_fast.judges)                                              -> iter_t/judgments.jsonl
+  3. build     the method's training records (nash_fast.build.build_records) -> iter_t/dataset.jsonl
+  4. train     pi_{t+1} with nash_fast.train on that dataset, initialised from pi_t
+               sppo: reference pi_t (eq. 4.7, win rates as targets)
+               inpo: reference pi_ref = pi_1, previous iterate pi_t, both precomputed (eq. 8)
+               osp:  SPCE with reference pi_1 (OSP eq. 9)                     -> iter_t/train/final/
+  5. evaluate  one response per held-out prompt from pi_{t+1} (same seed per prompt for every policy);
+               win rate of pi_{t+1} against pi_t and against pi_1 under the judge, mean response length
+                                                                              -> eval/policy_{t+1}.jsonl
+Every stage writes its artifact atomically and then marks itself done in iter_t/manifest.json with its
+wall time and statistics; a rerun with the same --output-dir skips finished stages (a crash in
+iteration 2's training redoes neither generation nor judging; the trainer itself resumes from its last
+checkpoint in iter_t/train/). OUTPUT/report.json, report.md and report.svg (a plot of win rates,
+response length and stage times) are rewritten after every iteration. A rerun whose options differ from
+the stored run's (OUTPUT/selfplay_config.json) in anything but --iterations and execution details is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from nash_fast import build as build_rules
+
+METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "osp": "spce"}
+PAIR_LOSSES = ("inpo", "ipo", "dpo", "spce")
+# Options that may change between a run and its resumption (execution details, or extending the run).
+RESUMABLE_CHANGES = ("iterations", "backend", "tensor_parallel_size", "generation_batch_size", "judge_batch_size",
+                     "train_launcher", "progress_bar")
+
+
+def _opt(default, help, **extra):
+    return field(default=default, metadata=dict(help=help, **extra))
+
+
+@dataclass
+class SelfPlayConfig:
+    # ---------------------------------------------------------------- policy and prompts
+    model: str = _opt("tiny", "Initial policy pi_1: hub name, local directory, or 'tiny' (the project's random-init "
+                      "tiny Llama, saved to OUTPUT/policy_1).")
+    prompts: str = _opt("tiny", "Prompts: a .jsonl/.json/.parquet file with a 'prompt' column, or 'tiny' for the "
+                        "shipped nash_fast/data/files/prompts.jsonl.")
+    prompt_column: str = _opt("prompt", "Column holding the prompt text.")
+    num_prompts: int | None = _opt(None, "Training prompts per iteration, taken in file order after the held-out ones "
+                                   "are set aside (default: all; 24 for --prompts tiny).")
+    eval_prompts: int = _opt(8, "Held-out prompts (the last ones of the file) for the per-iteration win rates.")
+    # ---------------------------------------------------------------- method
+    method: str = _opt("sppo", "Dataset rule: sppo (K x K win rates), inpo (O(K) tournament), osp (ranked pairing).",
+                       choices=tuple(METHOD_LOSS))
+    loss: str | None = _opt(None, "Training loss (default: sppo -> sppo, inpo -> inpo, osp -> spce). The pair "
+                            "rules also train ipo/dpo (iterative IPO/DPO baselines).",
+                            choices=("sppo", "inpo", "ipo", "dpo", "spce"))
+    sppo_mode: str = _opt("best_worst", "SPPO records: best_worst (the best and worst response with their win "
+                          "rates, eq. 4.7), pair (chosen/rejected with P(best > worst), eq. 4.8), all (every "
+                          "response with its win rate).", choices=("best_worst", "pair", "all"))
+    iterations: int | None = _opt(None, "Self-play iterations (default 3; 2 for --model tiny).")
+    eta: float | None = _opt(None, "SPPO's eta (trainer default 10) or INPO's eta (default 1).")
+    tau: float | None = _opt(None, "INPO's KL weight to pi_ref, 0 <= tau < eta (default 0.1).")
+    beta: float | None = _opt(None, "beta of spce/ipo/dpo (trainer default 0.1).")
+    # ---------------------------------------------------------------- generation
+    num_samples: int = _opt(4, "K: responses per prompt (>= 2).")
+    temperature: float = _opt(1.0, "Sampling temperature (SPPO: 1.0).")
+    top_p: float = _opt(1.0, "Nucleus sampling mass (SPPO: 1.0).")
+    max_new_tokens: int | None = _opt(None, "Longest response in tokens (default 512; 24 for --model tiny).")
+    chat_template: str = _opt("auto", "Render prompts with the tokenizer's chat template: auto, on, off.",
+                              choices=("auto", "on", "off"))
+    backend: str = _opt("auto", "Generation backend: auto (vLLM on a GPU when installed), hf, vllm.",
+                        choices=("auto", "hf", "vllm"))
+    tensor_parallel_size: int = _opt(1, "vLLM tensor parallelism (GPUs per generation engine).")
+    generation_batch_size: int = _opt(16, "Hugging Face backend: sequences sampled together.")
+    # ---------------------------------------------------------------- judge
+    judge: str = _opt("offline", "Preference oracle: offline | self (OSP: pi_1 judges with its A/B logits) | "
+                      "pairwise:PATH | reward:PATH | callable:package.module:function.")
+    judge_batch_size: int = _opt(8, "Judge forward batch size (LM judges).")
+    # ---------------------------------------------------------------- training
+    lr: float | None = _opt(None, "Learning rate (default 5e-7 as in SPPO; 5e-4 for --model tiny).")
+    num_epochs: float | None = _opt(None, "Epochs over each iteration's dataset (default 1; 4 for --model tiny).")
+    max_tokens: int = _opt(1024, "Token budget of a packed micro-batch.")
+    train_args: str = _opt("", "Extra nash_fast.train flags, e.g. '--zero-stage 2 --bf16 --grad-accum 4' "
+                           "(they override the ones self-play sets).")
+    train_launcher: str = _opt("", "Run training in a subprocess with this prefix, e.g. 'deepspeed --num_gpus 8 "
+                               "--module' or 'torchrun --nproc-per-node 8 -m' (default: in this process).")
+    # ---------------------------------------------------------------- run
+    seed: int = _opt(0, "Seed of model init (tiny), sampling and training.")
+    output_dir: str = _opt("outputs/selfplay", "Run directory: iter_1/, iter_2/, ..., eval/, report.*")
+    progress_bar: bool = _opt(False, "Show the trainer's progress bar.")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def tiny(self) -> bool:
+        return self.model == "tiny"
+
+    def resolved(self, name: str):
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        loss = self.loss or METHOD_LOSS[self.method]
+        defaults = {
+            "iterations": 2 if self.tiny else 3,
+            "max_new_tokens": 24 if self.tiny else 512,
+            "lr": 5e-4 if self.tiny else 5e-7,
+            "num_epochs": 4.0 if self.tiny else 1.0,
+            "num_prompts": 24 if self.prompts == "tiny" else None,
+            "loss": loss,
+            "eta": 1.0 if loss == "inpo" else None,
+            "tau": 0.1 if loss == "inpo" else None,
+        }
+        return defaults.get(name)
+
+    def validate(self) -> "SelfPlayConfig":
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
+        if self.num_samples < 2:
+            raise ValueError(f"--num-samples (K) must be >= 2: the dataset rules compare responses; got {self.num_samples}")
+        for name in ("iterations", "num_prompts", "max_new_tokens", "eval_prompts", "max_tokens", "tensor_parallel_size",
+                     "generation_batch_size", "judge_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        loss = self.resolved("loss")
+        if self.method == "sppo" and loss != "sppo" and self.sppo_mode != "pair":
+            raise ValueError(f"--loss {loss} needs pairs: use --sppo-mode pair with --method sppo")
+        if self.method != "sppo" and loss == "sppo":
+            raise ValueError(f"--loss sppo needs win rates: use --method sppo (got --method {self.method})")
+        return self
+
+
+# =============================================================================================== small io
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    from nash_fast.data import load_jsonl
+
+    return load_jsonl(path)
+
+
+def load_prompts(cfg: SelfPlayConfig) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts): the last --eval-prompts rows are held out."""
+    if cfg.prompts == "tiny":
+        from nash_fast.data import load_tiny_prompts
+
+        rows = load_tiny_prompts()
+    else:
+        path = Path(cfg.prompts)
+        if not path.is_file():
+            raise ValueError(f"--prompts: no such file {cfg.prompts!r}")
+        if path.suffix == ".jsonl":
+            rows = read_jsonl(path)
+        elif path.suffix == ".json":
+            rows = json.loads(path.read_text())
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        else:
+            raise ValueError(f"--prompts {cfg.prompts}: unsupported file type (use .jsonl, .json or .parquet)")
+    prompts = []
+    for index, row in enumerate(rows):
+        value = row.get(cfg.prompt_column) if isinstance(row, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"--prompts {cfg.prompts}: row {index}: column {cfg.prompt_column!r} must be a non-empty "
+                             f"string, got {value!r:.60}")
+        prompts.append(value)
+    if len(prompts) <= cfg.eval_prompts:
+        raise ValueError(f"--prompts has {len(prompts)} prompts; --eval-prompts {cfg.eval_prompts} leaves none to train on")
+    held_out = prompts[len(prompts) - cfg.eval_prompts:]
+    train = prompts[: len(prompts) - cfg.eval_prompts]
+    num = cfg.resolved("num_prompts")
+    return (train[:num] if num else train), held_out
+
+
+# =============================================================================================== stages
+
+
+class Run:
+    """Paths, manifests and shared objects of one self-play run."""
+
+    def __init__(self, cfg: SelfPlayConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.output_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "eval").mkdir(exist_ok=True)
+        self._judge = None
+        self._tokenizer = None
+
+    def iter_dir(self, t: int) -> Path:
+        path = self.root / f"iter_{t}"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def manifest_path(self, t: int) -> Path:
+        return self.iter_dir(t) / "manifest.json"
+
+    def manifest(self, t: int) -> dict:
+        path = self.manifest_path(t)
+        if path.is_file():
+            return json.loads(path.read_text())
+        return {"iteration": t, "stages": {}}
+
+    def stage_done(self, t: int, stage: str) -> bool:
+        entry = self.manifest(t)["stages"].get(stage)
+        return bool(entry and entry.get("done") and (self.iter_dir(t) / entry["artifact"]).exists())
+
+    def mark_done(self, t: int, stage: str, artifact: str, seconds: float, **stats) -> None:
+        manifest = self.manifest(t)
+        manifest["stages"][stage] = {"done": True, "artifact": artifact, "seconds": round(seconds, 3), **stats}
+        write_json_atomic(self.manifest_path(t), manifest)
+
+    def policy(self, t: int) -> str:
+        """Path (or hub name) of pi_t."""
+        if t == 1:
+            return str(self.root / "policy_1") if self.cfg.tiny else self.cfg.model
+        return str(self.iter_dir(t - 1) / "train" / "final")
+
+    def judge(self):
+        if self._judge is None:
+            from nash_fast.judges import load_judge
+
+            device = "cuda" if _cuda() else None
+            self._judge = load_judge(self.cfg.judge, policy=self.policy(1), device=device,
+                                     batch_size=self.cfg.judge_batch_size)
+        return self._judge
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.policy(1))
+        return self._tokenizer
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def prepare_initial_policy(run: Run) -> None:
+    """--model tiny: save the seeded random-init tiny model and its tokenizer as OUTPUT/policy_1."""
+    if not run.cfg.tiny:
+        return
+    target = run.root / "policy_1"
+    if (target / "config.json").is_file():
+        return
+    from nash_fast.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer), seed=run.cfg.seed)
+    tmp = run.root / ".tmp-policy_1"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+def sample(run: Run, policy: str, prompts: list[str], *, num_samples: int, seed: int) -> list[list[str]]:
+    from nash_fast.generate import generate_responses
+
+    cfg = run.cfg
+    return generate_responses(
+        policy, prompts, num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+        max_new_tokens=cfg.resolved("max_new_tokens"), seed=seed, backend=cfg.backend,
+        use_chat_template={"auto": None, "on": True, "off": False}[cfg.chat_template],
+        tensor_parallel_size=cfg.tensor_parallel_size, batch_size=cfg.generation_batch_size)
+
+
+def stage_generate(run: Run, t: int, prompts: list[str]) -> dict:
+    groups = sample(run, run.policy(t), prompts, num_samples=run.cfg.num_samples, seed=run.cfg.seed + 1000 * t)
+    write_jsonl_atomic(run.iter_dir(t) / "responses.jsonl",
+                       [{"prompt": p, "responses": g} for p, g in zip(prompts, groups)])
+    flat = [r for g in groups for r in g]
+    return {"responses": len(flat), "empty_responses": sum(build_rules.is_empty(r) for r in flat),
+            "mean_response_tokens": mean_tokens(run, flat)}
+
+
+def stage_judge(run: Run, t: int) -> dict:
+    rows = read_jsonl(run.iter_dir(t) / "responses.jsonl")
+    judge = run.judge()
+    calls = {"queries": 0}
+
+    def counted(prompts, first, second):
+        calls["queries"] += len(prompts)
+        return judge(prompts, first, second)
+
+    judgments = build_rules.judge_groups(counted, run.cfg.method, [r["prompt"] for r in rows],
+                                         [r["responses"] for r in rows])
+    write_jsonl_atomic(run.iter_dir(t) / "judgments.jsonl", judgments)
+    return {"judge_queries": calls["queries"]}
+
+
+def stage_build(run: Run, t: int) -> dict:
+    judgments = read_jsonl(run.iter_dir(t) / "judgments.jsonl")
+    records, stats = build_records(run.cfg.method, judgments, sppo_mode=run.cfg.sppo_mode)
+    if not records:
+        raise RuntimeError(f"iteration {t}: the {run.cfg.method} rule kept no training record from "
+                           f"{stats['prompts']} prompts (skipped: {stats['skipped']}); more prompts or a larger "
+                           "--num-samples may help")
+    write_jsonl_atomic(run.iter_dir(t) / "dataset.jsonl", records)
+    return {"records": stats["records"], "skipped": stats["skipped"]}
+
+
+def build_records(method: str, judgments, *, sppo_mode: str):
+    """build.build_records, with SPPO's best_worst written as a 2-response group so that the trainer
+    applies eq. 4.7 to each with its own estimated win rate P(y > pi_t) (as SPPO's Algorithm 1 does);
+    sppo_mode='pair' keeps the pair form (eq. 4.8 with P(best > worst))."""
+    if method != "sppo" or sppo_mode == "all":
+        return build_rules.build_records(method, judgments, sppo_mode=sppo_mode)
+    records, stats = build_rules.build_records(method, judgments, sppo_mode="best_worst")
+    if sppo_mode == "best_worst":
+        records = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]],
+                    "winrates": [r["chosen_winrate"], r["rejected_winrate"]]} for r in records]
+    return records, stats
+
+
+def train_arguments(run: Run, t: int) -> list[str]:
+    cfg, loss = run.cfg, run.cfg.resolved("loss")
+    args = ["--model", run.policy(t), "--dataset", str(run.iter_dir(t) / "dataset.jsonl"), "--loss", loss,
+            "--output-dir", str(run.iter_dir(t) / "train"), "--lr", repr(cfg.resolved("lr")),
+            "--num-epochs", repr(cfg.resolved("num_epochs")), "--max-tokens", str(cfg.max_tokens),
+            "--seed", str(cfg.seed + t), "--chat-template", cfg.chat_template,
+            "--progress-bar", str(cfg.progress_bar).lower(), "--save-steps", "50"]
+    if loss == "sppo":
+        pass  # reference = the initial policy of this run of the trainer = pi_t
+    elif loss == "inpo":
+        args += ["--ref-model", run.policy(1)]
+        if t > 1:
+            args += ["--prev-model", run.policy(t)]  # pi_t (t = 1: pi_1 = pi_ref, the trainer's default)
+    else:  # spce (OSP normalises by pi_SFT = pi_1), ipo, dpo: reference pi_1
+        args += ["--ref-model", run.policy(1)]
+    for name in ("eta", "tau", "beta"):
+        value = cfg.resolved(name)
+        if value is not None:
+            args += [f"--{name}", repr(value)]
+    return args + shlex.split(cfg.train_args)
+
+
+def run_training(run: Run, argv: list[str]) -> None:
+    """nash_fast.train in this process, or under --train-launcher in a subprocess."""
+    if run.cfg.train_launcher:
+        command = shlex.split(run.cfg.train_launcher) + ["nash_fast.train"] + argv
+        subprocess.run(command, check=True)
+        return
+    from nash_fast.config import parse_config
+    from nash_fast.train import train
+
+    train(parse_config(argv))
+
+
+def stage_train(run: Run, t: int) -> dict:
+    argv = train_arguments(run, t)
+    run_training(run, argv)
+    final = run.iter_dir(t) / "train" / "final"
+    if not (final / "config.json").is_file():
+        raise RuntimeError(f"iteration {t}: training finished without a model in {final}")
+    metrics = run.iter_dir(t) / "train" / "metrics.jsonl"
+    last = read_jsonl(metrics)[-1] if metrics.is_file() and metrics.stat().st_size else {}
+    return {"train_args": argv, "steps": last.get("step"), "last_loss": last.get("loss")}
+
+
+def eval_responses(run: Run, t: int, held_out: list[str]) -> list[str]:
+    """pi_t's response to each held-out prompt (cached in eval/policy_t.jsonl); every policy uses the
+    same per-prompt seeds, so the comparison is paired."""
+    path = run.root / "eval" / f"policy_{t}.jsonl"
+    if path.is_file():
+        rows = read_jsonl(path)
+        if [r["prompt"] for r in rows] == held_out:
+            return [r["response"] for r in rows]
+    groups = sample(run, run.policy(t), held_out, num_samples=1, seed=run.cfg.seed + 999_983)
+    responses = [g[0] for g in groups]
+    write_jsonl_atomic(path, [{"prompt": p, "response": r} for p, r in zip(held_out, responses)])
+    return responses
+
+
+def stage_evaluate(run: Run, t: int, held_out: list[str]) -> dict:
+    new = eval_responses(run, t + 1, held_out)
+    previous = eval_responses(run, t, held_out)
+    initial = eval_responses(run, 1, held_out)
+    judge = run.judge()
+    vs_previous = float(judge(held_out, new, previous).mean())
+    vs_initial = float(judge(held_out, new, initial).mean())
+    stats = {"win_rate_vs_previous": vs_previous, "win_rate_vs_initial": vs_initial,
+             "mean_response_tokens": mean_tokens(run, new), "policy": run.policy(t + 1)}
+    write_json_atomic(run.iter_dir(t) / "evaluation.json", stats)
+    return stats
+
+
+def mean_tokens(run: Run, responses: Sequence[str]) -> float:
+    tokenizer = run.tokenizer()
+    if not responses:
+        return 0.0
+    return sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses) / len(responses)
+
+
+STAGES = ("generate", "judge", "build", "train", "evaluate")
+ARTIFACTS = {"generate": "responses.jsonl", "judge": "judgments.jsonl", "build": "dataset.jsonl",
+             "train": "train/final", "evaluate": "evaluation.json"}
+
+
+# =============================================================================================== report
+
+
+def report_rows(run: Run, iterations: int) -> list[dict]:
+    rows = []
+    for t in range(1, iterations + 1):
+        if not run.manifest_path(t).is_file():
+            break
+        stages = run.manifest(t)["stages"]
+        evaluation = stages.get("evaluate", {})
+        rows.append({
+            "iteration": t,
+            "win_rate_vs_previous": evaluation.get("win_rate_vs_previous"),
+            "win_rate_vs_initial": evaluation.get("win_rate_vs_initial"),
+            "mean_response_tokens": evaluation.get("mean_response_tokens"),
+            "generated_response_tokens": stages.get("generate", {}).get("mean_response_tokens"),
+            "records": stages.get("build", {}).get("records"),
+            "skipped": stages.get("build", {}).get("skipped"),
+            "judge_queries": stages.get("judge", {}).get("judge_queries"),
+            "seconds": {s: stages[s]["seconds"] for s in STAGES if s in stages},
+        })
+    return rows
+
+
+def write_report(run: Run, iterations: int) -> list[dict]:
+    rows = report_rows(run, iterations)
+    write_json_atomic(run.root / "report.json", rows)
+    fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| iter | win vs pi_t | win vs pi_1 | mean tokens | records | " + " | ".join(f"{s} s" for s in STAGES) + " |",
+             "|" + "---|" * (5 + len(STAGES))]
+    for r in rows:
+        lines.append(f"| {r['iteration']} | {fmt(r['win_rate_vs_previous'])} | {fmt(r['win_rate_vs_initial'])} | "
+                     f"{fmt(r['mean_response_tokens'], '.1f')} | {r['records'] if r['records'] is not None else '-'} | "
+                     + " | ".join(fmt(r["seconds"].get(s), ".1f") for s in STAGES) + " |")
+    (run.root / "report.md").write_text("\n".join(lines) + "\n")
+    (run.root / "report.svg").write_text(svg_report(rows))
+    return rows
+
+
+def _svg_panel(x0: float, title: str, xs: list[int], series: dict[str, list], colors: list[str],
+               y_range: tuple[float, float] | None = None, reference: float | None = None) -> str:
+    width, height, pad = 300.0, 220.0, 40.0
+    values = [v for ys in series.values() for v in ys if v is not None] + ([reference] if reference is not None else [])
+    lo, hi = y_range if y_range else (min(values, default=0.0), max(values, default=1.0))
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    x_lo, x_hi = min(xs, default=1), max(max(xs, default=1), min(xs, default=1) + 1)
+    px = lambda x: x0 + pad + (x - x_lo) / (x_hi - x_lo) * (width - 2 * pad)  # noqa: E731
+    py = lambda y: height - pad - (y - lo) / (hi - lo) * (height - 2 * pad)  # noqa: E731
+    out = [f'<text x="{x0 + width / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>',
+           f'<line x1="{x0 + pad}" y1="{height - pad}" x2="{x0 + width - pad}" y2="{height - pad}" stroke="black"/>',
+           f'<line x1="{x0 + pad}" y1="{pad}" x2="{x0 + pad}" y2="{height - pad}" stroke="black"/>',
+           f'<text x="{x0 + pad - 4}" y="{py(lo) + 4}" text-anchor="end" font-size="10">{lo:.3g}</text>',
+           f'<text x="{x0 + pad - 4}" y="{py(hi) + 4}" text-anchor="end" font-size="10">{hi:.3g}</text>',
+           f'<text x="{x0 + width / 2}" y="{height - 8}" text-anchor="middle" font-size="11">iteration</text>']
+    for x in xs:
+        out.append(f'<text x="{px(x)}" y="{height - pad + 14}" text-anchor="middle" font-size="10">{x}</text>')
+    if reference is not None:
+        out.append(f'<line x1="{x0 + pad}" y1="{py(reference)}" x2="{x0 + width - pad}" y2="{py(reference)}" '
+                   'stroke="gray" stroke-dasharray="4 3"/>')
+    for k, ((name, ys), color) in enumerate(zip(series.items(), colors)):
+        points = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None]
+        if points:
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
+                       + " ".join(f"{a:.1f},{b:.1f}" for a, b in points) + '"/>')
+            out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in points]
+        out.append(f'<text x="{x0 + pad + 6}" y="{pad + 12 * k + 2}" font-size="10" fill="{color}">{name}</text>')
+    return "\n".join(out)
+
+
+def svg_report(rows: list[dict]) -> str:
+    """Three panels: win rates of pi_{t+1} (vs pi_t, vs pi_1), mean response tokens, seconds per stage."""
+    xs = [r["iteration"] for r in rows]
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    panels = [
+        _svg_panel(0, "win rate of pi_{t+1}", xs, {"vs pi_t": [r["win_rate_vs_previous"] for r in rows],
+                                                   "vs pi_1": [r["win_rate_vs_initial"] for r in rows]},
+                   colors, y_range=(0.0, 1.0), reference=0.5),
+        _svg_panel(300, "mean response tokens", xs, {"pi_{t+1} held-out": [r["mean_response_tokens"] for r in rows],
+                                                     "pi_t samples": [r["generated_response_tokens"] for r in rows]},
+                   colors),
+        _svg_panel(600, "seconds per stage", xs, {s: [r["seconds"].get(s) for r in rows] for s in STAGES}, colors),
+    ]
+    return ('<svg xmlns="http://www.w3.org/2000/svg" width="900" height="220" font-family="sans-serif">\n'
+            '<rect width="900" height="220" fill="white"/>\n' + "\n".join(panels) + "\n</svg>\n")
+
+
+# =============================================================================================== loop
+
+
+def check_stored_config(run: Run) -> None:
+    """Refuse to resume a run directory with different options (a stage's artifact would not match)."""
+    path = run.root / "selfplay_config.json"
+    current = dataclasses.asdict(run.cfg)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        changed = [k for k in current if k not in RESUMABLE_CHANGES and k != "output_dir" and stored.get(k) != current[k]]
+        if changed:
+            details = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise ValueError(f"--output-dir {run.root} holds a self-play run with other options ({details}); "
+                             "use a new --output-dir or the stored options")
+    write_json_atomic(path, current)
+
+
+def log(message: str) -> None:
+    print(f"[selfplay] {message}", flush=True)
+
+
+def selfplay(cfg: SelfPlayConfig) -> list[dict]:
+    """Run (or resume) all iterations; returns the report rows."""
+    cfg.validate()
+    run = Run(cfg)
+    check_stored_config(run)
+    train_prompts, held_out = load_prompts(cfg)
+    prepare_initial_policy(run)
+    iterations = cfg.resolved("iterations")
+    log(f"{iterations} iterations of {cfg.method} (loss {cfg.resolved('loss')}), K={cfg.num_samples}, "
+        f"{len(train_prompts)} training and {len(held_out)} held-out prompts, judge {cfg.judge}, output {run.root}")
+    for t in range(1, iterations + 1):
+        for stage in STAGES:
+            if run.stage_done(t, stage):
+                continue
+            start = time.perf_counter()
+            if stage == "generate":
+                stats = stage_generate(run, t, train_prompts)
+            elif stage == "judge":
+                stats = stage_judge(run, t)
+            elif stage == "build":
+                stats = stage_build(run, t)
+            elif stage == "train":
+                stats = stage_train(run, t)
+            else:
+                stats = stage_evaluate(run, t, held_out)
+            seconds = time.perf_counter() - start
+            run.mark_done(t, stage, ARTIFACTS[stage], seconds, **stats)
+            shown = {k: v for k, v in stats.items() if k not in ("train_args", "policy")}
+            log(f"iteration {t} {stage}: {seconds:.1f}s {json.dumps(shown)}")
+        write_report(run, iterations)
+    rows = write_report(run, iterations)
+    log(f"done; report: {run.root / 'report.md'} (plot {run.root / 'report.svg'}), "
+        f"final policy: {run.policy(iterations + 1)}")
+    print((run.root / "report.md").read_text(), flush=True)
+    return rows
+
+
+# =============================================================================================== cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nash_fast.selfplay", description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(SelfPlayConfig):
+        help_text = f.metadata["help"]
+        if "default" not in help_text.lower():
+            help_text += f" (default: {f.default!r})"
+        base = str(f.type).split("|")[0].strip()
+        convert = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes", "on")}[base]
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=convert, default=f.default,
+                            choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    selfplay(SelfPlayConfig(**vars(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
