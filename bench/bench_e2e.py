@@ -182,7 +182,8 @@ def run(args, device, dtype, log, peak_tflops: float, deadline, methods):
     n_scored = int((padded["labels"] != IGNORE_INDEX).sum())
     pad_frac = 1 - real_tokens / (2 * P * T_max)
     base.update(N=real_tokens, n_scored=n_scored, n_seqs=2 * P,
-                notes=f"{P} pairs; padded layout {2 * P}x{T_max} ({pad_frac:.0%} padding)")
+                notes=f"{P} pairs; padded layout {2 * P}x{T_max} ({pad_frac:.0%} padding); "
+                      f"attention {getattr(model.config, '_attn_implementation', '?')}")
     params = [p for p in model.parameters() if p.requires_grad]
 
     reference_lp = None

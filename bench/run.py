@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     import bench_loss
     import methods as M
     from common import (
-        N_TOKENS, QUICK_N_TOKENS, QUICK_SHAPES, SHAPES, CsvLog, Deadline, dtype_from_name, environment,
+        N_TOKENS, QUICK_DEFAULT_SHAPES, QUICK_N_TOKENS, QUICK_SHAPES, SHAPES, CsvLog, Deadline, dtype_from_name, environment,
         matmul_peak_tflops,
     )
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         if g not in GROUPS:
             raise SystemExit(f"--only: unknown group {g!r}; choose from {GROUPS}")
     table = QUICK_SHAPES if args.quick else SHAPES
-    names = _split(args.shapes) or list(table)
+    names = _split(args.shapes) or list(QUICK_DEFAULT_SHAPES if args.quick else table)
     for name in names:
         if name not in table:
             raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {list(table)}")

@@ -1,0 +1,174 @@
+"""Smoke test of the benchmark harness (bench/): `python bench/run.py --device cpu --quick --out DIR`
+runs every group on tiny shapes and writes well-formed CSV rows; no timing is asserted.
+
+On CPU the harness sets TRITON_INTERPRET=1, so our Triton rows run under the interpreter. Peers
+that are not installed (Liger-Kernel, cut-cross-entropy) or cannot run on CPU must appear as
+skipped rows with a reason. The float64 reference the harness scores everything against is
+checked here against autograd through fully materialized float64 logits.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+REQUIRED_COLUMNS = {
+    "run_id", "date", "device", "gpu", "torch", "triton", "liger_kernel", "cut_cross_entropy",
+    "group", "method", "mode", "shape", "H", "V", "N", "n_scored", "n_seqs", "dtype", "status", "reason",
+    "ms_median", "ms_p20", "ms_p80", "tflops", "peak_fraction", "matmul_peak_tflops", "mem_peak_gib",
+    "err_out_abs", "err_out_rel", "err_grad_hidden_rel", "err_grad_weight_rel", "tokens_per_s",
+}
+LOGPROB_METHODS = {"naive", "compile", "liger", "cce", "cce_exact", "ours_triton", "ours_torch"}
+MUST_RUN_ON_CPU = {"naive", "compile", "ours_triton", "ours_torch"}
+LOSS_METHODS = {"ours_sppo", "ours_inpo", "ours_ipo", "trl_sppo", "trl_inpo", "trl_ipo", "liger_dpo", "liger_sppo_hard"}
+E2E_METHODS = {"padded_materialized", "padded_fused", "packed_fused"}
+
+
+def _read(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _num(row: dict, key: str) -> float:
+    value = float(row[key])
+    assert math.isfinite(value), f"{key} = {row[key]!r} in {row['method']}/{row['mode']}"
+    return value
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--device", "cpu", "--quick", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _check_common(rows, group):
+    assert rows, f"{group}.csv has no rows"
+    for row in rows:
+        assert row["group"] == group
+        assert row["status"] in ("ok", "skipped"), f"{row['method']}/{row['mode']}: {row['status']} {row['reason']}"
+        if row["status"] == "skipped":
+            assert row["reason"].strip(), f"{row['method']} skipped without a reason"
+        else:
+            ms, p20, p80 = _num(row, "ms_median"), _num(row, "ms_p20"), _num(row, "ms_p80")
+            assert 0 < p20 <= ms <= p80
+            assert row["device"] == "cpu" and row["torch"] == torch.__version__
+
+
+def test_logprobs_rows(quick_run):
+    header, rows = _read(quick_run / "logprobs.csv")
+    assert REQUIRED_COLUMNS <= set(header)
+    _check_common(rows, "logprobs")
+    seen = {(r["method"], r["mode"]) for r in rows}
+    assert seen == {(m, mode) for m in LOGPROB_METHODS for mode in ("fwd", "fwd_bwd", "fwd_only")}
+    assert len(rows) == len(seen)  # one shape, one N at --quick
+    for row in rows:
+        if row["method"] in MUST_RUN_ON_CPU:
+            assert row["status"] == "ok", f"{row['method']}/{row['mode']}: {row['reason']}"
+        if row["status"] != "ok":
+            continue
+        # The roofline bookkeeping: TFLOP/s = (2 or 8) n_scored H V / time, fraction of the measured peak.
+        n, H, V = int(row["n_scored"]), int(row["H"]), int(row["V"])
+        assert 0 < n < int(row["N"])  # prompt tokens and each sequence's last token are ignored
+        factor = 8 if row["mode"] == "fwd_bwd" else 2
+        tflops = factor * n * H * V / (_num(row, "ms_median") * 1e-3) / 1e12
+        assert _num(row, "tflops") == pytest.approx(tflops, rel=1e-3)
+        assert _num(row, "peak_fraction") == pytest.approx(tflops / _num(row, "matmul_peak_tflops"), rel=1e-3)
+        # bf16 inputs against the float64 reference of the same inputs: per-sequence log-probs to
+        # bf16 rounding of the logits (relative to the largest |log-prob|), gradients to a few %.
+        assert _num(row, "err_out_rel") < 1e-2
+        if row["mode"] == "fwd_bwd":
+            assert _num(row, "err_grad_hidden_rel") < 5e-2
+            assert _num(row, "err_grad_weight_rel") < 5e-2
+    # cut-cross-entropy cannot run on CPU: it must be reported, with why.
+    for row in rows:
+        if row["method"].startswith("cce"):
+            assert row["status"] == "skipped" and "cut-cross-entropy" in row["reason"]
+
+
+def test_loss_rows(quick_run):
+    header, rows = _read(quick_run / "loss.csv")
+    assert REQUIRED_COLUMNS <= set(header)
+    _check_common(rows, "loss")
+    assert {r["method"] for r in rows} == LOSS_METHODS
+    for row in rows:
+        if row["method"].startswith(("ours_", "trl_")):
+            assert row["status"] == "ok", f"{row['method']}: {row['reason']}"
+        if row["status"] == "ok":
+            assert _num(row, "err_grad_hidden_rel") < 5e-2 and _num(row, "err_grad_weight_rel") < 5e-2
+            # The loss itself: squared losses of differences of log-probs amplify bf16 rounding,
+            # so only a loose bound (INPO's small loss values are the worst case).
+            assert _num(row, "err_out_rel") < 0.2
+    # ours and the materialized TRL path compute the same loss from the same inputs.
+    by_method = {r["method"]: r for r in rows}
+    for kind in ("sppo", "inpo", "ipo"):
+        ours, trl = by_method[f"ours_{kind}"], by_method[f"trl_{kind}"]
+        assert abs(_num(ours, "err_out_abs") - _num(trl, "err_out_abs")) <= 1e-2 * (1 + _num(trl, "err_out_abs"))
+
+
+def test_e2e_rows(quick_run):
+    header, rows = _read(quick_run / "e2e.csv")
+    assert REQUIRED_COLUMNS <= set(header)
+    _check_common(rows, "e2e")
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == E2E_METHODS
+    assert by_method["padded_materialized"]["status"] == "ok"
+    assert by_method["padded_fused"]["status"] == "ok"
+    for name in ("padded_fused", "packed_fused"):
+        row = by_method[name]
+        if row["status"] == "ok":
+            assert _num(row, "tokens_per_s") > 0
+            # The same per-sequence log-probs as the padded, materialized baseline (bf16 model: attention and kernel rounding only).
+            assert _num(row, "err_out_rel") < 2e-2
+
+
+def test_markdown_table(quick_run):
+    proc = subprocess.run([sys.executable, str(BENCH / "plot.py"), "--markdown", "--results", str(quick_run)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "| method |" in text and "ours_triton" in text and "skipped" in text
+
+
+def test_reference_matches_autograd():
+    """The chunked float64 reference (log-probs and gradients, with soft-cap) equals autograd through
+    fully materialized float64 logits."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import IGNORE_INDEX, make_inputs, reference_logprobs
+    finally:
+        sys.path.remove(str(BENCH))
+    for softcap in (None, 5.0):
+        inp = make_inputs(70, 24, 53, softcap, torch.float32, torch.device("cpu"), seed=3)
+        g = torch.randn(inp.num_seqs, dtype=torch.float64)
+        lp, d_h, d_w = reference_logprobs(inp, g, max_elements=53 * 16)  # 16-token chunks
+        h = inp.hidden.double().requires_grad_(True)
+        w = inp.weight.double().requires_grad_(True)
+        z = h @ w.T
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        logp = torch.log_softmax(z, -1)
+        valid = inp.labels != IGNORE_INDEX
+        tok = logp.gather(1, inp.labels.clamp_min(0)[:, None]).squeeze(1) * valid
+        want = torch.zeros(inp.num_seqs, dtype=torch.float64).index_add(0, inp.seq_id, tok)
+        want_dh, want_dw = torch.autograd.grad((want * g).sum(), (h, w))
+        torch.testing.assert_close(lp, want, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(d_h.double(), want_dh, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d_w.double(), want_dw, rtol=1e-5, atol=1e-6)
+        assert 0 < inp.n_scored < 70 and inp.num_seqs >= 2
