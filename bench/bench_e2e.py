@@ -1,12 +1,17 @@
 """Group "e2e": one training step (backbone forward + backward through an SPPO loss) of a
 Qwen2-0.5B-like model (random init) on a batch of preference pairs with realistic lengths.
 
-  padded_materialized  the usual trainer: pairs padded to the longest sequence, model(...).logits
-                       over every position ([2P, T_max, V]), log_softmax in fp32, gather, sum
+  padded_materialized  the usual trainer (TRL): pairs padded to the longest sequence, model(...).logits
+                       over every position ([2P, T_max, V] bf16), TRL's selective_log_softmax (a bf16
+                       log_softmax row by row, gather), sum over the response tokens; sdpa attention
   padded_fused         the same padded batch, backbone only, then nash_fast.sequence_logprobs on the
                        [2P, T_max, H] hidden states (isolates the fused LM head)
   packed_fused         nash_fast.data.PackedPreferenceCollator (one row, no padding) and
-                       nash_fast.model.packed_sequence_logprobs (backbone + fused LM head)
+                       nash_fast.model.packed_sequence_logprobs (backbone + fused LM head), attention
+                       flash_attention_2 when flash-attn is installed, else sdpa with a dense
+                       block-diagonal mask (O(T^2): every query still visits every key block)
+  packed_fused_flex    the same with flex_attention (block-sparse: masked-out blocks are skipped;
+                       CUDA only: FlexAttention has no CPU backward)
 
 All three compute the same per-sequence log-probs and the same loss (SPPO pairwise, eq. 4.8, with
 precomputed reference log-probs and win rates); the optimizer step is left out (identical for all).
@@ -26,7 +31,7 @@ from common import (
     IGNORE_INDEX, PeakMemory, free_memory, is_oom, max_rel_err, set_repo_on_path, short_error, sync, time_call,
 )
 
-E2E_METHODS = ("padded_materialized", "padded_fused", "packed_fused")
+E2E_METHODS = ("padded_materialized", "padded_fused", "packed_fused", "packed_fused_flex")
 ETA = 10.0
 
 
@@ -105,7 +110,7 @@ def load(method: str, model):
                 return sequence_logprobs(hidden, head, pb["labels"])
 
             return fn, None
-        if method == "packed_fused":
+        if method.startswith("packed_fused"):
             from nash_fast.model import packed_sequence_logprobs
 
             def fn(b):
@@ -118,15 +123,47 @@ def load(method: str, model):
     raise ValueError(f"unknown e2e method {method!r}; choose from {E2E_METHODS}")
 
 
+def selective_log_softmax(logits, index):
+    """TRL's trl.trainer.utils.selective_log_softmax: log_softmax(logits).gather(index), row by row
+    for bf16/fp16 logits so that only one row's [T, V] log-softmax exists at a time."""
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
+        return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+    rows = []
+    for row_logits, row_labels in zip(logits, index):
+        row_logps = torch.log_softmax(row_logits, dim=-1)
+        rows.append(row_logps.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(rows)
+
+
 def _materialized(model):
     def fn(b):
         pb = b["padded"]
         logits = model(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"]).logits  # [2P, T, V]
-        logp = torch.log_softmax(logits.float(), dim=-1)
         labels = pb["labels"]
-        tok = logp.gather(2, labels.clamp_min(0)[..., None]).squeeze(2)
-        return torch.where(labels != IGNORE_INDEX, tok, torch.zeros_like(tok)).sum(1)
+        tok = selective_log_softmax(logits, labels.clamp_min(0))
+        return torch.where(labels != IGNORE_INDEX, tok, torch.zeros_like(tok)).float().sum(1)
     return fn
+
+
+def attention_for(method: str, device) -> tuple[str | None, str | None]:
+    """(attention implementation, None) for a method, or (None, reason it cannot run here)."""
+    import importlib.util
+
+    if method == "packed_fused_flex":
+        if device.type != "cuda":
+            return None, "flex_attention has no CPU backward (torch: 'FlexAttention does not support backward on CPU')"
+        return "flex_attention", None
+    if method == "packed_fused" and device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2", None
+    return "sdpa", None
+
+
+def _set_attention(model, implementation: str):
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:
+        model.config._attn_implementation = implementation
 
 
 def run(args, device, dtype, log, peak_tflops: float, deadline, methods):
@@ -153,6 +190,7 @@ def run(args, device, dtype, log, peak_tflops: float, deadline, methods):
             model = Qwen2ForCausalLM(cfg)
         model = model.to(dtype)
         model.train()
+        _set_attention(model, "sdpa")
     except Exception as exc:  # noqa: BLE001
         free_memory(device)
         return skip_all(f"model could not be built: {short_error(exc)}")
@@ -182,8 +220,7 @@ def run(args, device, dtype, log, peak_tflops: float, deadline, methods):
     n_scored = int((padded["labels"] != IGNORE_INDEX).sum())
     pad_frac = 1 - real_tokens / (2 * P * T_max)
     base.update(N=real_tokens, n_scored=n_scored, n_seqs=2 * P,
-                notes=f"{P} pairs; padded layout {2 * P}x{T_max} ({pad_frac:.0%} padding); "
-                      f"attention {getattr(model.config, '_attn_implementation', '?')}")
+                notes=f"{P} pairs; padded layout {2 * P}x{T_max} ({pad_frac:.0%} padding)")
     params = [p for p in model.parameters() if p.requires_grad]
 
     reference_lp = None
@@ -192,19 +229,23 @@ def run(args, device, dtype, log, peak_tflops: float, deadline, methods):
         if deadline.passed():
             log.write("e2e", status="skipped", reason=deadline.reason(), **row)
             continue
-        if method == "packed_fused" and collate_reason:
+        if method.startswith("packed") and collate_reason:
             log.write("e2e", status="skipped", reason=collate_reason, **row)
             continue
-        fn, reason = load(method, model)
+        attention, reason = attention_for(method, device)
+        if reason is None:
+            fn, reason = load(method, model)
         if reason is not None:
             log.write("e2e", status="skipped", reason=reason, **row)
             continue
+        row["notes"] = f"{base['notes']}; attention {attention}"
 
         def step():
             sppo_loss(fn(batches), ctx).backward()
 
         try:
-            step()  # warm-up
+            _set_attention(model, attention)
+            step()  # warm-up (flex_attention compiles here)
             for p in params:
                 p.grad = None
             sync(device)
@@ -236,6 +277,8 @@ def run(args, device, dtype, log, peak_tflops: float, deadline, methods):
             log.write("e2e", status="skipped" if oom else "error",
                       reason=("out of memory: " if oom else "") + short_error(exc), **row)
             continue
+        finally:
+            _set_attention(model, "sdpa")
         log.write("e2e", status="ok", ms_median=ms, ms_p20=p20, ms_p80=p80,
                   tokens_per_s=real_tokens / (ms * 1e-3), **row, **res)
         free_memory(device)

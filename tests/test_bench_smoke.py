@@ -31,7 +31,7 @@ REQUIRED_COLUMNS = {
 LOGPROB_METHODS = {"naive", "compile", "liger", "cce", "cce_exact", "ours_triton", "ours_torch"}
 MUST_RUN_ON_CPU = {"naive", "compile", "ours_triton", "ours_torch"}
 LOSS_METHODS = {"ours_sppo", "ours_inpo", "ours_ipo", "trl_sppo", "trl_inpo", "trl_ipo", "liger_dpo", "liger_sppo_hard"}
-E2E_METHODS = {"padded_materialized", "padded_fused", "packed_fused"}
+E2E_METHODS = {"padded_materialized", "padded_fused", "packed_fused", "packed_fused_flex"}
 
 
 def _read(path: Path) -> tuple[list[str], list[dict]]:
