@@ -13,12 +13,14 @@ Qwen2-0.5B-like model (random init) on a batch of preference pairs with realisti
   packed_fused_flex    the same with flex_attention (block-sparse: masked-out blocks are skipped;
                        CUDA only: FlexAttention has no CPU backward)
 
-All three compute the same per-sequence log-probs and the same loss (SPPO pairwise, eq. 4.8, with
+Every layer is activation-checkpointed (model.gradient_checkpointing_enable()) in all methods.
+All of them compute the same per-sequence log-probs and the same loss (SPPO pairwise, eq. 4.8, with
 precomputed reference log-probs and win rates); the optimizer step is left out (identical for all).
 tokens_per_s counts real tokens (prompt + response, no padding) per second of the step; peak memory
 is above the model's weights and the batch (it includes the parameter gradients). err_out_* compare
-each method's per-sequence log-probs with padded_materialized's in the same run (bf16 model: these
-measure kernel/attention rounding, not a bug unless large).
+each method's per-sequence log-probs with padded_materialized's in the same run, err_grad_weight_rel
+the gradient of the (tied) LM-head / embedding weight (bf16 model: these measure kernel, attention
+and bf16 log-softmax rounding, not a bug unless large).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import math
 import torch
 
 from common import (
-    IGNORE_INDEX, PeakMemory, free_memory, is_oom, max_rel_err, set_repo_on_path, short_error, sync, time_call,
+    IGNORE_INDEX, PeakMemory, free_memory, grad_rel_err, is_oom, max_rel_err, set_repo_on_path, short_error, sync, time_call,
 )
 
 E2E_METHODS = ("padded_materialized", "padded_fused", "packed_fused", "packed_fused_flex")
@@ -190,6 +192,10 @@ def run(args, device, dtype, log, peak_tflops: float, deadline, methods):
             model = Qwen2ForCausalLM(cfg)
         model = model.to(dtype)
         model.train()
+        # Activation checkpointing per layer, as preference trainers run 0.5B+ models: without it the
+        # padded baseline's activations alone (2-3x the real tokens) would not fit at this batch size.
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
         _set_attention(model, "sdpa")
     except Exception as exc:  # noqa: BLE001
         free_memory(device)
@@ -257,11 +263,16 @@ def run(args, device, dtype, log, peak_tflops: float, deadline, methods):
             lp = lp.detach().float()
             if not torch.isfinite(lp).all() or not torch.isfinite(loss):
                 raise RuntimeError("non-finite log-probs or loss")
+            head_grad = model.get_output_embeddings().weight.grad
+            if head_grad is None or not torch.isfinite(head_grad).all():
+                raise RuntimeError("the LM-head / embedding weight got no finite gradient")
             res = {"mem_peak_gib": mem.gib}
             if method == "padded_materialized":
-                reference_lp = lp
+                reference_lp, reference_grad = lp, head_grad.float().cpu()
             elif reference_lp is not None:
                 res["err_out_abs"], res["err_out_rel"] = max_rel_err(lp, reference_lp)
+                res["err_grad_weight_rel"] = grad_rel_err(head_grad.float().cpu(), reference_grad)
+            del head_grad
             del lp, loss
             for p in params:
                 p.grad = None
