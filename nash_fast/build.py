@@ -8,8 +8,11 @@ same plan from the recorded comparisons, so the dataset is a pure function of th
 
     sppo  (SPPO Algorithm 1 and Sec. 5): all K (K - 1) / 2 pairs -> the K x K matrix P;
           win rate  P(y_i > pi_t) ~ (1/K) sum_k P(y_i > y_k)  (P(y_i > y_i) = 1/2 included);
-          sppo_mode="best_worst": chosen / rejected = highest / lowest win rate (first index on ties),
-          with chosen_winrate, rejected_winrate and preference = P(chosen > rejected);
+          chosen / rejected = highest / lowest win rate (first index on ties), written as
+          sppo_mode="best_worst": {prompt, responses: [chosen, rejected], winrates: [theirs]}, so the
+              trainer applies eq. 4.7 to each with its own estimated P(y > pi_t) (Algorithm 1, line 6);
+          sppo_mode="pair": {prompt, chosen, rejected, chosen_winrate, rejected_winrate,
+              preference = P(chosen > rejected)} (the pairwise loss, eq. 4.8, reads `preference`);
           sppo_mode="all": every response with its win rate ({prompt, responses, winrates}).
     inpo  (INPO Sec. 4, after Dong et al. 2024): a tournament with O(K) comparisons: pair up
           (0, 1), (2, 3), ...; winners play winners and losers play losers until one best y_w and one
@@ -36,7 +39,7 @@ import numpy as np
 
 EMPTY = -1  # index of the blank baseline response in OSP's ranked pairing
 METHODS = ("sppo", "inpo", "osp")
-SPPO_MODES = ("best_worst", "all")
+SPPO_MODES = ("best_worst", "pair", "all")
 
 Plan = Generator[list, list, dict]
 
@@ -231,6 +234,13 @@ def build_records(method: str, judgments: Sequence[dict], *, sppo_mode: str = "b
             best, worst = int(np.argmax(winrates)), int(np.argmin(winrates))
             if best == worst:
                 skipped["all_win_rates_equal"] += 1
+                continue
+            if sppo_mode == "best_worst":
+                if is_empty(responses[best]) or is_empty(responses[worst]):
+                    skipped["empty_response"] += 1
+                    continue
+                records.append({"prompt": prompt, "responses": [responses[best], responses[worst]],
+                                "winrates": [float(winrates[best]), float(winrates[worst])]})
                 continue
             pair(prompt, responses[best], responses[worst], chosen_winrate=float(winrates[best]),
                  rejected_winrate=float(winrates[worst]), preference=float(selection["matrix"][best, worst]))

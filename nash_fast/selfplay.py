@@ -61,8 +61,8 @@ class SelfPlayConfig:
                         "shipped nash_fast/data/files/prompts.jsonl.")
     prompt_column: str = _opt("prompt", "Column holding the prompt text.")
     num_prompts: int | None = _opt(None, "Training prompts per iteration, taken in file order after the held-out ones "
-                                   "are set aside (default: all; 24 for --prompts tiny).")
-    eval_prompts: int = _opt(8, "Held-out prompts (the last ones of the file) for the per-iteration win rates.")
+                                   "are set aside (default: all; 64 for --prompts tiny).")
+    eval_prompts: int = _opt(32, "Held-out prompts (the last ones of the file) for the per-iteration win rates.")
     # ---------------------------------------------------------------- method
     method: str = _opt("sppo", "Dataset rule: sppo (K x K win rates), inpo (O(K) tournament), osp (ranked pairing).",
                        choices=tuple(METHOD_LOSS))
@@ -86,13 +86,13 @@ class SelfPlayConfig:
     backend: str = _opt("auto", "Generation backend: auto (vLLM on a GPU when installed), hf, vllm.",
                         choices=("auto", "hf", "vllm"))
     tensor_parallel_size: int = _opt(1, "vLLM tensor parallelism (GPUs per generation engine).")
-    generation_batch_size: int = _opt(16, "Hugging Face backend: sequences sampled together.")
+    generation_batch_size: int = _opt(64, "Hugging Face backend: sequences sampled together.")
     # ---------------------------------------------------------------- judge
     judge: str = _opt("offline", "Preference oracle: offline | self (OSP: pi_1 judges with its A/B logits) | "
                       "pairwise:PATH | reward:PATH | callable:package.module:function.")
     judge_batch_size: int = _opt(8, "Judge forward batch size (LM judges).")
     # ---------------------------------------------------------------- training
-    lr: float | None = _opt(None, "Learning rate (default 5e-7 as in SPPO; 5e-4 for --model tiny).")
+    lr: float | None = _opt(None, "Learning rate (default 5e-7 as in SPPO; 1e-3 for --model tiny).")
     num_epochs: float | None = _opt(None, "Epochs over each iteration's dataset (default 1; 4 for --model tiny).")
     max_tokens: int = _opt(1024, "Token budget of a packed micro-batch.")
     train_args: str = _opt("", "Extra nash_fast.train flags, e.g. '--zero-stage 2 --bf16 --grad-accum 4' "
@@ -117,9 +117,9 @@ class SelfPlayConfig:
         defaults = {
             "iterations": 2 if self.tiny else 3,
             "max_new_tokens": 24 if self.tiny else 512,
-            "lr": 5e-4 if self.tiny else 5e-7,
+            "lr": 1e-3 if self.tiny else 5e-7,
             "num_epochs": 4.0 if self.tiny else 1.0,
-            "num_prompts": 24 if self.prompts == "tiny" else None,
+            "num_prompts": 64 if self.prompts == "tiny" else None,
             "loss": loss,
             "eta": 1.0 if loss == "inpo" else None,
             "tau": 0.1 if loss == "inpo" else None,
@@ -334,26 +334,13 @@ def stage_judge(run: Run, t: int) -> dict:
 
 def stage_build(run: Run, t: int) -> dict:
     judgments = read_jsonl(run.iter_dir(t) / "judgments.jsonl")
-    records, stats = build_records(run.cfg.method, judgments, sppo_mode=run.cfg.sppo_mode)
+    records, stats = build_rules.build_records(run.cfg.method, judgments, sppo_mode=run.cfg.sppo_mode)
     if not records:
         raise RuntimeError(f"iteration {t}: the {run.cfg.method} rule kept no training record from "
                            f"{stats['prompts']} prompts (skipped: {stats['skipped']}); more prompts or a larger "
                            "--num-samples may help")
     write_jsonl_atomic(run.iter_dir(t) / "dataset.jsonl", records)
     return {"records": stats["records"], "skipped": stats["skipped"]}
-
-
-def build_records(method: str, judgments, *, sppo_mode: str):
-    """build.build_records, with SPPO's best_worst written as a 2-response group so that the trainer
-    applies eq. 4.7 to each with its own estimated win rate P(y > pi_t) (as SPPO's Algorithm 1 does);
-    sppo_mode='pair' keeps the pair form (eq. 4.8 with P(best > worst))."""
-    if method != "sppo" or sppo_mode == "all":
-        return build_rules.build_records(method, judgments, sppo_mode=sppo_mode)
-    records, stats = build_rules.build_records(method, judgments, sppo_mode="best_worst")
-    if sppo_mode == "best_worst":
-        records = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]],
-                    "winrates": [r["chosen_winrate"], r["rejected_winrate"]]} for r in records]
-    return records, stats
 
 
 def train_arguments(run: Run, t: int) -> list[str]:
@@ -603,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load drowns the log
     selfplay(SelfPlayConfig(**vars(args)))
     return 0
 

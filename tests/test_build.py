@@ -52,11 +52,15 @@ def test_sppo_win_rates_hand_worked():
     # (1/K) sum_k P(y_i > y_k), the diagonal 1/2 included
     np.testing.assert_allclose(selection["winrates"], [(0.5 + 0.8 + 0.3) / 3, (0.2 + 0.5 + 0.6) / 3,
                                                        (0.7 + 0.4 + 0.5) / 3])
-    records, stats = build.build_records("sppo", [judgment])
+    records, stats = build.build_records("sppo", [judgment], sppo_mode="pair")
     # win rates 0.5333, 0.4333, 0.5333: best is the first maximum (r0), worst r1
     assert records == [{"prompt": "x", "chosen": "r0", "rejected": "r1", "chosen_winrate": pytest.approx(1.6 / 3),
                         "rejected_winrate": pytest.approx(1.3 / 3), "preference": pytest.approx(0.8)}]
     assert stats == {"prompts": 1, "records": 1, "skipped": {}}
+    # default form: the two responses as a group, each with its own win rate (eq. 4.7)
+    records, _ = build.build_records("sppo", [judgment])
+    assert records == [{"prompt": "x", "responses": ["r0", "r1"],
+                        "winrates": [pytest.approx(1.6 / 3), pytest.approx(1.3 / 3)]}]
 
 
 def test_sppo_all_responses_form_drops_empty_with_its_win_rate():
@@ -74,8 +78,9 @@ def test_sppo_equal_win_rates_and_empty_chosen_are_counted():
     same = build.judge_groups(MatrixJudge(np.full((3, 3), 0.5)), "sppo", ["x"], [names(3)])
     empty = build.judge_groups(MatrixJudge(P3), "sppo", ["y"], [names(3)])
     empty[0]["responses"][0] = ""  # r0, the best, was an empty generation
-    records, stats = build.build_records("sppo", same + empty)
-    assert records == [] and stats["skipped"] == {"all_win_rates_equal": 1, "empty_response": 1}
+    for mode in ("best_worst", "pair"):
+        records, stats = build.build_records("sppo", same + empty, sppo_mode=mode)
+        assert records == [] and stats["skipped"] == {"all_win_rates_equal": 1, "empty_response": 1}
 
 
 # ------------------------------------------------------------------ INPO tournament
@@ -170,7 +175,8 @@ def test_records_are_accepted_by_the_tokenizer_pipeline():
     tokenizer = build_tiny_tokenizer()
     P = skew({(0, 1): 0.8, (0, 2): 0.7, (1, 2): 0.6})
     groups = [["Yes.", "No way.", "Maybe so."]]
-    for method, mode in [("sppo", "best_worst"), ("sppo", "all"), ("inpo", "best_worst"), ("osp", "best_worst")]:
+    for method, mode in [("sppo", "best_worst"), ("sppo", "pair"), ("sppo", "all"), ("inpo", "best_worst"),
+                         ("osp", "best_worst")]:
         judge = lambda prompts, a, b: [P[groups[0].index(x), groups[0].index(y)] if y else 0.5 for x, y in zip(a, b)]
         judgments = build.judge_groups(judge, method, ["Is it?"], groups)
         records, _ = build.build_records(method, judgments, sppo_mode=mode)

@@ -1,0 +1,236 @@
+"""Self-play: generation, every stage on CPU with the tiny model, resume after a crash in each stage."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+from nash_fast import generate, selfplay
+from nash_fast.data import tokenize_prompt
+from nash_fast.tiny import build_tiny_model, build_tiny_tokenizer
+
+PROMPTS = ["What is 19 + 74?", "Spell the word 'rapid' backwards.",
+           "Sort these words alphabetically: melon, glass, banana, mouse."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = build_tiny_tokenizer()
+    return build_tiny_model(len(tokenizer), seed=1), tokenizer
+
+
+# ------------------------------------------------------------------ generation
+
+
+def test_greedy_sampling_matches_transformers_generate(tiny):
+    model, tokenizer = tiny
+    rows = [tokenize_prompt(tokenizer, p) for p in PROMPTS]  # unequal lengths: left padding is exercised
+    ours = generate.hf_sample(model, tokenizer, rows, [0, 1, 2], temperature=0.0, top_p=1.0, max_new_tokens=12)
+    for row, got in zip(rows, ours):
+        ref = model.generate(torch.tensor([row]), do_sample=False, max_new_tokens=12, pad_token_id=0)[0, len(row):]
+        ref = ref.tolist()
+        if tokenizer.eos_token_id in ref:
+            ref = ref[: ref.index(tokenizer.eos_token_id)]
+        assert got == ref
+
+
+def test_each_sample_has_its_own_seed(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(num_samples=3, max_new_tokens=10, tokenizer=tokenizer)
+    batched = generate.generate_responses(model, PROMPTS, seed=7, batch_size=16, **kwargs)
+    one_by_one = generate.generate_responses(model, PROMPTS, seed=7, batch_size=1, **kwargs)
+    assert batched == one_by_one  # a sample does not depend on its batch
+    assert len(batched) == 3 and all(len(g) == 3 for g in batched)
+    assert len({r for g in batched for r in g}) > 3  # samples differ
+    other_seed = generate.generate_responses(model, PROMPTS, seed=8, batch_size=16, **kwargs)
+    assert other_seed != batched
+    assert generate.sample_seed(7, 0, 1) != generate.sample_seed(7, 1, 0)
+
+
+def test_top_p_filter_hand_worked():
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])
+    # sorted 0.5, 0.25, 0.15, 0.1: mass before each 0, 0.5, 0.75, 0.9 -> top_p 0.7 keeps 0.5 and 0.25
+    torch.testing.assert_close(generate._filter_top_p(probs, 0.7), torch.tensor([[0.0, 0.5, 0.0, 0.25]]))
+    torch.testing.assert_close(generate._filter_top_p(probs, 1.0), probs)
+
+
+def test_generation_arguments_are_checked(tiny):
+    model, tokenizer = tiny
+    for kwargs, match in [(dict(num_samples=0), "num_samples"), (dict(num_samples=2, top_p=0.0), "top_p"),
+                          (dict(num_samples=2, temperature=-1.0), "temperature")]:
+        with pytest.raises(ValueError, match=match):
+            generate.generate_responses(model, PROMPTS, tokenizer=tokenizer, **kwargs)
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    assert generate.resolve_backend("auto") == ("vllm" if has_vllm and torch.cuda.is_available() else "hf")
+    if not has_vllm:
+        with pytest.raises(ValueError, match="vllm is not installed"):
+            generate.resolve_backend("vllm")
+    with pytest.raises(ValueError, match="backend"):
+        generate.resolve_backend("tgi")
+
+
+# ------------------------------------------------------------------ config
+
+
+def small_config(tmp_path, **overrides):
+    options = dict(output_dir=str(tmp_path / "run"), num_prompts=6, eval_prompts=4, num_samples=3, max_new_tokens=8,
+                   iterations=1, train_args="--max-steps 2 --plot false")
+    options.update(overrides)
+    return selfplay.SelfPlayConfig(**options)
+
+
+def test_config_validation_names_the_option(tmp_path):
+    with pytest.raises(ValueError, match="--num-samples"):
+        small_config(tmp_path, num_samples=1).validate()
+    with pytest.raises(ValueError, match="--method"):
+        small_config(tmp_path, method="ppo").validate()
+    with pytest.raises(ValueError, match="--sppo-mode pair"):
+        small_config(tmp_path, loss="dpo").validate()
+    with pytest.raises(ValueError, match="--method sppo"):
+        small_config(tmp_path, method="inpo", loss="sppo").validate()
+
+
+def test_train_arguments_per_method(tmp_path):
+    run = selfplay.Run(small_config(tmp_path, method="inpo"))
+    args = selfplay.train_arguments(run, 2)
+    flags = dict(zip(args[::2], args[1::2]))
+    assert flags["--model"] == flags["--prev-model"] == str(run.root / "iter_1" / "train" / "final")  # pi_2
+    assert flags["--ref-model"] == str(run.root / "policy_1")
+    assert flags["--loss"] == "inpo" and float(flags["--tau"]) < float(flags["--eta"])
+    assert "--prev-model" not in selfplay.train_arguments(run, 1)  # pi_1 = pi_ref
+    run = selfplay.Run(small_config(tmp_path, method="sppo"))
+    args = selfplay.train_arguments(run, 2)
+    assert "--ref-model" not in args  # the reference is the initial model of the run: pi_t
+    assert args[-4:] == ["--max-steps", "2", "--plot", "false"]  # --train-args come last and win
+    run = selfplay.Run(small_config(tmp_path, method="osp"))
+    flags = dict(zip(*[iter(selfplay.train_arguments(run, 2))] * 2))
+    assert flags["--loss"] == "spce" and flags["--ref-model"] == str(run.root / "policy_1")
+
+
+# ------------------------------------------------------------------ the loop: stages, crashes, resume
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def instrument(monkeypatch, crash_after=None):
+    """Count the calls of every stage; `crash_after` = stage that crashes right after writing its artifact
+    (before the manifest marks it done)."""
+    calls = {}
+    for stage in selfplay.STAGES:
+        real = getattr(selfplay, f"stage_{stage}")
+
+        def wrapped(run, t, *args, _real=real, _stage=stage):
+            calls[(_stage, t)] = calls.get((_stage, t), 0) + 1
+            result = _real(run, t, *args)
+            if _stage == crash_after:
+                raise Crash(_stage)
+            return result
+
+        monkeypatch.setattr(selfplay, f"stage_{stage}", wrapped)
+    return calls
+
+
+def test_resume_after_a_crash_in_each_stage(tmp_path, monkeypatch):
+    cfg = small_config(tmp_path)
+    previous = None
+    for crashing in selfplay.STAGES:
+        with monkeypatch.context() as patch:
+            calls = instrument(patch, crash_after=crashing)
+            with pytest.raises(Crash):
+                selfplay.selfplay(cfg)
+        # the rerun redoes only the stage that crashed last time (its artifact was never marked done),
+        # then runs up to this round's crash; finished stages are skipped
+        expected = {(crashing, 1): 1}
+        if previous is not None:
+            expected[(previous, 1)] = 1
+        assert calls == expected, (crashing, calls)
+        previous = crashing
+    with monkeypatch.context() as patch:
+        calls = instrument(patch)
+        rows = selfplay.selfplay(cfg)
+    assert calls == {("evaluate", 1): 1}
+    manifest = json.loads((tmp_path / "run" / "iter_1" / "manifest.json").read_text())
+    assert set(manifest["stages"]) == set(selfplay.STAGES)
+    assert all(entry["done"] and entry["seconds"] >= 0 for entry in manifest["stages"].values())
+    assert len(rows) == 1 and 0.0 <= rows[0]["win_rate_vs_previous"] <= 1.0
+    assert rows[0]["win_rate_vs_previous"] == rows[0]["win_rate_vs_initial"]  # pi_t = pi_1 at t = 1
+
+    # extend the run to a second iteration; its training crashes; the rerun trains and evaluates only
+    cfg2 = small_config(tmp_path, iterations=2)
+    with monkeypatch.context() as patch:
+        calls = instrument(patch, crash_after="train")
+        with pytest.raises(Crash):
+            selfplay.selfplay(cfg2)
+    assert calls == {("generate", 2): 1, ("judge", 2): 1, ("build", 2): 1, ("train", 2): 1}
+    with monkeypatch.context() as patch:
+        calls = instrument(patch)
+        rows = selfplay.selfplay(cfg2)
+    assert calls == {("train", 2): 1, ("evaluate", 2): 1}
+    assert [r["iteration"] for r in rows] == [1, 2]
+
+    # artifacts of every stage
+    root = tmp_path / "run"
+    responses = [json.loads(line) for line in (root / "iter_2" / "responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 6 and all(len(r["responses"]) == 3 for r in responses)
+    judgments = [json.loads(line) for line in (root / "iter_2" / "judgments.jsonl").read_text().splitlines()]
+    assert all(len(j["comparisons"]) == 3 for j in judgments)  # SPPO: K (K - 1) / 2
+    dataset = [json.loads(line) for line in (root / "iter_2" / "dataset.jsonl").read_text().splitlines()]
+    assert dataset and all(len(r["responses"]) == 2 and r["winrates"][0] > r["winrates"][1] for r in dataset)
+    assert (root / "iter_2" / "train" / "final" / "config.json").is_file()
+    assert len((root / "eval" / "policy_3.jsonl").read_text().splitlines()) == 4
+    assert json.loads((root / "report.json").read_text()) == rows
+    ET.fromstring((root / "report.svg").read_text())  # well-formed plot
+    assert "| 2 |" in (root / "report.md").read_text()
+
+    # a rerun with different options in the same directory is refused
+    with pytest.raises(ValueError, match="--method 'sppo' -> 'inpo'"):
+        selfplay.selfplay(small_config(tmp_path, method="inpo"))
+
+
+@pytest.mark.parametrize("method, judge", [("inpo", "offline"), ("osp", "self")])
+def test_inpo_and_osp_iterations(tmp_path, method, judge):
+    (rows,) = selfplay.selfplay(small_config(tmp_path, method=method, judge=judge, num_samples=4))
+    assert 0.0 <= rows["win_rate_vs_initial"] <= 1.0
+    manifest = json.loads((tmp_path / "run" / "iter_1" / "manifest.json").read_text())
+    # INPO's tournament: K // 2 + 2 (ceil(K / 2) - 1) + 1 = 5 comparisons at most; OSP: K + K // 2 = 6
+    per_prompt = {"inpo": 5, "osp": 6}[method]
+    assert manifest["stages"]["judge"]["judge_queries"] <= 6 * per_prompt
+    dataset = [json.loads(line) for line in (tmp_path / "run" / "iter_1" / "dataset.jsonl").read_text().splitlines()]
+    assert dataset and all({"chosen", "rejected", "preference"} <= set(r) for r in dataset)
+    if method == "osp":
+        assert manifest["stages"]["judge"]["judge_queries"] == 6 * per_prompt
+        assert len(dataset) + sum(manifest["stages"]["build"]["skipped"].values()) == 6 * 2  # K // 2 pairs
+    assert "--loss" in manifest["stages"]["train"]["train_args"]
+
+
+def test_judge_returning_nan_names_the_prompt(tmp_path, monkeypatch):
+    (tmp_path / "nan_judge_mod.py").write_text(textwrap.dedent("""
+        def judge(prompts, first, second):
+            return [float("nan")] * len(prompts)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = small_config(tmp_path, judge="callable:nan_judge_mod:judge")
+    with pytest.raises(ValueError, match="nan.*for prompt 'What is"):
+        selfplay.selfplay(cfg)
+    manifest = json.loads((tmp_path / "run" / "iter_1" / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["generate"]  # generation is kept for the rerun
+
+
+def test_embedded_default_runs_two_iterations_quickly(tmp_path):
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "nash_fast.selfplay", "--output-dir", str(tmp_path / "demo")],
+                            capture_output=True, text=True, timeout=600)
+    elapsed = time.time() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert all(0.0 <= r["win_rate_vs_initial"] <= 1.0 for r in rows)
+    assert elapsed < 300, elapsed
