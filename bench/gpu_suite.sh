@@ -2,7 +2,7 @@
 # The GPU benchmark suite in a fixed time budget, most important cases first (one H100: ~8 min).
 #
 #   bash bench/gpu_suite.sh [OUT_DIR]        OUT_DIR: default $OUT, else bench/results
-#   BUDGET_S=470 bash bench/gpu_suite.sh     seconds for all phases (default 470)
+#   BUDGET_S=450 bash bench/gpu_suite.sh     seconds for all phases (default 450)
 #
 # Peer wheels carried in .whl/ (liger-kernel, cut-cross-entropy) are installed into /tmp/site first;
 # nash_fast is made importable from this checkout (editable install, else a copy with kernels/
@@ -13,7 +13,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench/results}}"
-BUDGET_S="${BUDGET_S:-470}"
+BUDGET_S="${BUDGET_S:-450}"
 START=$(date +%s)
 END=$((START + BUDGET_S))
 mkdir -p "$OUT_DIR"
