@@ -10,8 +10,9 @@ on which other prompts share its batch, on the batch size or on the backend's sc
 SamplingParams(seed=...); Hugging Face: one torch.Generator per row in a batched, KV-cached sampling
 loop, since model.generate draws every row from one generator). Prompts are rendered exactly as the
 trainer renders them (nash_fast.data.tokenize_prompt: the chat template with the generation prompt when
-the tokenizer has one), so the policy is trained on the very token ids it was sampled from.
-A response is the text of the new tokens up to (not including) the first end-of-sequence token.
+the tokenizer has one), so the policy is sampled from and trained on the same prompt tokens.
+A response is the decoded text of the new tokens up to (not including) the first end-of-sequence token
+(special tokens skipped); the trainer re-tokenizes that text.
 """
 
 from __future__ import annotations

@@ -266,6 +266,14 @@ class Run:
                                      batch_size=self.cfg.judge_batch_size)
         return self._judge
 
+    def release_judge(self) -> None:
+        if self._judge is not None:
+            self._judge = None
+            if _cuda():
+                import torch
+
+                torch.cuda.empty_cache()
+
     def tokenizer(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
@@ -298,14 +306,27 @@ def prepare_initial_policy(run: Run) -> None:
 
 
 def sample(run: Run, policy: str, prompts: list[str], *, num_samples: int, seed: int) -> list[list[str]]:
-    from nash_fast.generate import generate_responses
+    """K samples per prompt from `policy`. vLLM runs in a subprocess (python -m nash_fast.generate) so that
+    its GPU memory is returned before training starts; the per-sample seeds are the same either way."""
+    from nash_fast.generate import generate_responses, resolve_backend
 
     cfg = run.cfg
+    options = dict(num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                   max_new_tokens=cfg.resolved("max_new_tokens"), seed=seed)
+    if resolve_backend(cfg.backend) == "vllm":
+        work = run.root / ".generate"
+        work.mkdir(exist_ok=True)
+        write_jsonl_atomic(work / "prompts.jsonl", [{"prompt": p} for p in prompts])
+        command = [sys.executable, "-m", "nash_fast.generate", "--model", policy, "--prompts",
+                   str(work / "prompts.jsonl"), "--output", str(work / "responses.jsonl"), "--backend", "vllm",
+                   "--chat-template", cfg.chat_template, "--tensor-parallel-size", str(cfg.tensor_parallel_size)]
+        for name, value in options.items():
+            command += ["--" + name.replace("_", "-"), str(value)]
+        subprocess.run(command, check=True)
+        return [row["responses"] for row in read_jsonl(work / "responses.jsonl")]
     return generate_responses(
-        policy, prompts, num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-        max_new_tokens=cfg.resolved("max_new_tokens"), seed=seed, backend=cfg.backend,
-        use_chat_template={"auto": None, "on": True, "off": False}[cfg.chat_template],
-        tensor_parallel_size=cfg.tensor_parallel_size, batch_size=cfg.generation_batch_size)
+        policy, prompts, backend="hf", use_chat_template={"auto": None, "on": True, "off": False}[cfg.chat_template],
+        batch_size=cfg.generation_batch_size, **options)
 
 
 def stage_generate(run: Run, t: int, prompts: list[str]) -> dict:
@@ -379,6 +400,7 @@ def run_training(run: Run, argv: list[str]) -> None:
 
 def stage_train(run: Run, t: int) -> dict:
     argv = train_arguments(run, t)
+    run.release_judge()  # an LM judge must not hold accelerator memory while the policy trains
     run_training(run, argv)
     final = run.iter_dir(t) / "train" / "final"
     if not (final / "config.json").is_file():

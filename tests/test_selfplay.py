@@ -53,6 +53,20 @@ def test_each_sample_has_its_own_seed(tiny):
     assert generate.sample_seed(7, 0, 1) != generate.sample_seed(7, 1, 0)
 
 
+def test_generate_cli_matches_in_process(tmp_path, tiny):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    subprocess.run([sys.executable, "-m", "nash_fast.generate", "--model", str(tmp_path / "policy"), "--prompts",
+                    str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "out.jsonl"), "-K", "2", "--seed", "3",
+                    "--max-new-tokens", "8", "--backend", "hf"], check=True, capture_output=True)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["responses"] for r in rows] == generate.generate_responses(
+        model, PROMPTS, num_samples=2, seed=3, max_new_tokens=8, tokenizer=tokenizer)
+
+
 def test_top_p_filter_hand_worked():
     probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])
     # sorted 0.5, 0.25, 0.15, 0.1: mass before each 0, 0.5, 0.75, 0.9 -> top_p 0.7 keeps 0.5 and 0.25
