@@ -1,5 +1,6 @@
 """python -m nash_fast.plot OUTPUT_DIR: PNG curves of a run's metrics.jsonl (loss, log-ratios, reward
-accuracy and margin, learning rate, gradient norm, tokens/s) into OUTPUT_DIR/plots/.
+accuracy and margin, learning rate, gradient norm, tokens/s) into OUTPUT_DIR/plots/: each metric raw
+(faint) and smoothed (exponential moving average), skipped steps marked in red.
 
 matplotlib is an optional dependency (pip install 'nash-fast[plot]'), imported only here.
 """
@@ -39,6 +40,15 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+def smooth(values, weight: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard-style smoothing)."""
+    out, average = [], 0.0
+    for n, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**n))
+    return out
+
+
 def plot_metrics(output_dir: str | Path) -> list[Path]:
     """Write OUTPUT_DIR/plots/<metric>.png for every metric present; returns the paths."""
     output_dir = Path(output_dir)
@@ -71,14 +81,14 @@ def plot_metrics(output_dir: str | Path) -> list[Path]:
         figure, axes = plt.subplots(figsize=(6, 3.5))
         for key, points in series.items():
             steps, values = zip(*points)
-            axes.plot(steps, values, label=key)
+            line, = axes.plot(steps, values, alpha=0.35, linewidth=0.8)
+            axes.plot(steps, smooth(values), color=line.get_color(), label=key)
         skipped = [r["step"] for r in rows if r.get("skipped")]
         for step in skipped:
             axes.axvline(step, color="red", alpha=0.3, linewidth=0.8)
         axes.set_title(title)
         axes.set_xlabel("step")
-        if len(series) > 1 or skipped:
-            axes.legend(title="red: skipped steps" if skipped else None)
+        axes.legend(title="red: skipped steps" if skipped else None, fontsize="small")
         figure.tight_layout()
         path = plots / f"{name}.png"
         figure.savefig(path, dpi=100)

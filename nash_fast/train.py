@@ -102,7 +102,7 @@ def load_rows(cfg: TrainConfig) -> list[dict]:
         raise ValueError(f"--dataset {name}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
     import datasets
 
-    if path.is_dir() and (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if cfg.dataset_split not in loaded:
@@ -581,6 +581,7 @@ class Run:
     sampler: Any
     total_steps: int
     forward: Any = None  # batch -> hidden states: the DeepSpeed engine, or the plain PackedBackbone
+    zero0_skipped: bool = False
     state: TrainerState = field(default_factory=TrainerState)
 
     @property
@@ -609,6 +610,10 @@ def _save(run: Run) -> Path | None:
             torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
             write_json_atomic(tmp / "trainer_state.json", {
                 **run.state.to_dict(), "world_size": run.dist.world_size, "grad_accum": run.cfg.grad_accum,
+                # The data position: global micro-batch `position` is batch `batch_in_epoch` of epoch `epoch`,
+                # whose order is a function of (sampler_seed + epoch); nothing else is random in the stream.
+                "data": dict(zip(("epoch", "batch_in_epoch"), run.stream.locate(run.state.position)),
+                             sampler_seed=run.cfg.seed),
                 "total_steps": run.total_steps, "config": to_dict(run.cfg),
             })
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
@@ -755,15 +760,13 @@ def _train_step(run: Run) -> dict:
 
     grad_norm = None
     if run.engine is not None:
-        skipped_before = run.engine.skipped_steps
         # engine.step() above ran the optimizer at the boundary; a ZeRO / bf16 optimizer skips a non-finite
-        # gradient by itself (overflow). The plain fp32 stage-0 optimizer does not: that case is handled in
-        # _zero0_guard, installed as a pre-step hook.
+        # gradient by itself (overflow). The plain fp32 stage-0 optimizer does not: _install_zero0_guard's
+        # pre-step hook drops such gradients and records the skip.
         norm = run.engine.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
-        applied = getattr(run.engine, "_step_applied", True) and not getattr(run, "_zero0_skipped", False)
-        run._zero0_skipped = False
-        del skipped_before
+        applied = getattr(run.engine, "_step_applied", True) and not run.zero0_skipped
+        run.zero0_skipped = False
     else:
         params = [p for p in run.model.parameters() if p.requires_grad]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -792,7 +795,7 @@ def _train_step(run: Run) -> dict:
     count = float(sums[-2])
     record: dict[str, Any] = {"step": state.step}
     for k, key in enumerate(_METRIC_KEYS):
-        if has_key[k] or dist.world_size > 1 and key != "logratio" and not run.plan.groups:
+        if has_key[k]:  # the same on every rank: the keys depend on the loss form only
             value = float(sums[k]) / count
             record[key] = value if math.isfinite(value) else None
     record.update(
@@ -808,8 +811,6 @@ def _train_step(run: Run) -> dict:
 def _install_zero0_guard(run: Run) -> None:
     """Plain DeepSpeed stage 0 in fp32 applies whatever gradient it has; drop a non-finite one before the
     optimizer sees it (torch optimizers skip parameters without gradients), so that step is skipped too."""
-    run._zero0_skipped = False
-
     def pre_step(optimizer, args, kwargs):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
@@ -817,7 +818,7 @@ def _install_zero0_guard(run: Run) -> None:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-            run._zero0_skipped = True
+            run.zero0_skipped = True
 
     run.optimizer.register_step_pre_hook(pre_step)
 
@@ -859,7 +860,10 @@ def train(cfg: TrainConfig) -> dict:
     from nash_fast.data import TokenBudgetBatchSampler, example_sequence_lengths
 
     lengths = [example_sequence_lengths(e, i, augment=plan.augment) for i, e in enumerate(examples)]
-    sampler = TokenBudgetBatchSampler(lengths, cfg.max_tokens, shuffle=cfg.shuffle, seed=cfg.seed)
+    try:
+        sampler = TokenBudgetBatchSampler(lengths, cfg.max_tokens, shuffle=cfg.shuffle, seed=cfg.seed)
+    except ValueError as error:  # an example (= dataset row, same order) longer than the budget
+        raise ValueError(f"--max-tokens {cfg.max_tokens}: {error}".replace("example ", "row ", 1)) from None
     stream = BatchStream(sampler)
     per_step = dist.world_size * cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(stream.micro_batches_for_epochs(cfg.resolved_epochs()) / per_step))
@@ -945,6 +949,7 @@ def train(cfg: TrainConfig) -> dict:
         metrics_log.close()
 
     summary = {"output_dir": str(output_dir), "metrics": str(metrics_log.path), "steps": run.state.step,
+               "loss_start_end": _loss_start_end(metrics_log.path) if dist.is_main else None,
                "skipped_steps": run.state.skipped_steps, "last": record, "stopped_by_signal": stopped_by_signal}
     if stopped_by_signal:
         return summary
@@ -1023,14 +1028,23 @@ def _plots(cfg: TrainConfig, output_dir: Path) -> str:
     return str(paths[0].parent) if paths else "no metrics to plot"
 
 
+def _loss_start_end(path: Path) -> tuple[float, float] | None:
+    """Mean loss of the first and of the last tenth of the steps (per-step losses of small batches are noisy)."""
+    with open(path) as f:
+        losses = [r["loss"] for r in map(json.loads, f) if isinstance(r.get("loss"), (int, float))]
+    if not losses:
+        return None
+    window = max(1, len(losses) // 10)
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window
+
+
 def _print_summary(summary: dict) -> None:
-    last = summary.get("last") or {}
-    loss = last.get("loss")
+    start_end = summary.get("loss_start_end")
+    trend = "" if start_end is None else f", mean loss {start_end[0]:.4g} (first 10% of steps) -> {start_end[1]:.4g} (last 10%)"
     print(
         "\n".join([
             "",
-            f"[nash_fast] done: {summary['steps']} steps ({summary['skipped_steps']} skipped), "
-            f"last loss {loss if loss is None else round(loss, 4)}",
+            f"[nash_fast] done: {summary['steps']} steps ({summary['skipped_steps']} skipped){trend}",
             f"  metrics: {summary['metrics']}",
             f"  plots:   {summary['plots']}",
             f"  model:   {summary['model']}  (transformers.AutoModelForCausalLM.from_pretrained)",

@@ -26,8 +26,8 @@ LOSS_FLAGS = {
     "inpo": ["--eta", "0.5", "--tau", "0.1"],
     "ipo": ["--beta", "0.5", "--average-log-prob"],
     "dpo": ["--beta", "0.1"],
-    "sr_dpo": ["--beta", "0.1", "--lam", "0.5"],
-    "sr_ipo": ["--beta", "0.5", "--lam", "0.5"],
+    "sr_dpo": ["--beta", "0.1", "--lam", "0.5", "--aug-prompt", "Give a 100/100 answer. Query: "],
+    "sr_ipo": ["--beta", "0.5", "--lam", "0.5", "--aug-prompt", "Give a 100/100 answer. Query: "],
     "spce": ["--beta", "0.1"],
 }
 
@@ -36,14 +36,14 @@ LOSS_FLAGS = {
 def small_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
     with open(path, "w") as f:
-        for record in load_tiny_preferences()[:24]:
+        for record in load_tiny_preferences()[:16]:
             f.write(json.dumps(record) + "\n")
     return str(path)
 
 
 def run_args(small_data, out, *extra):
     return ["--dataset", small_data, "--output-dir", str(out), "--progress-bar", "false", "--plot", "false",
-            "--max-tokens", "1024", "--tensorboard", "false", *extra]
+            "--max-tokens", "512", "--tensorboard", "false", *extra]
 
 
 def read_metrics(out):
@@ -99,7 +99,7 @@ def test_loss_goes_down_on_a_fixed_batch(small_data, loss):
 
     cfg = parse_config(["--dataset", small_data, "--loss", loss, *LOSS_FLAGS[loss]])
     tokenizer = trainer.load_tokenizer(cfg)
-    examples = trainer.tokenize(cfg, tokenizer, trainer.load_records(cfg))[:6]
+    examples = trainer.tokenize(cfg, tokenizer, trainer.load_records(cfg))[:4]
     plan = trainer.LossPlan.for_config(cfg, examples)
     cpu = torch.device("cpu")
     reference = trainer.load_model("tiny", cfg, vocab_size=len(tokenizer), dtype=torch.float32, device=cpu)
@@ -176,7 +176,7 @@ KILLED_RUN = textwrap.dedent(
 def test_kill_9_mid_run_then_resume_equals_straight_run(tmp_path, small_data):
     """SIGKILL a subprocess that checkpoints every step, at some moment mid-run; the newest complete checkpoint
     loads and resuming reaches bitwise the weights of an uninterrupted run."""
-    args = ["--max-steps", "30", "--save-steps", "1", "--save-total-limit", "2", "--seed", "5"]
+    args = ["--max-steps", "16", "--save-steps", "1", "--save-total-limit", "2", "--seed", "5"]
     straight = tmp_path / "straight"
     trainer.train(parse_config(run_args(small_data, straight, *args)))
 
@@ -189,17 +189,17 @@ def test_kill_9_mid_run_then_resume_equals_straight_run(tmp_path, small_data):
     deadline = time.time() + 240
     metrics = killed / "metrics.jsonl"
     while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
             break
         time.sleep(0.02)
     assert process.poll() is None, "the run finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
     latest = latest_checkpoint(killed / "checkpoints")
-    assert latest is not None and 1 <= checkpoint_step(latest) < 30
+    assert latest is not None and 1 <= checkpoint_step(latest) < 16
     trainer.train(parse_config(run_args(small_data, killed, *args)))
     assert_same_weights(final_weights(straight), final_weights(killed))
-    assert [r["step"] for r in read_metrics(killed)] == list(range(1, 31))
+    assert [r["step"] for r in read_metrics(killed)] == list(range(1, 17))
 
 
 # ------------------------------------------------------------------------------------------------ faults
@@ -329,12 +329,15 @@ def test_deepspeed_zero2_two_processes_equal_one_process(tmp_path, small_data):
         )
         assert result.returncode == 0, result.stderr[-3000:]
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    # Step 1 starts from the same weights: the same loss up to float32 rounding. Later steps differ only by
+    # the order of the gradient sum (all-reduce over 2 processes vs accumulation in one).
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-7)
     for a, b in zip(two, one):
         assert a["tokens"] == b["tokens"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert len(two) == len(one) == 3
-    assert_same_weights(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), atol=1e-6)
+    assert_same_weights(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), atol=1e-5)
     assert (latest_checkpoint(tmp_path / "two" / "checkpoints") / "engine").is_dir()
 
     trainer.train(parse_config(run_args(small_data, tmp_path / "plain", "--max-steps", "3", "--grad-accum", "2")))
@@ -367,3 +370,42 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
     cosine = [trainer.lr_factor(s, total_steps=10, warmup_steps=0, schedule="cosine") for s in range(11)]
     assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+def _write_metrics(out):
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"step": s, "loss": 10.0 / s, "chosen_logratio": 0.1 * s, "rejected_logratio": -0.1 * s, "lr": 1e-3,
+             "grad_norm": None if s == 3 else 1.0, "tokens_per_s": 100.0, "skipped": s == 3} for s in range(1, 8)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')  # torn line
+
+
+def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
+    from nash_fast import plot
+
+    _write_metrics(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert plot.main([str(tmp_path)]) == 1
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "plots").exists()
+    assert plot.main([str(tmp_path / "nothing-here")]) == 1
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_plot_writes_pngs(tmp_path):
+    pytest.importorskip("matplotlib", reason="optional extra nash-fast[plot]")
+    from nash_fast import plot
+
+    _write_metrics(tmp_path)
+    assert plot.main([str(tmp_path)]) == 0
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == sorted(["loss.png", "logratios.png", "lr.png", "grad_norm.png", "tokens_per_s.png"])
+    for name in names:
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_example_over_token_budget_names_option_and_row(tmp_path, small_data):
+    with pytest.raises(ValueError, match=r"--max-tokens 64: row \d+: its 2 sequences hold \d+ tokens"):
+        trainer.train(parse_config(["--dataset", small_data, "--output-dir", str(tmp_path), "--max-tokens", "64"]))
