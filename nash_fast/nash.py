@@ -21,9 +21,18 @@ nash_fast.losses, computed exactly over the game (no sampling noise), with L-BFG
     iterated DPO (online DPO, reference pi_t): E_{y, y' ~ pi_t, (y_w, y_l) ~ P} -log sigmoid(beta (Δ_w - Δ_l))
         fits a Bradley-Terry reward to P under pi_t's pairs and moves pi_t along it. On an
         intransitive game that is a Hedge-like step with a large, data-dependent step size: its
-        last iterate (the policy iterated DPO deploys) keeps cycling around the winner.
+        last iterate (the policy iterated DPO deploys) keeps cycling around the winner. On sampled
+        best-vs-worst pairs with hard labels (the usual iterative-DPO recipe) it collapses onto one
+        pure response, which its counter beats.
 
-`python -m nash_fast.nash` prints exploitability per iteration for every method on every game.
+Measured here (cyclic game, 40 sampled iterations of 64 groups of K = 4): INPO on Algorithm 1's random
+pairs converges in the last iterate, but INPO on best-vs-worst tournament pairs (its experiments'
+recipe, nash_fast.build's "inpo" rule) does not: that selection is not the unbiased sample of eq. 8.
+
+With groups=M (sampled_step) each iteration instead trains on M sampled groups of K responses, through
+nash_fast.build's real dataset rules where the method has one.
+
+`python -m nash_fast.nash [--groups 64]` prints exploitability per iteration for every method and game.
 """
 
 from __future__ import annotations
@@ -216,6 +225,74 @@ def dpo_step(P, logits_t, *, beta: float) -> torch.Tensor:
     return _minimise(objective, logits_t)
 
 
+def _rule_records(P: np.ndarray, pi_t: np.ndarray, rule: str, *, groups: int, K: int, rng) -> list[dict]:
+    """Records of the project's real dataset rules (nash_fast.build): `groups` prompts' worth of K
+    responses sampled from pi_t (a response is its index as a string), judged exactly by P."""
+    from nash_fast import build
+
+    samples = rng.choice(len(pi_t), size=(groups, K), p=pi_t)
+    judge = lambda prompts, a, b: [P[int(x), int(y)] for x, y in zip(a, b)]  # noqa: E731
+    judgments = build.judge_groups(judge, rule, ["x"] * groups, [[str(y) for y in row] for row in samples])
+    records, _ = build.build_records(rule, judgments)
+    return records
+
+
+def _random_pairs(P: np.ndarray, pi_t: np.ndarray, *, count: int, rng):
+    """INPO Algorithm 1 as analysed (eq. 8): y, y' ~ pi_t, winner drawn from P(y > y')."""
+    y = rng.choice(len(pi_t), size=(count, 2), p=pi_t)
+    first_wins = rng.random(count) < P[y[:, 0], y[:, 1]]
+    return np.where(first_wins, y[:, 0], y[:, 1]), np.where(first_wins, y[:, 1], y[:, 0])
+
+
+def sampled_step(P, logits_t, logits_ref, method: str, *, groups: int, K: int, rng, eta: float, tau: float,
+                 beta: float, pairs: str = "random") -> torch.Tensor:
+    """One iteration on sampled data, minimising the mean loss over the iteration's records.
+
+    sppo: nash_fast.build's SPPO rule: the best and worst of K responses with their estimated win rates
+          (1/K) sum_k P(y > y_k) (Algorithm 1, eq. 4.7);
+    inpo, dpo: pairs="random": groups * K // 2 pairs y, y' ~ pi_t with the winner drawn from P (INPO
+          Algorithm 1 and its population loss, eq. 8); pairs="tournament": nash_fast.build's INPO rule,
+          the best-vs-worst of K by an O(K) tournament (INPO's experiments, after Dong et al.), which is
+          not an unbiased sample of eq. 8 (Proposition 6 needs y, y' ~ pi_t).
+    No records (every group skipped) keeps pi_t."""
+    P = np.asarray(P, dtype=np.float64)
+    logp_t, logp_ref = torch.log_softmax(logits_t, -1), torch.log_softmax(logits_ref, -1)
+    pi_t = logp_t.exp().numpy()
+    if method == "sppo":
+        records = _rule_records(P, pi_t, "sppo", groups=groups, K=K, rng=rng)
+        if not records:
+            return logits_t.clone()
+        idx = torch.tensor([int(y) for r in records for y in r["responses"]])
+        winrate = torch.tensor([w for r in records for w in r["winrates"]], dtype=torch.float64)
+
+        def objective(theta):
+            logp = torch.log_softmax(theta, -1)
+            return losses.sppo_loss(logp[idx], logp_t[idx], winrate, eta=eta).mean()
+
+        return _minimise(objective, logits_t)
+    if pairs == "random":
+        w, l = (torch.as_tensor(a) for a in _random_pairs(P, pi_t, count=groups * K // 2, rng=rng))
+    elif pairs == "tournament":
+        records = _rule_records(P, pi_t, "inpo", groups=groups, K=K, rng=rng)
+        if not records:
+            return logits_t.clone()
+        w = torch.tensor([int(r["chosen"]) for r in records])
+        l = torch.tensor([int(r["rejected"]) for r in records])  # noqa: E741
+    else:
+        raise ValueError(f"pairs must be 'random' or 'tournament', got {pairs!r}")
+
+    def objective(theta):
+        logp = torch.log_softmax(theta, -1)
+        if method == "inpo":
+            per_pair = losses.inpo_loss(logp[w], logp[l], logp_ref[w], logp_ref[l], logp_t[w], logp_t[l],
+                                        eta=eta, tau=tau)
+        else:
+            per_pair = losses.dpo_loss(logp[w], logp[l], logp_t[w], logp_t[l], beta=beta)
+        return per_pair.mean()
+
+    return _minimise(objective, logits_t)
+
+
 def multiplicative_weights_step(P, pi_t, *, eta: float) -> np.ndarray:
     """The update SPPO's loss approximates: pi_{t+1}(y) ∝ pi_t(y) exp(eta P(y > pi_t)) (SPPO eq. 4.6)."""
     P, pi_t = np.asarray(P, dtype=np.float64), np.asarray(pi_t, dtype=np.float64)
@@ -251,9 +328,14 @@ class SelfPlayTrace:
 
 
 def self_play(P, method: str, *, iterations: int, init=None, eta: float | None = None,
-              tau: float = 0.05, beta: float = 1.0) -> SelfPlayTrace:
+              tau: float = 0.05, beta: float = 1.0, groups: int | None = None, K: int = 4,
+              seed: int = 0, pairs: str = "random") -> SelfPlayTrace:
     """Run `iterations` rounds of `method` ("sppo", "inpo" or "dpo") from pi_1 = init (uniform by
     default; also pi_ref for INPO) and record exploitability after every round.
+
+    groups=None: exact expectations over the game. groups=M: every round samples M groups of K responses
+    from pi_t (numpy generator seeded by `seed`) and trains on their records (sampled_step; `pairs`
+    picks INPO's / DPO's pair construction).
 
     Defaults: SPPO eta = 1 (the MW step size); INPO eta = 1 (the OMD step is 1/eta) and tau = 0.05.
     """
@@ -273,8 +355,14 @@ def self_play(P, method: str, *, iterations: int, init=None, eta: float | None =
         trace.average_exploitability.append(exploitability(P, trace.average_policy))
 
     record(logits)
+    rng = np.random.default_rng(seed)
     for _ in range(iterations):
-        if method == "sppo":
+        if groups is not None:
+            if method not in ("sppo", "inpo", "dpo"):
+                raise ValueError(f"method must be 'sppo', 'inpo' or 'dpo', got {method!r}")
+            logits = sampled_step(P, logits, logits_ref, method, groups=groups, K=K, rng=rng,
+                                  eta=1.0 if eta is None else eta, tau=tau, beta=beta, pairs=pairs)
+        elif method == "sppo":
             logits = sppo_step(P, logits, eta=1.0 if eta is None else eta)
         elif method == "inpo":
             logits = inpo_step(P, logits, logits_ref, eta=1.0 if eta is None else eta, tau=tau)
@@ -291,7 +379,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--games", nargs="*", default=list(GAMES), choices=list(GAMES))
+    parser.add_argument("--groups", type=int, default=None,
+                        help="sample this many groups of --K responses per iteration (default: exact expectations)")
+    parser.add_argument("--K", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    runs = [("sppo", "sppo", {}), ("inpo", "inpo", {}), ("dpo", "dpo", {})]
+    if args.groups is not None:
+        runs += [("inpo-tourn", "inpo", {"pairs": "tournament"}), ("dpo-tourn", "dpo", {"pairs": "tournament"})]
+        for _, _, kwargs in runs:
+            kwargs.update(groups=args.groups, K=args.K, seed=args.seed)
     for game_name in args.games:
         P = GAMES[game_name]()
         n = P.shape[0]
@@ -300,11 +397,13 @@ def main(argv=None) -> None:
         if exploitability(P, init) < 1e-9:
             init = np.linspace(2.0, 1.0, n) / np.linspace(2.0, 1.0, n).sum()
         winner = von_neumann_winner(P)
-        print(f"\n== {game_name}: von Neumann winner {np.round(winner, 3).tolist()}")
-        traces = {m: self_play(P, m, iterations=args.iterations, init=init) for m in ("sppo", "inpo", "dpo")}
-        print("iter  " + "  ".join(f"{m + ' last':>10} {m + ' avg':>9}" for m in traces))
+        print(f"\n== {game_name}: von Neumann winner {np.round(winner, 3).tolist()}; exploitability of the "
+              f"last / average iterate")
+        traces = {label: self_play(P, method, iterations=args.iterations, init=init, **kwargs)
+                  for label, method, kwargs in runs}
+        print("iter  " + "  ".join(f"{label + ' last':>15} {'avg':>6}" for label in traces))
         for t in range(args.iterations + 1):
-            row = "  ".join(f"{tr.last_exploitability[t]:10.4f} {tr.average_exploitability[t]:9.4f}"
+            row = "  ".join(f"{tr.last_exploitability[t]:15.4f} {tr.average_exploitability[t]:6.4f}"
                             for tr in traces.values())
             print(f"{t + 1:4d}  {row}")
 
