@@ -118,7 +118,7 @@ class TrainConfig:
     offload_optimizer: bool = _opt(False, "ZeRO: keep optimizer states in CPU memory (built config only).")
     offload_param: bool = _opt(False, "ZeRO-3: keep parameters in CPU memory (built config only).")
     # ---------------------------------------------------------------- run
-    seed: int = _opt(42, "Seed of model init (tiny), data order and every RNG.")
+    seed: int = _opt(42, "Seed of the data order and every RNG (the tiny model's weights are fixed).")
     output_dir: str = _opt("outputs/train", "Run directory: checkpoints/, metrics.jsonl, plots/, tensorboard/, "
                            "final/ (the save_pretrained model), precompute cache.")
     max_steps: int | None = _opt(None, "Optimizer steps to train (overrides --num-epochs).")

@@ -235,12 +235,14 @@ def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str | None:
 
 
 def load_model(name: str, cfg: TrainConfig, *, vocab_size: int, dtype: torch.dtype, device: torch.device):
-    """A causal LM by hub name / local path, or the tiny random-init model (seeded by --seed)."""
+    """A causal LM by hub name / local path, or the tiny random-init model (fixed weights)."""
     attn = _attn_implementation(cfg, device)
     if name == "tiny":
         from nash_fast.tiny import build_tiny_model
 
-        model = build_tiny_model(vocab_size, seed=cfg.seed, dtype=dtype, attn_implementation=attn)
+        # Always the same weights (seed 0), independent of --seed: "tiny" names one model, so a reference or
+        # previous iterate given as "tiny" in another run is this very model.
+        model = build_tiny_model(vocab_size, dtype=dtype, attn_implementation=attn)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -625,9 +627,26 @@ def _save(run: Run) -> Path | None:
     return path
 
 
+# Options that may change between a run and its resumption (they do not change what is being trained).
+_RESUMABLE_CHANGES = {"output_dir", "resume", "max_steps", "num_epochs", "save_steps", "save_total_limit",
+                      "progress_bar", "plot", "tensorboard", "max_consecutive_bad_steps", "cache_dir",
+                      "precompute_max_tokens", "device", "deepspeed", "zero_stage", "offload_optimizer",
+                      "offload_param", "grad_accum", "gradient_checkpointing", "logprob_backend", "attn_implementation"}
+
+
+def _check_resumable(saved_config: dict, cfg: TrainConfig, path: Path) -> None:
+    current = to_dict(cfg)
+    changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved_config.get(k, current[k]) != current[k])
+    if changed:
+        details = ", ".join(f"--{k.replace('_', '-')} {saved_config.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"checkpoint {path} belongs to a different run ({details}); use another --output-dir or "
+                         "--resume never to start over")
+
+
 def _load(run: Run, path: Path) -> None:
     with open(path / "trainer_state.json") as f:
         saved = json.load(f)
+    _check_resumable(saved.get("config", {}), run.cfg, path)
     if run.engine is not None:
         if not (path / "engine").is_dir():
             raise ValueError(f"checkpoint {path} was not written by a DeepSpeed run; resume it without --deepspeed/--zero-stage")

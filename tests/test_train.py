@@ -106,7 +106,9 @@ def test_loss_goes_down_on_a_fixed_batch(small_data, loss):
     logps = dataset_sequence_logprobs(reference, examples, augment=plan.augment, average=cfg.average_log_prob)
     attach_logprobs(examples, logps, "ref_logps", augment=plan.augment)
     if loss == "inpo":  # a previous iterate that differs from the reference
-        other = trainer.load_model("tiny", parse_config(["--seed", "7"]), vocab_size=len(tokenizer), dtype=torch.float32, device=cpu)
+        from nash_fast.tiny import build_tiny_model
+
+        other = build_tiny_model(len(tokenizer), seed=7)
         attach_logprobs(examples, dataset_sequence_logprobs(other, examples), "prev_logps", augment=False)
     batch = plan.collator()(examples)
     policy = trainer.load_model("tiny", cfg, vocab_size=len(tokenizer), dtype=torch.float32, device=cpu).train()
@@ -162,6 +164,9 @@ def test_resume_equals_straight_run_and_sigterm_saves(tmp_path, small_data, monk
     assert_same_weights(final_weights(straight), final_weights(copy))
     with pytest.raises(ValueError, match="--resume"):
         trainer.train(parse_config(run_args(small_data, tmp_path / "empty", *args, "--resume", "latest")))
+    # Resuming an output dir that holds another run's checkpoint (different loss) is refused, not mixed.
+    with pytest.raises(ValueError, match=r"different run \(--beta None -> 0.1, --loss 'sppo' -> 'dpo'\)"):
+        trainer.train(parse_config(run_args(small_data, copy, *args, "--loss", "dpo", "--beta", "0.1")))
 
 
 KILLED_RUN = textwrap.dedent(
