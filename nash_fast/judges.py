@@ -15,7 +15,6 @@ K (K - 1) / 2 comparisons with i < j (Judge.preference_matrix).
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import math
 from collections import Counter

@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from nash_fast import build as build_rules
 
@@ -133,9 +133,10 @@ class SelfPlayConfig:
             if choices is not None and value is not None and value not in choices:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
         if self.num_samples < 2:
-            raise ValueError(f"--num-samples (K) must be >= 2: the dataset rules compare responses; got {self.num_samples}")
-        for name in ("iterations", "num_prompts", "max_new_tokens", "eval_prompts", "max_tokens", "tensor_parallel_size",
-                     "generation_batch_size", "judge_batch_size"):
+            raise ValueError(f"--num-samples (K) must be >= 2: the dataset rules compare responses; "
+                             f"got {self.num_samples}")
+        for name in ("iterations", "num_prompts", "max_new_tokens", "eval_prompts", "max_tokens",
+                     "tensor_parallel_size", "generation_batch_size", "judge_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -148,6 +149,13 @@ class SelfPlayConfig:
             raise ValueError(f"--loss {loss} needs pairs: use --sppo-mode pair with --method sppo")
         if self.method != "sppo" and loss == "sppo":
             raise ValueError(f"--loss sppo needs win rates: use --method sppo (got --method {self.method})")
+        reads = {"sppo": ("eta",), "inpo": ("eta", "tau"), "ipo": ("beta",), "dpo": ("beta",), "spce": ("beta",)}[loss]
+        for name in ("eta", "tau", "beta"):
+            if getattr(self, name) is not None and name not in reads:
+                raise ValueError(f"--{name} is not used by --loss {loss} (it reads {', '.join(reads)})")
+        if loss == "inpo" and not 0 <= self.resolved("tau") < self.resolved("eta"):
+            raise ValueError(f"--tau must satisfy 0 <= tau < eta for INPO, got tau={self.resolved('tau')}, "
+                             f"eta={self.resolved('eta')}")
         return self
 
 
@@ -207,7 +215,8 @@ def load_prompts(cfg: SelfPlayConfig) -> tuple[list[str], list[str]]:
                              f"string, got {value!r:.60}")
         prompts.append(value)
     if len(prompts) <= cfg.eval_prompts:
-        raise ValueError(f"--prompts has {len(prompts)} prompts; --eval-prompts {cfg.eval_prompts} leaves none to train on")
+        raise ValueError(f"--prompts has {len(prompts)} prompts; --eval-prompts {cfg.eval_prompts} leaves none "
+                         "to train on")
     held_out = prompts[len(prompts) - cfg.eval_prompts:]
     train = prompts[: len(prompts) - cfg.eval_prompts]
     num = cfg.resolved("num_prompts")
@@ -477,7 +486,8 @@ def write_report(run: Run, iterations: int) -> list[dict]:
     rows = report_rows(run, iterations)
     write_json_atomic(run.root / "report.json", rows)
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
-    lines = ["| iter | win vs pi_t | win vs pi_1 | mean tokens | records | " + " | ".join(f"{s} s" for s in STAGES) + " |",
+    lines = ["| iter | win vs pi_t | win vs pi_1 | mean tokens | records | "
+             + " | ".join(f"{s} s" for s in STAGES) + " |",
              "|" + "---|" * (5 + len(STAGES))]
     for r in rows:
         lines.append(f"| {r['iteration']} | {fmt(r['win_rate_vs_previous'])} | {fmt(r['win_rate_vs_initial'])} | "
@@ -545,7 +555,8 @@ def check_stored_config(run: Run) -> None:
     current = dataclasses.asdict(run.cfg)
     if path.is_file():
         stored = json.loads(path.read_text())
-        changed = [k for k in current if k not in RESUMABLE_CHANGES and k != "output_dir" and stored.get(k) != current[k]]
+        changed = [k for k in current
+                   if k not in RESUMABLE_CHANGES and k != "output_dir" and stored.get(k) != current[k]]
         if changed:
             details = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)!r} -> {current[k]!r}" for k in changed)
             raise ValueError(f"--output-dir {run.root} holds a self-play run with other options ({details}); "
@@ -597,6 +608,15 @@ def selfplay(cfg: SelfPlayConfig) -> list[dict]:
 # =============================================================================================== cli
 
 
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nash_fast.selfplay", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(SelfPlayConfig):
@@ -604,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         if "default" not in help_text.lower():
             help_text += f" (default: {f.default!r})"
         base = str(f.type).split("|")[0].strip()
-        convert = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes", "on")}[base]
+        convert = {"int": int, "float": float, "str": str, "bool": _parse_bool}[base]
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=convert, default=f.default,
                             choices=f.metadata.get("choices"), help=help_text)
     return parser

@@ -1,7 +1,6 @@
 """Judges: formulas checked against independent computations on tiny random-init models."""
 
 import math
-import sys
 import textwrap
 
 import numpy as np
@@ -120,7 +119,8 @@ def independent_first_slot(model, tokenizer, prompt, a, b):
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1].double()
-    a_id, b_id = tokenizer("A", add_special_tokens=False)["input_ids"][0], tokenizer("B", add_special_tokens=False)["input_ids"][0]
+    a_id = tokenizer("A", add_special_tokens=False)["input_ids"][0]
+    b_id = tokenizer("B", add_special_tokens=False)["input_ids"][0]
     return sigmoid((logits[a_id] - logits[b_id]).item())
 
 
@@ -133,7 +133,8 @@ def test_pairwise_lm_judge_matches_independent_order_averaged_formula(causal_lm,
         assert got[i] == pytest.approx(0.5 * (p_ab + 1.0 - p_ba), abs=1e-5)
     np.testing.assert_allclose(got + judge(PROMPTS, SECOND, FIRST), 1.0, atol=1e-12)
     # the random model is position-biased: one order alone does not satisfy the symmetry
-    one_order = judge.first_slot_probability(PROMPTS, FIRST, SECOND) + judge.first_slot_probability(PROMPTS, SECOND, FIRST)
+    one_order = (judge.first_slot_probability(PROMPTS, FIRST, SECOND)
+                 + judge.first_slot_probability(PROMPTS, SECOND, FIRST))
     assert not torch.allclose(one_order, torch.ones(3, dtype=torch.float64), atol=1e-4)
 
 
@@ -164,8 +165,8 @@ def reward_model(tokenizer):
 
 
 def independent_reward(model, tokenizer, prompt, response):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                                         tokenize=False)
+    conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         hidden = model.model(input_ids=ids).last_hidden_state[0, -1]

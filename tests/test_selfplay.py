@@ -108,6 +108,10 @@ def test_config_validation_names_the_option(tmp_path):
         small_config(tmp_path, loss="dpo").validate()
     with pytest.raises(ValueError, match="--method sppo"):
         small_config(tmp_path, method="inpo", loss="sppo").validate()
+    with pytest.raises(ValueError, match="--tau is not used by --loss spce"):
+        small_config(tmp_path, method="osp", tau=0.1).validate()
+    with pytest.raises(ValueError, match="--tau must satisfy"):
+        small_config(tmp_path, method="inpo", tau=2.0).validate()
 
 
 def test_train_arguments_per_method(tmp_path):
