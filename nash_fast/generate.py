@@ -7,8 +7,9 @@
 
 Every sample (prompt i, sample k) has its own seed, sample_seed(seed, i, k), so a response does not depend
 on which other prompts share its batch, on the batch size or on the backend's scheduling (vLLM:
-SamplingParams(seed=...); Hugging Face: one torch.Generator per row in a batched, KV-cached sampling
-loop, since model.generate draws every row from one generator). Prompts are rendered exactly as the
+SamplingParams(seed=...); Hugging Face: one torch.Generator per row, on the model's device, in a
+batched, KV-cached sampling loop, since model.generate draws every row from one generator). The same
+seed gives the same sample on the same backend and device type. Prompts are rendered exactly as the
 trainer renders them (nash_fast.data.tokenize_prompt: the chat template with the generation prompt when
 the tokenizer has one), so the policy is sampled from and trained on the same prompt tokens.
 A response is the decoded text of the new tokens up to (not including) the first end-of-sequence token
@@ -86,7 +87,7 @@ def hf_sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], seeds: Sequ
     results: list[list[int]] = []
     for start in range(0, len(prompt_ids), batch_size):
         rows = [list(r) for r in prompt_ids[start:start + batch_size]]
-        generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds[start:start + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -99,7 +100,7 @@ def hf_sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], seeds: Sequ
         new = [[] for _ in rows]
         done = [False] * len(rows)
         for _ in range(max_new_tokens):
-            logits = out.logits[:, -1].float().cpu()
+            logits = out.logits[:, -1].float()
             if temperature == 0:
                 tokens = logits.argmax(-1).tolist()
             else:

@@ -62,6 +62,8 @@ class SelfPlayConfig:
     prompt_column: str = _opt("prompt", "Column holding the prompt text.")
     num_prompts: int | None = _opt(None, "Training prompts per iteration, taken in file order after the held-out ones "
                                    "are set aside (default: all; 64 for --prompts tiny).")
+    disjoint_prompts: bool = _opt(False, "Iteration t trains on the t-th block of --num-prompts prompts (as SPPO "
+                                  "splits its prompts across iterations) instead of the same prompts every time.")
     eval_prompts: int = _opt(32, "Held-out prompts (the last ones of the file) for the per-iteration win rates.")
     # ---------------------------------------------------------------- method
     method: str = _opt("sppo", "Dataset rule: sppo (K x K win rates), inpo (O(K) tournament), osp (ranked pairing).",
@@ -188,7 +190,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load_prompts(cfg: SelfPlayConfig) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts): the last --eval-prompts rows are held out."""
+    """(training prompts, held-out prompts): distinct prompts in file order; the last --eval-prompts are
+    held out."""
     if cfg.prompts == "tiny":
         from nash_fast.data import load_tiny_prompts
 
@@ -214,13 +217,28 @@ def load_prompts(cfg: SelfPlayConfig) -> tuple[list[str], list[str]]:
             raise ValueError(f"--prompts {cfg.prompts}: row {index}: column {cfg.prompt_column!r} must be a non-empty "
                              f"string, got {value!r:.60}")
         prompts.append(value)
+    unique = list(dict.fromkeys(prompts))  # a prompt in both sets would leak the held-out evaluation
+    if len(unique) < len(prompts):
+        log(f"--prompts: {len(prompts) - len(unique)} repeated prompts counted once ({len(unique)} distinct)")
+    prompts = unique
     if len(prompts) <= cfg.eval_prompts:
         raise ValueError(f"--prompts has {len(prompts)} prompts; --eval-prompts {cfg.eval_prompts} leaves none "
                          "to train on")
     held_out = prompts[len(prompts) - cfg.eval_prompts:]
     train = prompts[: len(prompts) - cfg.eval_prompts]
-    num = cfg.resolved("num_prompts")
-    return (train[:num] if num else train), held_out
+    return train, held_out
+
+
+def iteration_prompts(cfg: SelfPlayConfig, train: list[str], t: int) -> list[str]:
+    """Iteration t's training prompts: the first --num-prompts, or with --disjoint-prompts the t-th block."""
+    num = cfg.resolved("num_prompts") or len(train)
+    if not cfg.disjoint_prompts:
+        return train[:num]
+    block = train[(t - 1) * num: t * num]
+    if len(block) < num:
+        raise ValueError(f"--disjoint-prompts: iteration {t} needs prompts {(t - 1) * num}..{t * num - 1} but only "
+                         f"{len(train)} training prompts remain after --eval-prompts {cfg.eval_prompts}")
+    return block
 
 
 # =============================================================================================== stages
@@ -576,15 +594,18 @@ def selfplay(cfg: SelfPlayConfig) -> list[dict]:
     train_prompts, held_out = load_prompts(cfg)
     prepare_initial_policy(run)
     iterations = cfg.resolved("iterations")
+    for t in range(1, iterations + 1):
+        iteration_prompts(cfg, train_prompts, t)  # not enough prompts: fail now, not in iteration t
     log(f"{iterations} iterations of {cfg.method} (loss {cfg.resolved('loss')}), K={cfg.num_samples}, "
-        f"{len(train_prompts)} training and {len(held_out)} held-out prompts, judge {cfg.judge}, output {run.root}")
+        f"{len(iteration_prompts(cfg, train_prompts, 1))} training prompts per iteration, {len(held_out)} held-out, "
+        f"judge {cfg.judge}, output {run.root}")
     for t in range(1, iterations + 1):
         for stage in STAGES:
             if run.stage_done(t, stage):
                 continue
             start = time.perf_counter()
             if stage == "generate":
-                stats = stage_generate(run, t, train_prompts)
+                stats = stage_generate(run, t, iteration_prompts(cfg, train_prompts, t))
             elif stage == "judge":
                 stats = stage_judge(run, t)
             elif stage == "build":

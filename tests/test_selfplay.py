@@ -114,6 +114,21 @@ def test_config_validation_names_the_option(tmp_path):
         small_config(tmp_path, method="inpo", tau=2.0).validate()
 
 
+def test_prompt_split(tmp_path):
+    cfg = small_config(tmp_path, num_prompts=50, eval_prompts=20, disjoint_prompts=True)
+    train, held_out = selfplay.load_prompts(cfg)
+    # the shipped file repeats some prompts: each counts once, so none is both trained on and held out
+    assert len(set(train)) == len(train) and len(held_out) == 20 and not set(train) & set(held_out)
+    assert selfplay.iteration_prompts(cfg, train, 2) == train[50:100]
+    assert len(train) < 200
+    with pytest.raises(ValueError, match="iteration 4 needs prompts 150..199"):
+        selfplay.iteration_prompts(cfg, train, 4)
+    assert selfplay.iteration_prompts(small_config(tmp_path, num_prompts=50), train, 3) == train[:50]
+    with pytest.raises(ValueError, match="row 1: column 'prompt'"):
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
+        selfplay.load_prompts(small_config(tmp_path, prompts=str(tmp_path / "bad.jsonl")))
+
+
 def test_train_arguments_per_method(tmp_path):
     run = selfplay.Run(small_config(tmp_path, method="inpo"))
     args = selfplay.train_arguments(run, 2)
