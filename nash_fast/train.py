@@ -584,6 +584,7 @@ class Run:
     total_steps: int
     forward: Any = None  # batch -> hidden states: the DeepSpeed engine, or the plain PackedBackbone
     zero0_skipped: bool = False
+    stage0_grad_norm: float | None = None
     state: TrainerState = field(default_factory=TrainerState)
 
     @property
@@ -765,6 +766,10 @@ def _train_step(run: Run) -> dict:
         loss, metrics = micro_batch_loss(run.model, batch, run.loss_fn, run.plan, forward=run.forward,
                                          autocast_dtype=autocast_dtype, backward=backward)
         if run.engine is not None:
+            if j == cfg.grad_accum - 1 and run.engine.zero_optimization_stage() == 0:
+                # Stage 0 keeps full, already all-reduced gradients in p.grad; DeepSpeed reports no norm for it.
+                grads = [p.grad.float().norm() for p in run.model.parameters() if p.grad is not None]
+                run.stage0_grad_norm = float(torch.stack(grads).norm()) if grads else None
             run.engine.step()  # applies the update at the accumulation boundary only
         for k, key in enumerate(_METRIC_KEYS):
             if key in metrics:
@@ -783,7 +788,8 @@ def _train_step(run: Run) -> dict:
         # gradient by itself (overflow). The plain fp32 stage-0 optimizer does not: _install_zero0_guard's
         # pre-step hook drops such gradients and records the skip.
         norm = run.engine.get_global_grad_norm()
-        grad_norm = None if norm is None else float(norm)
+        grad_norm = float(norm) if norm is not None else run.stage0_grad_norm
+        run.stage0_grad_norm = None
         applied = getattr(run.engine, "_step_applied", True) and not run.zero0_skipped
         run.zero0_skipped = False
     else:

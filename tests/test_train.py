@@ -301,8 +301,24 @@ DS_WORKER = textwrap.dedent(
     def worker(rank, world, port, argv):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-        from nash_fast.train import main
-        main(argv)
+        import nash_fast.train as trainer
+        poison = int(os.environ.get("POISON_LOSS_CALL", "0"))
+        if poison:  # the loss of this micro-batch call becomes NaN on the last rank
+            real = trainer.build_loss_fn
+
+            def poisoned(cfg):
+                loss_fn, calls = real(cfg), [0]
+
+                def wrapped(*args, **kwargs):
+                    calls[0] += 1
+                    loss, metrics = loss_fn(*args, **kwargs)
+                    return (loss * float("nan") if calls[0] == poison and rank == world - 1 else loss), metrics
+
+                wrapped.softcap = None
+                return wrapped
+
+            trainer.build_loss_fn = poisoned
+        trainer.main(argv)
 
     if __name__ == "__main__":
         world, port = int(sys.argv[1]), int(sys.argv[2])
@@ -319,20 +335,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def run_deepspeed(tmp_path, world, argv, **env_extra):
+    script = tmp_path / "ds_worker.py"
+    script.write_text(DS_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra}
+    result = subprocess.run([sys.executable, str(script), str(world), str(_free_port()), *argv],
+                            env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_deepspeed_zero2_two_processes_equal_one_process(tmp_path, small_data):
     """Same global batch (2 micro-batches per step): 2 gloo processes x grad_accum 1 == 1 process x grad_accum 2,
     and both match the plain (non-DeepSpeed) path within float32 rounding."""
-    script = tmp_path / "ds_worker.py"
-    script.write_text(DS_WORKER)
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     common = ["--zero-stage", "2", "--max-steps", "3", "--save-steps", "2"]
     for world, accum, name in ((2, "1", "two"), (1, "2", "one")):
-        result = subprocess.run(
-            [sys.executable, str(script), str(world), str(_free_port()),
-             *run_args(small_data, tmp_path / name, *common, "--grad-accum", accum)],
-            env=env, capture_output=True, text=True, timeout=400,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_deepspeed(tmp_path, world, run_args(small_data, tmp_path / name, *common, "--grad-accum", accum))
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     # Step 1 starts from the same weights: the same loss up to float32 rounding. Later steps differ only by
     # the order of the gradient sum (all-reduce over 2 processes vs accumulation in one).
@@ -344,6 +361,13 @@ def test_deepspeed_zero2_two_processes_equal_one_process(tmp_path, small_data):
     assert len(two) == len(one) == 3
     assert_same_weights(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), atol=1e-5)
     assert (latest_checkpoint(tmp_path / "two" / "checkpoints") / "engine").is_dir()
+
+    # 2 processes resumed from the step-2 DeepSpeed checkpoint (model, partitioned optimizer states, schedule,
+    # data position) reach the same weights as the uninterrupted 2-process run.
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "step-00000002", tmp_path / "resumed" / "checkpoints" / "step-00000002")
+    run_deepspeed(tmp_path, 2, run_args(small_data, tmp_path / "resumed", *common, "--grad-accum", "1"))
+    assert_same_weights(final_weights(tmp_path / "two"), final_weights(tmp_path / "resumed"))
+    assert read_metrics(tmp_path / "resumed")[0]["step"] == 3
 
     trainer.train(parse_config(run_args(small_data, tmp_path / "plain", "--max-steps", "3", "--grad-accum", "2")))
     plain = read_metrics(tmp_path / "plain")
@@ -414,3 +438,14 @@ def test_plot_writes_pngs(tmp_path):
 def test_example_over_token_budget_names_option_and_row(tmp_path, small_data):
     with pytest.raises(ValueError, match=r"--max-tokens 64: row \d+: its 2 sequences hold \d+ tokens"):
         trainer.train(parse_config(["--dataset", small_data, "--output-dir", str(tmp_path), "--max-tokens", "64"]))
+
+
+def test_deepspeed_non_finite_loss_on_one_rank_skips_the_step_everywhere(tmp_path, small_data):
+    """Rank 1's second micro-batch gives NaN: both ranks skip that optimizer step (ZeRO-2's overflow check sees
+    the non-finite gradient), the schedule holds, and training continues with finite weights."""
+    run_deepspeed(tmp_path, 2, run_args(small_data, tmp_path / "out", "--zero-stage", "2", "--max-steps", "3",
+                                        "--warmup-steps", "0"), POISON_LOSS_CALL="2")
+    rows = read_metrics(tmp_path / "out")
+    assert [r["skipped"] for r in rows] == [False, True, False]
+    assert rows[1]["skip_reason"] == "non-finite loss" and rows[2]["lr"] == rows[1]["lr"]
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "out").values())
