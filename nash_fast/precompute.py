@@ -51,23 +51,46 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_identity(path: Path) -> str:
+def _file_identity(path: Path, memo: dict | None = None) -> str:
     """Content hash of a weight file. Files in a Hugging Face hub cache are symlinks to blobs named by their
-    sha256 (LFS) or git hash, which identify the content without reading it."""
+    sha256 (LFS) or git hash, which identify the content without reading it. Other files are hashed once per
+    (path, size, mtime) when a memo dict is given (a 15 GB checkpoint is read once, not on every run)."""
     resolved = path.resolve()
     if path.is_symlink() and resolved.parent.name == "blobs":
         return "blob:" + resolved.name
-    return "sha256:" + _sha256_file(resolved)
+    stat = resolved.stat()
+    key = f"{resolved}:{stat.st_size}:{stat.st_mtime_ns}"
+    if memo is not None and key in memo:
+        return memo[key]
+    identity = "sha256:" + _sha256_file(resolved)
+    if memo is not None:
+        memo[key] = identity
+    return identity
 
 
-def directory_fingerprint(directory: str | os.PathLike) -> str:
-    """sha256 over config.json and every weight file (name + content identity) of a model directory."""
+def directory_fingerprint(directory: str | os.PathLike, memo_file: str | os.PathLike | None = None) -> str:
+    """sha256 over config.json and every weight file (name + content identity) of a model directory.
+    memo_file: a JSON file remembering file hashes by (path, size, mtime)."""
     directory = Path(directory)
+    memo = None
+    if memo_file is not None:
+        try:
+            with open(memo_file) as f:
+                memo = json.load(f)
+        except (OSError, ValueError):
+            memo = {}
+    before = dict(memo) if memo is not None else None
     digest = hashlib.sha256()
     for path in sorted(directory.iterdir()):
         if path.name == "config.json" or path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
             digest.update(path.name.encode())
-            digest.update(_file_identity(path).encode())
+            digest.update(_file_identity(path, memo).encode())
+    if memo is not None and memo != before:
+        Path(memo_file).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{memo_file}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, memo_file)
     return digest.hexdigest()
 
 
@@ -96,12 +119,13 @@ def resolve_model_directory(name_or_path: str) -> Path | None:
         return None
 
 
-def model_fingerprint(name_or_path: str, model: torch.nn.Module | None = None) -> str:
-    """Fingerprint of a model given by name or path, from its files when they are local (cheap: no load),
+def model_fingerprint(name_or_path: str, model: torch.nn.Module | None = None, *,
+                      memo_file: str | os.PathLike | None = None) -> str:
+    """Fingerprint of a model given by name or path, from its files when they are local (no load),
     else from an already loaded model's state dict."""
     directory = resolve_model_directory(name_or_path) if name_or_path != "tiny" else None
     if directory is not None:
-        return "dir:" + directory_fingerprint(directory)
+        return "dir:" + directory_fingerprint(directory, memo_file)
     if model is None:
         raise ValueError(f"model {name_or_path!r}: no local files to fingerprint; pass the loaded model")
     return "weights:" + state_dict_fingerprint(model)
@@ -190,7 +214,9 @@ def cached_sequence_logprobs(
     Returns (per-example log-probs, hit). On a miss the model is loaded, used and released.
     """
     model = None
-    model_key = model_fingerprint(model_name, None) if model_name != "tiny" and resolve_model_directory(model_name) else None
+    memo_file = Path(cache_dir) / "file_hashes.json" if rank == 0 else None
+    model_key = (model_fingerprint(model_name, None, memo_file=memo_file)
+                 if model_name != "tiny" and resolve_model_directory(model_name) else None)
     if model_key is None:  # nothing on disk to hash (tiny, or a model only loadable by code): hash its weights
         model = load_model()
         model_key = model_fingerprint(model_name, model)

@@ -2,6 +2,7 @@
 rerun and misses when the model, the data or a setting that changes the numbers changes."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -122,5 +123,11 @@ def test_fingerprints(tmp_path, tokenizer, examples):
     first = model_fingerprint(str(tmp_path / "a"))
     a.save_pretrained(tmp_path / "a")
     assert model_fingerprint(str(tmp_path / "a")) != first
+    # The hash memo: a second fingerprint reads the memo, and a rewritten file (new mtime) is hashed again.
+    memo = tmp_path / "memo.json"
+    first = model_fingerprint(str(tmp_path / "a"), memo_file=memo)
+    assert json.loads(memo.read_text()) and model_fingerprint(str(tmp_path / "a"), memo_file=memo) == first
+    b.save_pretrained(tmp_path / "a")
+    assert model_fingerprint(str(tmp_path / "a"), memo_file=memo) == model_fingerprint(str(tmp_path / "a")) != first
     assert data_fingerprint(examples, augment=False) != data_fingerprint(examples, augment=True)
     assert data_fingerprint(examples, augment=False) != data_fingerprint(examples[::-1], augment=False)

@@ -449,3 +449,23 @@ def test_deepspeed_non_finite_loss_on_one_rank_skips_the_step_everywhere(tmp_pat
     assert [r["skipped"] for r in rows] == [False, True, False]
     assert rows[1]["skip_reason"] == "non-finite loss" and rows[2]["lr"] == rows[1]["lr"]
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "out").values())
+
+
+def test_sppo_all_responses_groups(tmp_path):
+    """K-response records (SPPO eq. 4.7 with every sampled response and its win rate) train with --loss sppo;
+    other losses refuse them by name."""
+    records = load_tiny_preferences()[:10]
+    path = tmp_path / "groups.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], r["chosen"] + " Done."],
+                                        "winrates": [r["chosen_winrate"], r["rejected_winrate"], 0.5]}) + "\n" for r in records))
+    trainer.train(parse_config(run_args(str(path), tmp_path / "out", "--max-steps", "2")))
+    rows = read_metrics(tmp_path / "out")
+    assert len(rows) == 2 and rows[0]["logratio"] == pytest.approx(0.0, abs=1e-4)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["logratio"], r["grad_norm"]])).all() for r in rows)
+    with pytest.raises(ValueError, match="only --loss sppo"):
+        trainer.load_records(parse_config(["--dataset", str(path), "--loss", "dpo"]))
+    bad = path.read_text().splitlines()
+    bad[4] = json.dumps({"prompt": "p", "responses": ["a", "b"], "winrates": [0.5]})
+    path.write_text("\n".join(bad) + "\n")
+    with pytest.raises(ValueError, match=r"row 4: column 'winrates' must list one win rate per response"):
+        trainer.load_records(parse_config(["--dataset", str(path)]))
