@@ -27,7 +27,14 @@ Every option is a field of nash_fast.config.TrainConfig (see --help). The run, t
 5. Output (OUTPUT_DIR): metrics.jsonl (one line per step), checkpoints/step-N/, final/
    (save_pretrained model + tokenizer), plots/*.png, tensorboard/ when tensorboard is installed.
 
-Multi-process runs need DeepSpeed (--deepspeed FILE or --zero-stage N); on CPU, DeepSpeed uses gloo.
+Multi-process runs need DeepSpeed (--deepspeed FILE or --zero-stage N). One packed row is one micro-batch
+(train_micro_batch_size_per_gpu = 1; its size is --max-tokens), the global batch is W x --grad-accum rows.
+DeepSpeed runs on CPU too (gloo backend, torch optimizers): tests/test_train.py checks that 2 CPU processes
+with ZeRO-2 match 1 process with twice the accumulation, and that a resumed 2-process run is bitwise the
+uninterrupted one. The backbone runs through the engine's forward (ZeRO counts micro-steps there), the LM
+head weight is gathered around the fused loss and its backward (nash_fast.model.gathered_lm_head), and a
+non-finite loss on any rank becomes a non-finite gradient everywhere so ZeRO's overflow check skips the step
+on all ranks. The precompute pass loads each frozen model whole on every process (no ZeRO-3 partitioning).
 """
 
 from __future__ import annotations
