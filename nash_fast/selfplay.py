@@ -14,7 +14,8 @@ Iteration t = 1, 2, ... (SPPO Algorithm 1, INPO Algorithm 1, OSP Algorithm 1):
                sppo: reference pi_t (eq. 4.7, win rates as targets)
                inpo: reference pi_ref = pi_1, previous iterate pi_t, both precomputed (eq. 8)
                osp:  SPCE with reference pi_1 (OSP eq. 9)                     -> iter_t/train/final/
-  5. evaluate  one response per held-out prompt from pi_{t+1} (same seed per prompt for every policy);
+  5. evaluate  --eval-samples responses per held-out prompt from pi_{t+1} (the same seeds for every
+               policy, so comparisons are paired);
                win rate of pi_{t+1} against pi_t and against pi_1 under the judge, mean response length
                                                                               -> eval/policy_{t+1}.jsonl
 Every stage writes its artifact atomically and then marks itself done in iter_t/manifest.json with its
@@ -64,6 +65,7 @@ class SelfPlayConfig:
                                    "are set aside (default: all; 64 for --prompts tiny).")
     disjoint_prompts: bool = _opt(False, "Iteration t trains on the t-th block of --num-prompts prompts (as SPPO "
                                   "splits its prompts across iterations) instead of the same prompts every time.")
+    eval_samples: int = _opt(4, "Responses per held-out prompt and policy for the win rates.")
     eval_prompts: int = _opt(32, "Held-out prompts (the last ones of the file) for the per-iteration win rates.")
     # ---------------------------------------------------------------- method
     method: str = _opt("sppo", "Dataset rule: sppo (K x K win rates), inpo (O(K) tournament), osp (ranked pairing).",
@@ -137,7 +139,7 @@ class SelfPlayConfig:
         if self.num_samples < 2:
             raise ValueError(f"--num-samples (K) must be >= 2: the dataset rules compare responses; "
                              f"got {self.num_samples}")
-        for name in ("iterations", "num_prompts", "max_new_tokens", "eval_prompts", "max_tokens",
+        for name in ("iterations", "num_prompts", "max_new_tokens", "eval_prompts", "eval_samples", "max_tokens",
                      "tensor_parallel_size", "generation_batch_size", "judge_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -437,18 +439,24 @@ def stage_train(run: Run, t: int) -> dict:
     return {"train_args": argv, "steps": last.get("step"), "last_loss": last.get("loss")}
 
 
-def eval_responses(run: Run, t: int, held_out: list[str]) -> list[str]:
-    """pi_t's response to each held-out prompt (cached in eval/policy_t.jsonl); every policy uses the
-    same per-prompt seeds, so the comparison is paired."""
+def eval_responses(run: Run, t: int, held_out: list[str]) -> list[list[str]]:
+    """pi_t's --eval-samples responses to each held-out prompt (cached in eval/policy_t.jsonl); every
+    policy uses the same per-sample seeds, so comparisons are paired sample by sample."""
     path = run.root / "eval" / f"policy_{t}.jsonl"
+    n = run.cfg.eval_samples
     if path.is_file():
         rows = read_jsonl(path)
-        if [r["prompt"] for r in rows] == held_out:
-            return [r["response"] for r in rows]
-    groups = sample(run, run.policy(t), held_out, num_samples=1, seed=run.cfg.seed + 999_983)
-    responses = [g[0] for g in groups]
-    write_jsonl_atomic(path, [{"prompt": p, "response": r} for p, r in zip(held_out, responses)])
-    return responses
+        if [r["prompt"] for r in rows] == held_out and all(len(r["responses"]) == n for r in rows):
+            return [r["responses"] for r in rows]
+    groups = sample(run, run.policy(t), held_out, num_samples=n, seed=run.cfg.seed + 999_983)
+    write_jsonl_atomic(path, [{"prompt": p, "responses": g} for p, g in zip(held_out, groups)])
+    return groups
+
+
+def win_rate(judge, prompts: list[str], first: list[list[str]], second: list[list[str]]) -> float:
+    """Mean over prompts and paired samples k of P(first[i][k] > second[i][k] | prompt i)."""
+    flat = [(p, a, b) for p, firsts, seconds in zip(prompts, first, second) for a, b in zip(firsts, seconds)]
+    return float(sum(judge(*map(list, zip(*flat)))) / len(flat))
 
 
 def stage_evaluate(run: Run, t: int, held_out: list[str]) -> dict:
@@ -456,10 +464,9 @@ def stage_evaluate(run: Run, t: int, held_out: list[str]) -> dict:
     previous = eval_responses(run, t, held_out)
     initial = eval_responses(run, 1, held_out)
     judge = run.judge()
-    vs_previous = float(judge(held_out, new, previous).mean())
-    vs_initial = float(judge(held_out, new, initial).mean())
-    stats = {"win_rate_vs_previous": vs_previous, "win_rate_vs_initial": vs_initial,
-             "mean_response_tokens": mean_tokens(run, new), "policy": run.policy(t + 1)}
+    stats = {"win_rate_vs_previous": win_rate(judge, held_out, new, previous),
+             "win_rate_vs_initial": win_rate(judge, held_out, new, initial),
+             "mean_response_tokens": mean_tokens(run, [r for g in new for r in g]), "policy": run.policy(t + 1)}
     write_json_atomic(run.iter_dir(t) / "evaluation.json", stats)
     return stats
 

@@ -67,6 +67,12 @@ def test_generate_cli_matches_in_process(tmp_path, tiny):
         model, PROMPTS, num_samples=2, seed=3, max_new_tokens=8, tokenizer=tokenizer)
 
 
+def test_win_rate_pairs_samples():
+    judge = lambda prompts, a, b: [1.0 if len(x) > len(y) else 0.0 for x, y in zip(a, b)]  # noqa: E731
+    got = selfplay.win_rate(judge, ["p", "q"], [["aa", "a"], ["b", "bbb"]], [["a", "aa"], ["bb", "b"]])
+    assert got == (1 + 0 + 0 + 1) / 4
+
+
 def test_top_p_filter_hand_worked():
     probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])
     # sorted 0.5, 0.25, 0.15, 0.1: mass before each 0, 0.5, 0.75, 0.9 -> top_p 0.7 keeps 0.5 and 0.25
@@ -93,7 +99,8 @@ def test_generation_arguments_are_checked(tiny):
 
 
 def small_config(tmp_path, **overrides):
-    options = dict(output_dir=str(tmp_path / "run"), num_prompts=6, eval_prompts=4, num_samples=3, max_new_tokens=8,
+    options = dict(output_dir=str(tmp_path / "run"), num_prompts=6, eval_prompts=4, eval_samples=2, num_samples=3,
+                   max_new_tokens=8,
                    iterations=1, train_args="--max-steps 2 --plot false")
     options.update(overrides)
     return selfplay.SelfPlayConfig(**options)
@@ -218,7 +225,8 @@ def test_resume_after_a_crash_in_each_stage(tmp_path, monkeypatch):
     dataset = [json.loads(line) for line in (root / "iter_2" / "dataset.jsonl").read_text().splitlines()]
     assert dataset and all(len(r["responses"]) == 2 and r["winrates"][0] > r["winrates"][1] for r in dataset)
     assert (root / "iter_2" / "train" / "final" / "config.json").is_file()
-    assert len((root / "eval" / "policy_3.jsonl").read_text().splitlines()) == 4
+    evaluation = [json.loads(line) for line in (root / "eval" / "policy_3.jsonl").read_text().splitlines()]
+    assert len(evaluation) == 4 and all(len(r["responses"]) == 2 for r in evaluation)
     assert json.loads((root / "report.json").read_text()) == rows
     ET.fromstring((root / "report.svg").read_text())  # well-formed plot
     assert "| 2 |" in (root / "report.md").read_text()
