@@ -56,7 +56,6 @@ import torch
 
 from nash_fast.checkpoint import (
     checkpoint_name,
-    checkpoint_step,
     is_complete,
     latest_checkpoint,
     remove_checkpoints,

@@ -1,6 +1,5 @@
 """Atomic checkpoints: complete-or-absent under crashes (exception mid-save, kill -9 mid-save), keep last K."""
 
-import os
 import signal
 import subprocess
 import sys
