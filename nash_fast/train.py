@@ -380,9 +380,15 @@ class Dist:
             torch.distributed.barrier()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce of a CPU tensor (through the GPU when the backend is NCCL, which has no CPU path)."""
         if self.world_size > 1:
             reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
-            torch.distributed.all_reduce(tensor, op=reduce_op)
+            if torch.distributed.get_backend() == "nccl":
+                on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+                torch.distributed.all_reduce(on_device, op=reduce_op)
+                tensor.copy_(on_device.cpu())
+            else:
+                torch.distributed.all_reduce(tensor, op=reduce_op)
         return tensor
 
 
