@@ -66,6 +66,14 @@ def check_packable(model) -> None:
                 f"{name}: multimodal rotary embeddings (M-RoPE, 3-D position ids) cannot be packed with "
                 "per-sequence 1-D position ids"
             )
+    # Some M-RoPE models (Qwen2-VL's text model) keep mrope_section only as a rotary-module default.
+    if "mrope" in str(getattr(config, "model_type", "")) or any(
+        hasattr(module, "mrope_section") for module in model.modules()
+    ):
+        raise ValueError(
+            f"{name}: multimodal rotary embeddings (M-RoPE, 3-D position ids) cannot be packed with "
+            "per-sequence 1-D position ids"
+        )
     if getattr(config, "is_causal", True) is False or getattr(config, "use_bidirectional_attention", False):
         raise ValueError(f"{name}: bidirectional attention is not a causal LM; packing needs causal attention")
     if getattr(config, "attention_chunk_size", None):
