@@ -18,6 +18,10 @@ same plan from the recorded comparisons, so the dataset is a pure function of th
           (0, 1), (2, 3), ...; winners play winners and losers play losers until one best y_w and one
           worst y_l remain (an unpaired response plays in both brackets); a tie (P = 1/2) goes to the
           first; keep (y_w, y_l) only if P(y_w > y_l) > 1/2. K = 8 takes 4 + 3 + 3 + 1 = 11 comparisons.
+    pairs (INPO Algorithm 1 as analysed, eq. 8): consecutive pairs (0, 1), (2, 3), ... of the K samples
+          (independent draws from pi_t), one comparison each, the winner drawn from Bernoulli(P) with a
+          seed per (prompt, pair): an unbiased sample of INPO's population loss, which best-vs-worst
+          selection is not (see nash_fast.nash). K // 2 comparisons and pairs (an odd last one unused).
     osp   (OSP Sec. 3.2, ranked pairing): rank by P(y > empty response) (ties by index), pair the
           highest with the lowest, the second highest with the second lowest, ...: K // 2 pairs, each
           with the soft target preference P(y_h > y_l) (used as is, even when below 1/2).
@@ -32,13 +36,14 @@ record is counted by reason in the build statistics (nothing is dropped silently
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from typing import Callable, Generator, Sequence
 
 import numpy as np
 
 EMPTY = -1  # index of the blank baseline response in OSP's ranked pairing
-METHODS = ("sppo", "inpo", "osp")
+METHODS = ("sppo", "inpo", "pairs", "osp")
 SPPO_MODES = ("best_worst", "pair", "all")
 
 Plan = Generator[list, list, dict]
@@ -108,7 +113,22 @@ def osp_plan(K: int) -> Plan:
             "pairs": [(h, l, float(p)) for (h, l), p in zip(pairs, probs)]}
 
 
-PLANS: dict[str, Callable[[int], Plan]] = {"sppo": sppo_plan, "inpo": inpo_plan, "osp": osp_plan}
+def pairs_plan(K: int) -> Plan:
+    """Consecutive pairs; returns {"pairs": [(i, j, P(y_i > y_j)), ...]} (K // 2 pairs)."""
+    _check_k(K)
+    pairs = [(k, k + 1) for k in range(0, K - 1, 2)]
+    probs = yield pairs
+    return {"pairs": [(i, j, float(p)) for (i, j), p in zip(pairs, probs)]}
+
+
+def bernoulli_draw(seed: int, prompt: str, pair_index: int) -> float:
+    """A uniform [0, 1) number fixed by (seed, prompt, pair index): the records are reproducible."""
+    digest = np.frombuffer(hashlib.sha256(prompt.encode("utf-8")).digest(), dtype=np.uint32)
+    return float(np.random.default_rng([seed, pair_index, *digest.tolist()]).random())
+
+
+PLANS: dict[str, Callable[[int], Plan]] = {"sppo": sppo_plan, "inpo": inpo_plan, "pairs": pairs_plan,
+                                            "osp": osp_plan}
 
 
 def comparisons_needed(method: str, K: int) -> int:
@@ -117,6 +137,8 @@ def comparisons_needed(method: str, K: int) -> int:
         return K * (K - 1) // 2
     if method == "osp":
         return K + K // 2
+    if method == "pairs":
+        return K // 2
     m = (K + 1) // 2
     return K // 2 + 2 * (m - 1) + 1
 
@@ -205,8 +227,9 @@ def replay(method: str, judgment: dict) -> dict:
 # --------------------------------------------------------------------------- records
 
 
-def build_records(method: str, judgments: Sequence[dict], *, sppo_mode: str = "best_worst"):
-    """Training records (nash_fast.data's pair or K-group form) and statistics, from judgments.
+def build_records(method: str, judgments: Sequence[dict], *, sppo_mode: str = "best_worst", seed: int = 0):
+    """Training records (nash_fast.data's pair or K-group form) and statistics, from judgments
+    (`seed` fixes the "pairs" rule's Bernoulli draws).
 
     Returns (records, stats) with stats = {"prompts", "records", "skipped": {reason: count}}."""
     if sppo_mode not in SPPO_MODES:
@@ -250,6 +273,12 @@ def build_records(method: str, judgments: Sequence[dict], *, sppo_mode: str = "b
                 continue
             pair(prompt, responses[selection["best"]], responses[selection["worst"]],
                  preference=selection["preference"])
+        elif method == "pairs":
+            for k, (i, j, prob) in enumerate(selection["pairs"]):
+                if bernoulli_draw(seed, prompt, k) < prob:
+                    pair(prompt, responses[i], responses[j], preference=prob)
+                else:
+                    pair(prompt, responses[j], responses[i], preference=1.0 - prob)
         else:
             for high, low, prob in selection["pairs"]:
                 pair(prompt, responses[high], responses[low], preference=prob)

@@ -232,16 +232,10 @@ def _rule_records(P: np.ndarray, pi_t: np.ndarray, rule: str, *, groups: int, K:
 
     samples = rng.choice(len(pi_t), size=(groups, K), p=pi_t)
     judge = lambda prompts, a, b: [P[int(x), int(y)] for x, y in zip(a, b)]  # noqa: E731
-    judgments = build.judge_groups(judge, rule, ["x"] * groups, [[str(y) for y in row] for row in samples])
-    records, _ = build.build_records(rule, judgments)
+    prompts = [f"x{g}" for g in range(groups)]  # distinct prompts: the "pairs" rule seeds its draws by prompt
+    judgments = build.judge_groups(judge, rule, prompts, [[str(y) for y in row] for row in samples])
+    records, _ = build.build_records(rule, judgments, seed=int(rng.integers(2**31)))
     return records
-
-
-def _random_pairs(P: np.ndarray, pi_t: np.ndarray, *, count: int, rng):
-    """INPO Algorithm 1 as analysed (eq. 8): y, y' ~ pi_t, winner drawn from P(y > y')."""
-    y = rng.choice(len(pi_t), size=(count, 2), p=pi_t)
-    first_wins = rng.random(count) < P[y[:, 0], y[:, 1]]
-    return np.where(first_wins, y[:, 0], y[:, 1]), np.where(first_wins, y[:, 1], y[:, 0])
 
 
 def sampled_step(P, logits_t, logits_ref, method: str, *, groups: int, K: int, rng, eta: float, tau: float,
@@ -250,8 +244,9 @@ def sampled_step(P, logits_t, logits_ref, method: str, *, groups: int, K: int, r
 
     sppo: nash_fast.build's SPPO rule: the best and worst of K responses with their estimated win rates
           (1/K) sum_k P(y > y_k) (Algorithm 1, eq. 4.7);
-    inpo, dpo: pairs="random": groups * K // 2 pairs y, y' ~ pi_t with the winner drawn from P (INPO
-          Algorithm 1 and its population loss, eq. 8); pairs="tournament": nash_fast.build's INPO rule,
+    inpo, dpo: pairs="random": nash_fast.build's "pairs" rule, K // 2 pairs per group of independent
+          samples of pi_t with the winner drawn from P (INPO Algorithm 1 and its population loss,
+          eq. 8); pairs="tournament": nash_fast.build's "inpo" rule,
           the best-vs-worst of K by an O(K) tournament (INPO's experiments, after Dong et al.), which is
           not an unbiased sample of eq. 8 (Proposition 6 needs y, y' ~ pi_t).
     No records (every group skipped) keeps pi_t."""
@@ -270,16 +265,13 @@ def sampled_step(P, logits_t, logits_ref, method: str, *, groups: int, K: int, r
             return losses.sppo_loss(logp[idx], logp_t[idx], winrate, eta=eta).mean()
 
         return _minimise(objective, logits_t)
-    if pairs == "random":
-        w, l = (torch.as_tensor(a) for a in _random_pairs(P, pi_t, count=groups * K // 2, rng=rng))
-    elif pairs == "tournament":
-        records = _rule_records(P, pi_t, "inpo", groups=groups, K=K, rng=rng)
-        if not records:
-            return logits_t.clone()
-        w = torch.tensor([int(r["chosen"]) for r in records])
-        l = torch.tensor([int(r["rejected"]) for r in records])  # noqa: E741
-    else:
+    if pairs not in ("random", "tournament"):
         raise ValueError(f"pairs must be 'random' or 'tournament', got {pairs!r}")
+    records = _rule_records(P, pi_t, "pairs" if pairs == "random" else "inpo", groups=groups, K=K, rng=rng)
+    if not records:
+        return logits_t.clone()
+    w = torch.tensor([int(r["chosen"]) for r in records])
+    l = torch.tensor([int(r["rejected"]) for r in records])  # noqa: E741
 
     def objective(theta):
         logp = torch.log_softmax(theta, -1)

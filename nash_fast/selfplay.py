@@ -42,7 +42,7 @@ from typing import Sequence
 
 from nash_fast import build as build_rules
 
-METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "osp": "spce"}
+METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "pairs": "inpo", "osp": "spce"}
 PAIR_LOSSES = ("inpo", "ipo", "dpo", "spce")
 # Options that may change between a run and its resumption (execution details, or extending the run).
 RESUMABLE_CHANGES = ("iterations", "backend", "tensor_parallel_size", "generation_batch_size", "judge_batch_size",
@@ -68,10 +68,11 @@ class SelfPlayConfig:
     eval_samples: int = _opt(4, "Responses per held-out prompt and policy for the win rates.")
     eval_prompts: int = _opt(32, "Held-out prompts (the last ones of the file) for the per-iteration win rates.")
     # ---------------------------------------------------------------- method
-    method: str = _opt("sppo", "Dataset rule: sppo (K x K win rates), inpo (O(K) tournament), osp (ranked pairing).",
+    method: str = _opt("sppo", "Dataset rule: sppo (K x K win rates), inpo (O(K) best-vs-worst tournament), pairs "
+                       "(INPO Algorithm 1: K // 2 independent pairs, winner drawn from P), osp (ranked pairing).",
                        choices=tuple(METHOD_LOSS))
-    loss: str | None = _opt(None, "Training loss (default: sppo -> sppo, inpo -> inpo, osp -> spce). The pair "
-                            "rules also train ipo/dpo (iterative IPO/DPO baselines).",
+    loss: str | None = _opt(None, "Training loss (default: sppo -> sppo, inpo and pairs -> inpo, osp -> spce). "
+                            "The pair rules also train ipo/dpo (iterative IPO/DPO baselines).",
                             choices=("sppo", "inpo", "ipo", "dpo", "spce"))
     sppo_mode: str = _opt("best_worst", "SPPO records: best_worst (the best and worst response with their win "
                           "rates, eq. 4.7), pair (chosen/rejected with P(best > worst), eq. 4.8), all (every "
@@ -384,7 +385,8 @@ def stage_judge(run: Run, t: int) -> dict:
 
 def stage_build(run: Run, t: int) -> dict:
     judgments = read_jsonl(run.iter_dir(t) / "judgments.jsonl")
-    records, stats = build_rules.build_records(run.cfg.method, judgments, sppo_mode=run.cfg.sppo_mode)
+    records, stats = build_rules.build_records(run.cfg.method, judgments, sppo_mode=run.cfg.sppo_mode,
+                                               seed=run.cfg.seed + t)
     if not records:
         raise RuntimeError(f"iteration {t}: the {run.cfg.method} rule kept no training record from "
                            f"{stats['prompts']} prompts (skipped: {stats['skipped']}); more prompts or a larger "

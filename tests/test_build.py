@@ -145,6 +145,27 @@ def test_osp_ranked_pairing_hand_worked():
     assert stats["skipped"] == {}
 
 
+# ------------------------------------------------------------------ INPO Algorithm-1 pairs
+
+
+def test_random_pairs_rule_draws_the_winner_from_the_preference():
+    P = skew({(0, 1): 0.9, (2, 3): 0.2, (0, 2): 0.5, (0, 3): 0.5, (1, 2): 0.5, (1, 3): 0.5})
+    prompts = [f"prompt {n}" for n in range(400)]
+    judge = MatrixJudge(P)
+    judgments = build.judge_groups(judge, "pairs", prompts, [names(5)] * len(prompts))
+    assert len(judge.queries) == 2 * len(prompts) == build.comparisons_needed("pairs", 5) * len(prompts)
+    records, stats = build.build_records("pairs", judgments, seed=3)
+    assert len(records) == 2 * len(prompts) and stats["skipped"] == {}
+    first = [r for r in records if {r["chosen"], r["rejected"]} == {"r0", "r1"}]
+    second = [r for r in records if {r["chosen"], r["rejected"]} == {"r2", "r3"}]
+    # P(r0 wins) = 0.9, P(r2 wins) = 0.2: binomial frequencies within 4 standard deviations
+    assert abs(sum(r["chosen"] == "r0" for r in first) / 400 - 0.9) < 4 * (0.09 / 400) ** 0.5
+    assert abs(sum(r["chosen"] == "r2" for r in second) / 400 - 0.2) < 4 * (0.16 / 400) ** 0.5
+    assert all(r["preference"] == pytest.approx(P[int(r["chosen"][1]), int(r["rejected"][1])]) for r in records)
+    assert build.build_records("pairs", judgments, seed=3) == (records, stats)  # reproducible
+    assert build.build_records("pairs", judgments, seed=4)[0] != records
+
+
 # ------------------------------------------------------------------ bad input and integration
 
 
@@ -176,7 +197,7 @@ def test_records_are_accepted_by_the_tokenizer_pipeline():
     P = skew({(0, 1): 0.8, (0, 2): 0.7, (1, 2): 0.6})
     groups = [["Yes.", "No way.", "Maybe so."]]
     for method, mode in [("sppo", "best_worst"), ("sppo", "pair"), ("sppo", "all"), ("inpo", "best_worst"),
-                         ("osp", "best_worst")]:
+                         ("pairs", "best_worst"), ("osp", "best_worst")]:
         judge = lambda prompts, a, b: [P[groups[0].index(x), groups[0].index(y)] if y else 0.5 for x, y in zip(a, b)]
         judgments = build.judge_groups(judge, method, ["Is it?"], groups)
         records, _ = build.build_records(method, judgments, sppo_mode=mode)

@@ -236,17 +236,17 @@ def test_resume_after_a_crash_in_each_stage(tmp_path, monkeypatch):
         selfplay.selfplay(small_config(tmp_path, method="inpo"))
 
 
-@pytest.mark.parametrize("method, judge", [("inpo", "offline"), ("osp", "self")])
+@pytest.mark.parametrize("method, judge", [("inpo", "offline"), ("pairs", "offline"), ("osp", "self")])
 def test_inpo_and_osp_iterations(tmp_path, method, judge):
     (rows,) = selfplay.selfplay(small_config(tmp_path, method=method, judge=judge, num_samples=4))
     assert 0.0 <= rows["win_rate_vs_initial"] <= 1.0
     manifest = json.loads((tmp_path / "run" / "iter_1" / "manifest.json").read_text())
     # INPO's tournament: K // 2 + 2 (ceil(K / 2) - 1) + 1 = 5 comparisons at most; OSP: K + K // 2 = 6
-    per_prompt = {"inpo": 5, "osp": 6}[method]
+    per_prompt = {"inpo": 5, "pairs": 2, "osp": 6}[method]
     assert manifest["stages"]["judge"]["judge_queries"] <= 6 * per_prompt
     dataset = [json.loads(line) for line in (tmp_path / "run" / "iter_1" / "dataset.jsonl").read_text().splitlines()]
     assert dataset and all({"chosen", "rejected", "preference"} <= set(r) for r in dataset)
-    if method == "osp":
+    if method in ("osp", "pairs"):
         assert manifest["stages"]["judge"]["judge_queries"] == 6 * per_prompt
         assert len(dataset) + sum(manifest["stages"]["build"]["skipped"].values()) == 6 * 2  # K // 2 pairs
     assert "--loss" in manifest["stages"]["train"]["train_args"]
