@@ -105,6 +105,9 @@ def test_no_leakage_between_sequences():
             assert after[victim] != before[victim]
 
 
+MISTRAL = build_tiny_model(VOCAB, family="mistral", sliding_window=8, seed=3)
+
+
 @settings(max_examples=8)
 @given(
     lengths=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 3), st.integers(1, 3)), min_size=1, max_size=3),
@@ -126,9 +129,6 @@ def test_random_lengths_match_alone(lengths, augment, seed):
     batch = PackedPreferenceCollator(augment=augment)(examples)
     with torch.no_grad():
         assert relative_error(packed_sequence_logprobs(MISTRAL, batch), alone_logprobs(MISTRAL, batch)) <= 1e-4
-
-
-MISTRAL = build_tiny_model(VOCAB, family="mistral", sliding_window=8, seed=3)
 
 
 @pytest.mark.parametrize("family,overrides", [FAMILIES[1], FAMILIES[3], FAMILIES[6]], ids=["eager", "qwen2-mixed", "gemma2"])

@@ -21,6 +21,11 @@ response followed by EOS). The prompt-augmented query is literal token concatena
 reference implementation (Appendix: p + x = torch.cat([p, x])): aug_prompt_ids are the aug_prompt's tokens
 without special tokens.
 
+Prompt and response are tokenized separately (as TRL's DPO trainer does), so a BPE merge across the
+prompt/response boundary never happens; with a chat template the boundary falls right after the generation
+prompt, where templates end with a newline or a special token. A template that renders the prompt differently
+once an assistant turn follows (so the prompt is not a prefix of the conversation) raises ValueError.
+
 Nothing is truncated: a record whose tokens exceed max_length raises ValueError naming the record.
 Other keys of a record (e.g. "task", ids) are copied unchanged into the example.
 """
