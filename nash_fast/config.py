@@ -110,6 +110,9 @@ class TrainConfig:
     bf16: bool = _opt(False, "Train in bfloat16 (DeepSpeed bf16 mode, or autocast on the plain path).")
     gradient_checkpointing: bool = _opt(False, "Recompute the backbone's activations in backward.")
     device: str = _opt("auto", "auto (cuda when available), cpu or cuda.", choices=("auto", "cpu", "cuda"))
+    cpu_threads: int | None = _opt(None, "torch intra-op threads (default: 1 for --model tiny on CPU, where per-op "
+                                   "overhead dominates and more threads only contend with other processes; "
+                                   "torch's own default otherwise).")
     # ---------------------------------------------------------------- DeepSpeed
     deepspeed: str | None = _opt(None, "DeepSpeed JSON config file; its 'auto' values are filled from these flags. "
                                  "Giving it (or --zero-stage) routes training through the DeepSpeed engine.")
@@ -194,7 +197,7 @@ class TrainConfig:
             if value is not None and (value < 0 or (value == 0 and not allow_zero)):
                 raise ValueError(f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
-        for name in ("lr", "max_tokens", "grad_accum", "max_steps", "num_epochs", "save_total_limit",
+        for name in ("lr", "max_tokens", "grad_accum", "max_steps", "num_epochs", "save_total_limit", "cpu_threads",
                      "max_consecutive_bad_steps", "precompute_max_tokens", "max_length", "optimizer_eps",
                      "beta", "eta"):
             positive(name)

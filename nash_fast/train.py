@@ -884,8 +884,20 @@ class _Termination:
 
 def train(cfg: TrainConfig) -> dict:
     """Run training per cfg; returns a summary (paths, steps, last metrics)."""
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)  # train() may run inside a larger program (selfplay, tests)
+
+
+def _train(cfg: TrainConfig) -> dict:
     dist = setup_distributed(cfg)
     device = select_device(cfg, dist)
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
+    elif cfg.model == "tiny" and device.type == "cpu":
+        torch.set_num_threads(1)
     output_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
 

@@ -62,6 +62,7 @@ def test_help_documents_every_option(capsys):
         (["--warmup-ratio", "1.5"], "--warmup-ratio"),
         (["--adam-beta2", "1.0"], "--adam-beta2"),
         (["--save-total-limit", "0"], "--save-total-limit"),
+        (["--cpu-threads", "0"], "--cpu-threads"),
         (["--loss", "inpo", "--tau", "0.1"], "--eta"),
         (["--loss", "inpo", "--eta", "1.0", "--tau", "2.0"], "--tau"),
         (["--loss", "sr_dpo"], "--lam"),

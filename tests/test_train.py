@@ -70,8 +70,10 @@ def assert_same_weights(a, b, atol=0.0):
 
 @pytest.mark.parametrize("loss", sorted(LOSS_FLAGS))
 def test_every_loss_end_to_end(tmp_path, small_data, loss):
+    threads = torch.get_num_threads()
     summary = trainer.train(parse_config(run_args(small_data, tmp_path, "--loss", loss, *LOSS_FLAGS[loss],
                                                   "--max-steps", "3", "--save-steps", "2")))
+    assert torch.get_num_threads() == threads  # the tiny run's single thread does not leak to the caller
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3] and summary["steps"] == 3
     for row in rows:
