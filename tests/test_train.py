@@ -471,3 +471,29 @@ def test_sppo_all_responses_groups(tmp_path):
     path.write_text("\n".join(bad) + "\n")
     with pytest.raises(ValueError, match=r"row 4: column 'winrates' must list one win rate per response"):
         trainer.load_records(parse_config(["--dataset", str(path)]))
+
+
+def test_embedded_default_without_arguments(tmp_path):
+    """`python -m nash_fast.train` with no arguments: tiny model, shipped data, SPPO, CPU; the loss falls and
+    the printout says where metrics, plots and the model are."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "CUDA_VISIBLE_DEVICES": ""}
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "nash_fast.train"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    elapsed = time.time() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "outputs" / "train"
+    for line in ("metrics: outputs/train/metrics.jsonl", "plots:", "model:   outputs/train/final"):
+        assert line in result.stdout, result.stdout[-2000:]
+    rows = read_metrics(out)
+    assert rows[-1]["step"] == len(rows) > 100 and not any(r["skipped"] for r in rows)
+    tenth = len(rows) // 10
+    first = sum(r["loss"] for r in rows[:tenth]) / tenth
+    last = sum(r["loss"] for r in rows[-tenth:]) / tenth
+    assert last < first / 3, (first, last)
+    assert sum(r["reward_accuracy"] for r in rows[-tenth:]) / tenth > 0.9
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    AutoTokenizer.from_pretrained(out / "final")
+    print(f"embedded default run: {elapsed:.0f} s")
