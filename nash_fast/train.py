@@ -783,6 +783,7 @@ def _train_step(run: Run) -> dict:
                 grads = [p.grad.float().norm() for p in run.model.parameters() if p.grad is not None]
                 run.stage0_grad_norm = float(torch.stack(grads).norm()) if grads else None
             run.engine.step()  # applies the update at the accumulation boundary only
+        metrics = {**metrics, "loss": loss.detach()}  # the value that was back-propagated
         for k, key in enumerate(_METRIC_KEYS):
             if key in metrics:
                 sums[k] += float(metrics[key])
@@ -842,7 +843,8 @@ def _train_step(run: Run) -> dict:
     )
     if not applied:
         record["skip_reason"] = "non-finite loss" if sums[-1] > 0 else "non-finite gradient"
-    return record
+    # metrics.jsonl stays strict JSON (no NaN / Infinity tokens): a non-finite value is written as null.
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 def _install_zero0_guard(run: Run) -> None:

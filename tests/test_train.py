@@ -235,8 +235,10 @@ def test_non_finite_loss_skips_the_step_then_stops_after_n_in_a_row(tmp_path, sm
                                         "--lr-scheduler", "linear")))
     rows = read_metrics(tmp_path / "one")
     assert [r["skipped"] for r in rows] == [False, True, False, False]
-    assert rows[1]["skip_reason"] == "non-finite loss"
+    assert rows[1]["skip_reason"] == "non-finite loss" and rows[1]["loss"] is None
     assert rows[2]["lr"] == rows[1]["lr"]  # the schedule did not advance on the skipped step
+    for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines():  # strict JSON: no NaN tokens
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
     weights = final_weights(tmp_path / "one")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
@@ -450,6 +452,7 @@ def test_deepspeed_non_finite_loss_on_one_rank_skips_the_step_everywhere(tmp_pat
     rows = read_metrics(tmp_path / "out")
     assert [r["skipped"] for r in rows] == [False, True, False]
     assert rows[1]["skip_reason"] == "non-finite loss" and rows[2]["lr"] == rows[1]["lr"]
+    assert rows[1]["grad_norm"] is None and rows[0]["grad_norm"] > 0
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "out").values())
 
 
