@@ -89,7 +89,7 @@ def make_batches(args, vocab_size: int) -> list[list[dict]]:
 
 def padded_step(model, examples, device):
     from nash_fast import sequence_logprobs
-    from nash_fast.model import _head_logit_transform, backbone
+    from nash_fast.model import head_logit_transform, backbone
 
     sequences = [(e["prompt_ids"], e[k]) for e in examples for k in ("chosen_ids", "rejected_ids")]
     width = max(len(p) + len(r) for p, r in sequences)
@@ -102,7 +102,7 @@ def padded_step(model, examples, device):
         mask[row, :n] = 1
         labels[row, len(p) - 1 : n - 1] = torch.tensor(r)
     hidden = backbone(model)(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-    scale, softcap = _head_logit_transform(model)
+    scale, softcap = head_logit_transform(model)
     head = model.get_output_embeddings()
     logps = sequence_logprobs(hidden, head.weight, labels.to(device), bias=head.bias, softcap=softcap)
     (-logps.mean()).backward()

@@ -216,7 +216,7 @@ def gathered_lm_head(model) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]
         yield head.weight, getattr(head, "bias", None)
 
 
-def _head_logit_transform(model) -> tuple[float, float | None]:
+def head_logit_transform(model) -> tuple[float, float | None]:
     """(scale, softcap) with logits = softcap(scale * lm_head(h)): Cohere's logit_scale, Granite's
     logits_scaling, Gemma-2's final_logit_softcapping."""
     config = _text_config(model.config)
@@ -267,7 +267,7 @@ def packed_sequence_logprobs(model, batch: dict, *, average: bool = False, backe
     hidden = packed_hidden_states(model, batch)
     labels = batch["labels"][0].to(hidden.device)
     cu_seqlens = batch["cu_seqlens"].to(hidden.device)
-    scale, softcap = _head_logit_transform(model)
+    scale, softcap = head_logit_transform(model)
     head = model.get_output_embeddings()
     params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
     needs_gather = any(_zero3_partitioned(p) and not _zero3_available(p) for p in params)

@@ -342,14 +342,14 @@ def micro_batch_loss(model, batch: dict, loss_fn, plan: LossPlan, *, forward=Non
     forward(batch) -> hidden [T, H] runs the backbone (default: packed_hidden_states(model, batch); the
     trainer passes the DeepSpeed engine). With backward given, backward(loss) runs while the LM-head weight
     is still gathered (ZeRO-3 needs forward and backward inside the gather)."""
-    from nash_fast.model import _head_logit_transform, gathered_lm_head, packed_hidden_states
+    from nash_fast.model import head_logit_transform, gathered_lm_head, packed_hidden_states
 
     device = model.get_input_embeddings().weight.device
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
         hidden = forward(batch) if forward is not None else packed_hidden_states(model, batch)
-    scale, softcap = _head_logit_transform(model)
+    scale, softcap = head_logit_transform(model)
     if softcap is not None and loss_fn.softcap != softcap:
         loss_fn.softcap = softcap
     with gathered_lm_head(model) as (weight, bias):
