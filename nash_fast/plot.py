@@ -2,7 +2,7 @@
 accuracy and margin, learning rate, gradient norm, tokens/s) into OUTPUT_DIR/plots/: each metric raw
 (faint) and smoothed (exponential moving average), skipped steps marked in red.
 
-matplotlib is an optional dependency (pip install 'nash-fast[plot]'), imported only here.
+matplotlib (a core dependency) is imported only here, so the trainer starts without it.
 """
 
 from __future__ import annotations
