@@ -156,13 +156,8 @@ def _refinement(aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l, beta):
     return (beta * ((aug_pi_w - aug_ref_w) - (aug_pi_l - aug_ref_l))).detach()
 
 
-def sr_dpo_loss(pi_w, pi_l, ref_w, ref_l, aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l, *, beta, lam):
-    """Sr-DPO: -log sigmoid(beta ((pi_w - ref_w) - (pi_l - ref_l)) - lam sg[D]),
-    D = beta ((aug_pi_w - aug_ref_w) - (aug_pi_l - aug_ref_l)).
-
-    Sr-DPO paper eq. 11 (refinement D on the prompt-augmented query p+x), eq. 12 and Algorithm 1
-    (stop-gradient on D). No gradient flows into any aug_* argument.
-    """
+def _self_refined_terms(pi_w, pi_l, ref_w, ref_l, aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l, beta, lam):
+    """Validated (Delta_w - Delta_l, sg[D], beta, lam) shared by Sr-DPO and Sr-IPO."""
     beta = _hyperparameter("beta", beta, positive=True)
     lam = _hyperparameter("lam", lam)
     pi_w, pi_l, ref_w, ref_l, aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l = _checked(
@@ -170,7 +165,19 @@ def sr_dpo_loss(pi_w, pi_l, ref_w, ref_l, aug_pi_w, aug_pi_l, aug_ref_w, aug_ref
         aug_pi_w=aug_pi_w, aug_pi_l=aug_pi_l, aug_ref_w=aug_ref_w, aug_ref_l=aug_ref_l,
     )
     refinement = _refinement(aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l, beta)
-    return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)) - lam * refinement)
+    return (pi_w - ref_w) - (pi_l - ref_l), refinement, beta, lam
+
+
+def sr_dpo_loss(pi_w, pi_l, ref_w, ref_l, aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l, *, beta, lam):
+    """Sr-DPO: -log sigmoid(beta ((pi_w - ref_w) - (pi_l - ref_l)) - lam sg[D]),
+    D = beta ((aug_pi_w - aug_ref_w) - (aug_pi_l - aug_ref_l)).
+
+    Sr-DPO paper eq. 11 (refinement D on the prompt-augmented query p+x), eq. 12 and Algorithm 1
+    (stop-gradient on D). No gradient flows into any aug_* argument.
+    """
+    margin, refinement, beta, lam = _self_refined_terms(
+        pi_w, pi_l, ref_w, ref_l, aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l, beta, lam)
+    return -F.logsigmoid(beta * margin - lam * refinement)
 
 
 def sr_ipo_loss(pi_w, pi_l, ref_w, ref_l, aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l, *, beta, lam):
@@ -180,14 +187,9 @@ def sr_ipo_loss(pi_w, pi_l, ref_w, ref_l, aug_pi_w, aug_pi_l, aug_ref_w, aug_ref
     Sr-DPO paper eq. 11 and eq. 14 / Algorithm 2 (stop-gradient on D). No gradient flows into any
     aug_* argument.
     """
-    beta = _hyperparameter("beta", beta, positive=True)
-    lam = _hyperparameter("lam", lam)
-    pi_w, pi_l, ref_w, ref_l, aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l = _checked(
-        pi_w=pi_w, pi_l=pi_l, ref_w=ref_w, ref_l=ref_l,
-        aug_pi_w=aug_pi_w, aug_pi_l=aug_pi_l, aug_ref_w=aug_ref_w, aug_ref_l=aug_ref_l,
-    )
-    refinement = _refinement(aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l, beta)
-    return ((pi_w - ref_w) - (pi_l - ref_l) - lam * refinement - 1.0 / (2.0 * beta)) ** 2
+    margin, refinement, beta, lam = _self_refined_terms(
+        pi_w, pi_l, ref_w, ref_l, aug_pi_w, aug_pi_l, aug_ref_w, aug_ref_l, beta, lam)
+    return (margin - lam * refinement - 1.0 / (2.0 * beta)) ** 2
 
 
 def spce_loss(pi_w, pi_l, ref_w, ref_l, target_prob, *, beta):

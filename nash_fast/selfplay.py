@@ -41,16 +41,14 @@ from pathlib import Path
 from typing import Sequence
 
 from nash_fast import build as build_rules
+from nash_fast.checkpoint import write_json_atomic
+from nash_fast.config import _opt
 
 METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "pairs": "inpo", "osp": "spce"}
 PAIR_LOSSES = ("inpo", "ipo", "dpo", "spce")
 # Options that may change between a run and its resumption (execution details, or extending the run).
 RESUMABLE_CHANGES = ("iterations", "backend", "tensor_parallel_size", "generation_batch_size", "judge_batch_size",
                      "train_launcher", "progress_bar")
-
-
-def _opt(default, help, **extra):
-    return field(default=default, metadata=dict(help=help, **extra))
 
 
 @dataclass
@@ -165,15 +163,6 @@ class SelfPlayConfig:
 
 
 # =============================================================================================== small io
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_jsonl_atomic(path: Path, rows) -> None:
