@@ -10,13 +10,19 @@ grouped by nash_fast.data.TokenBudgetBatchSampler (max_tokens real tokens per ba
   padded  every sequence of the batch right-padded to the longest, backbone with a 2-D attention mask, then
           nash_fast.sequence_logprobs on the padded rows (so only the layout differs, not the LM-head op)
   packed  nash_fast.data.PackedPreferenceCollator + nash_fast.model.packed_sequence_logprobs (one row, no
-          padding; flash-attn varlen on CUDA when installed, else the block-diagonal-mask fallback)
+          padding; flash-attn varlen on CUDA when installed, else the per-sequence varlen sdpa fallback,
+          O(sum of L_i^2))
+  packed_mask  the same with attention="mask": the old dense block-diagonal causal mask over the whole row,
+          O(T^2) (not run under flash_attention_2, which takes no dense mask)
 
 Loss = -mean of the per-sequence log-probs, then backward. Reported per mode: real (non-pad) tokens per
 second, computed tokens (with padding), padding fraction, and peak memory: on CUDA the max allocated during
 the timed steps minus what was allocated before them; on CPU the peak RSS growth of a fresh process per mode
-(coarse). Each mode runs in its own subprocess so neither inherits the other's allocator state.
---quick (CPU) shrinks lengths by --length-scale 1/8 and uses a 2-layer, hidden-128 Qwen2 config.
+(coarse). Each mode runs in its own subprocess so neither inherits the other's allocator state. The timed
+batches are run --repeats times and the fastest pass is reported, so load from other processes on a shared
+machine inflates the numbers less.
+--quick (CPU) shrinks lengths by --length-scale 1/8, uses a 2-layer, hidden-128 Qwen2 config, one intra-op
+thread (--threads 1: on a small shared box, oversubscribed threads made timings swing 10x) and 3 repeats.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ MODELS = {
 }
 
 COLUMNS = ["date", "device", "gpu", "model", "mode", "attn_implementation", "dtype", "max_tokens", "length_scale",
-           "batches", "pairs", "sequences", "real_tokens", "computed_tokens", "padding_fraction", "seconds",
+           "batches", "repeats", "threads", "pairs", "sequences", "real_tokens", "computed_tokens", "padding_fraction", "seconds",
            "real_tokens_per_s", "peak_mem_mb", "mem_kind", "torch", "transformers", "commit"]
 
 
@@ -109,12 +115,12 @@ def padded_step(model, examples, device):
     return len(sequences), int(mask.sum()), ids.numel()
 
 
-def packed_step(model, examples, device):
+def packed_step(model, examples, device, attention="auto"):
     from nash_fast.data import PackedPreferenceCollator
     from nash_fast.model import packed_sequence_logprobs
 
     batch = PackedPreferenceCollator()(examples)
-    logps = packed_sequence_logprobs(model, batch)
+    logps = packed_sequence_logprobs(model, batch, attention=attention)
     (-logps.mean()).backward()
     tokens = batch["input_ids"].shape[1]
     return logps.numel(), tokens, tokens
@@ -125,20 +131,24 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def build_attn(args) -> str:
+    if args.attn != "auto":
+        return args.attn
+    if args.device == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
 def build_model(args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(**MODELS[args.model])
-    attn = args.attn
-    if attn == "auto":
-        attn = "sdpa"
-        if args.device == "cuda":
-            try:
-                import flash_attn  # noqa: F401
-
-                attn = "flash_attention_2"
-            except ImportError:
-                pass
+    attn = build_attn(args)
     config._attn_implementation = attn
     torch.manual_seed(args.seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -147,9 +157,12 @@ def build_model(args):
 
 
 def worker(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, attn = build_model(args)
     batches = make_batches(args, model.config.vocab_size)
-    step = padded_step if args.worker == "padded" else packed_step
+    step = {"padded": padded_step, "packed": packed_step,
+            "packed_mask": lambda *a: packed_step(*a, attention="mask")}[args.worker]
     device = torch.device(args.device)
     for examples in batches[: args.warmup]:
         step(model, examples, device)
@@ -160,21 +173,24 @@ def worker(args) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_mb()
-    sequences = real = computed = 0
-    start = time.perf_counter()
-    for examples in batches[args.warmup :]:
-        s, r, c = step(model, examples, device)
-        model.zero_grad(set_to_none=True)
-        sequences, real, computed = sequences + s, real + r, computed + c
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = float("inf")
+    for _ in range(args.repeats):
+        sequences = real = computed = 0
+        start = time.perf_counter()
+        for examples in batches[args.warmup :]:
+            s, r, c = step(model, examples, device)
+            model.zero_grad(set_to_none=True)
+            sequences, real, computed = sequences + s, real + r, computed + c
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = min(seconds, time.perf_counter() - start)
     if device.type == "cuda":
         peak, kind = (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda_max_allocated_delta"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, "cpu_peak_rss_delta"
     return {
-        "mode": args.worker, "attn_implementation": attn, "batches": args.batches,
+        "mode": args.worker, "attn_implementation": attn, "batches": args.batches, "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
         "pairs": sum(len(b) for b in batches[args.warmup :]), "sequences": sequences, "real_tokens": real,
         "computed_tokens": computed, "padding_fraction": round(1 - real / computed, 4), "seconds": round(seconds, 3),
         "real_tokens_per_s": round(real / seconds, 1), "peak_mem_mb": round(peak, 1), "mem_kind": kind,
@@ -193,16 +209,20 @@ def main():
     ap.add_argument("--length-scale", type=float, default=None)
     ap.add_argument("--batches", type=int, default=None, help="timed batches")
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="timed passes over the batches; the fastest is kept")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--pool", type=int, default=4000, help="pairs drawn before batching")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--modes", default="padded,packed")
+    ap.add_argument("--modes", default="padded,packed,packed_mask",
+                    help="comma-separated subset of padded, packed, packed_mask (dropped under flash_attention_2)")
     ap.add_argument("--out", default=None, help="append rows to this CSV")
-    ap.add_argument("--worker", choices=["padded", "packed"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["padded", "packed", "packed_mask"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     quick = args.quick
     defaults = dict(model="qwen2-tiny" if quick else "qwen2-0.5b", dtype="float32" if args.device == "cpu" else "bfloat16",
                     max_tokens=2048 if quick else 8192, length_scale=0.125 if quick else 1.0,
-                    batches=3 if quick else 10, warmup=1 if quick else 3)
+                    batches=3 if quick else 10, warmup=1 if quick else 3, repeats=3 if quick else 1,
+                    threads=1 if quick else 0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -213,10 +233,17 @@ def main():
         print(json.dumps(worker(args)))
         return
 
+    modes = args.modes.split(",")
+    unknown = set(modes) - {"padded", "packed", "packed_mask"}
+    if unknown:
+        raise SystemExit(f"--modes: unknown {sorted(unknown)}")
+    if "packed_mask" in modes and "flash" in build_attn(args):
+        modes.remove("packed_mask")  # flash-attn takes no dense mask
     rows = []
-    for mode in args.modes.split(","):
+    for mode in modes:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", mode]
-        for key in ("device", "model", "dtype", "attn", "max_tokens", "length_scale", "batches", "warmup", "pool", "seed"):
+        for key in ("device", "model", "dtype", "attn", "max_tokens", "length_scale", "batches", "warmup", "repeats",
+                    "threads", "pool", "seed"):
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -233,13 +260,15 @@ def main():
         "transformers": transformers.__version__, "commit": commit or "unknown",
     }
     rows = [{**common, **row} for row in rows]
-    print(f"{'mode':8} {'real tok/s':>11} {'padding':>8} {'peak MB':>9}  ({rows[0]['mem_kind']})")
+    print(f"{'mode':11} {'real tok/s':>11} {'padding':>8} {'peak MB':>9}  ({rows[0]['mem_kind']})")
     for row in rows:
-        print(f"{row['mode']:8} {row['real_tokens_per_s']:>11.0f} {row['padding_fraction']:>8.1%} {row['peak_mem_mb']:>9.0f}")
+        print(f"{row['mode']:11} {row['real_tokens_per_s']:>11.0f} {row['padding_fraction']:>8.1%} "
+              f"{row['peak_mem_mb']:>9.0f}")
     by_mode = {row["mode"]: row for row in rows}
-    if {"padded", "packed"} <= set(by_mode):
-        speedup = by_mode["packed"]["real_tokens_per_s"] / by_mode["padded"]["real_tokens_per_s"]
-        print(f"packed / padded throughput: {speedup:.2f}x")
+    for packed in ("packed", "packed_mask"):
+        if {"padded", packed} <= set(by_mode):
+            speedup = by_mode[packed]["real_tokens_per_s"] / by_mode["padded"]["real_tokens_per_s"]
+            print(f"{packed} / padded throughput: {speedup:.2f}x")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,20 +7,33 @@ Only the backbone runs over the packed row (model.model / get_decoder()); the LM
 tokens: the final hidden states [T, H] and the head weight go to nash_fast.sequence_logprobs, which scores the
 labelled positions without materializing [T, V] logits.
 
-Attention stays inside each sequence:
+Attention stays inside each sequence (`attention=` of packed_sequence_logprobs / packed_hidden_states):
 - flash_attention_2/3 (CUDA, flash-attn installed): the varlen kernel, fed position_ids plus
   cu_seq_lens_q/k and max_length_q/k and *no* attention_mask (flash-attn's path ignores cu_seqlens once a mask
   is given).
-- sdpa / eager: an explicit block-diagonal causal mask built from cu_seqlens, 4-D [1, 1, T, T] (boolean for sdpa,
-  additive 0 / dtype-min for eager); masking_utils.create_*_mask return a 4-D mask unchanged. Models with both
+- sdpa, attention="auto" or "varlen": varlen_attention_forward, a per-sequence fallback costing
+  O(sum_i L_i^2) instead of O(T^2). Sequences are grouped into buckets of similar length (each at least
+  _BUCKET_MIN_FILL of its bucket's longest), right-padded to that length and run as one batched
+  torch.nn.functional.scaled_dot_product_attention(is_causal=True) call per bucket; right padding is exact under
+  a causal mask because a real query only sees keys at or before it. A sequence longer than its layer's sliding
+  window gets a banded causal mask (key k visible from query q iff q - window < k <= q, transformers'
+  convention); Gemma-2 style attention-logit soft-capping, which sdpa cannot do, is computed explicitly
+  (eager-style) for the bucket. It reaches the layers through transformers' AttentionInterface: the "sdpa" entry
+  is wrapped (once, on first use) by a dispatcher that runs the varlen path only when the forward carries this
+  module's VarlenPlan kwarg and calls the original sdpa function unchanged otherwise, so it survives gradient
+  checkpointing's recomputation and leaves every other sdpa call alone.
+- sdpa with attention="mask", and eager (always; eager's per-model attention function cannot be wrapped): an
+  explicit block-diagonal causal mask built from cu_seqlens, 4-D [1, 1, T, T] (boolean for sdpa, additive
+  0 / dtype-min for eager); masking_utils.create_*_mask return a 4-D mask unchanged. Models with both
   full and sliding-window layers (config.layer_types) get a dict {layer type: mask}, which their forward
   accepts in place of building its own; a model-wide config.sliding_window (Mistral) is folded into the mask.
-- flex_attention: the same masks as BlockMasks.
+  This costs O(T^2) time and memory over the whole packed row (T=16k: 256 MiB boolean), which on CPU makes
+  packing slower than padding; load models with attn_implementation="sdpa" (Gemma-2 included: the varlen
+  path soft-caps) to get the varlen fallback.
+- flex_attention: the same masks as BlockMasks (flex skips fully masked blocks).
 The cache is disabled (use_cache=False): transformers 5.x detects packing from position_ids only when no cache
 object exists, and with the default use_cache=True it builds one, so a bare packed forward lets every sequence
-attend to the ones before it. The explicit mask makes correctness independent of that detection.
-
-The dense fallback mask is O(T^2) memory (T=16k: 256 MiB boolean); on GPUs install flash-attn.
+attend to the ones before it. The explicit mask / varlen kwargs make correctness independent of that detection.
 
 Models that cannot be packed safely raise ValueError: multimodal rotary embeddings (M-RoPE, 3-D position
 ids), chunked or linear-attention layers, non-causal (bidirectional) decoders, encoder-decoders.
@@ -157,12 +170,218 @@ def _layer_windows(config) -> dict[str, int | None] | int | None:
     return sliding_window
 
 
-def packed_attention_kwargs(model, cu_seqlens: torch.Tensor, max_seqlen: int, device, dtype) -> dict[str, Any]:
-    """Keyword arguments for the backbone so attention stays inside each packed sequence (see module docstring)."""
+# ----------------------------------------------------------------------------------------------- varlen fallback
+
+# A sequence joins a bucket when it is at least this fraction of the bucket's longest: its attention then costs
+# at most 1 / 0.8^2 = 1.56x its own L^2, while one batched call per bucket keeps per-call overhead low.
+_BUCKET_MIN_FILL = 0.8
+_PLAN_KWARG = "nash_fast_varlen_plan"
+
+
+class VarlenPlan:
+    """How varlen_attention_forward splits one packed row: buckets of similar-length sequences.
+
+    Built once per forward from cu_seqlens (int [S+1]) and shared by every layer. Per bucket: `gather` [n, width]
+    token indices of its n sequences, right-padded by repeating each sequence's last token (padded queries are
+    discarded; under a causal mask no real query sees a padded key), and `real_rows` (None when nothing is
+    padded), the rows of the flattened [n * width] output that are real tokens. `restore` puts the concatenated
+    bucket outputs back in packed-row order (None when they already are). `calls` counts attention calls.
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, device, *, min_fill: float = _BUCKET_MIN_FILL):
+        cu = cu_seqlens.to("cpu", torch.long)
+        lengths = cu.diff()
+        self.total_tokens = int(cu[-1])
+        by_length = sorted((s for s in range(lengths.numel()) if lengths[s] > 0), key=lambda s: -int(lengths[s]))
+        self.buckets: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        token_order = []
+        i = 0
+        while i < len(by_length):
+            width = int(lengths[by_length[i]])
+            j = i + 1
+            while j < len(by_length) and int(lengths[by_length[j]]) >= min_fill * width:
+                j += 1
+            members = torch.tensor(by_length[i:j])
+            starts, member_lengths = cu[members], lengths[members]
+            offsets = torch.arange(width)
+            gather = starts[:, None] + torch.minimum(offsets[None, :], member_lengths[:, None] - 1)
+            real = (offsets[None, :] < member_lengths[:, None]).flatten()
+            real_rows = None if bool(real.all()) else real.nonzero()[:, 0]
+            token_order.append(gather.flatten() if real_rows is None else gather.flatten()[real_rows])
+            self.buckets.append((width, gather.to(device), None if real_rows is None else real_rows.to(device)))
+            i = j
+        order = torch.cat(token_order) if token_order else torch.zeros(0, dtype=torch.long)
+        identity = torch.arange(self.total_tokens)
+        self.restore = None
+        if not torch.equal(order, identity):
+            restore = torch.empty_like(order)
+            restore[order] = identity
+            self.restore = restore.to(device)
+        self.calls = 0
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def allowed(self, width: int, window: int | None, device) -> torch.Tensor:
+        """[width, width] boolean: causal, and banded (q - k < window) when a window is given."""
+        key = (width, window, str(device))
+        if key not in self._masks:
+            position = torch.arange(width, device=device)
+            allowed = position[None, :] <= position[:, None]
+            if window is not None:
+                allowed &= position[None, :] > position[:, None] - window
+            self._masks[key] = allowed
+        return self._masks[key]
+
+
+def _softcapped_attention(query, key, value, allowed, scaling, softcap, dropout):
+    """Eager attention with Gemma-2 logit soft-capping: softmax(c * tanh(q k^T * scaling / c) masked) v."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, value)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention confined to each sequence of one packed row, in transformers' AttentionInterface form.
+
+    query [1, heads, T, head_dim], key/value [1, kv_heads, T, head_dim] (GQA: kv heads repeated per bucket);
+    returns ([1, T, heads, head_dim], None). Sequence boundaries come from the VarlenPlan kwarg when present,
+    else from cu_seq_lens_q (which cu_seq_lens_k must equal). attention_mask is ignored (the packed forward
+    passes an empty placeholder so transformers builds no [T, T] mask). For sequence s with L_s tokens:
+    out_s = softmax(scaling * q_s k_s^T + causal [and banded: q - k < sliding_window] mask) v_s, with
+    softcap * tanh(. / softcap) on the logits when softcap is set; dropout as the module passes it
+    (its attention_dropout while training, else 0). Cost O(sum_s L_s^2), not O(T^2).
+    """
+    plan = kwargs.pop(_PLAN_KWARG, None)
+    if query.shape[0] != 1:
+        raise ValueError(f"varlen attention takes one packed row (batch 1), got query shape {tuple(query.shape)}")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError("varlen attention does not support a KV cache prefix (key and query lengths differ)")
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        raise ValueError("varlen attention is causal only (this attention module is bidirectional)")
+    if plan is None:
+        if cu_seq_lens_q is None:
+            raise ValueError("varlen attention needs cu_seq_lens_q (cumulative sequence lengths of the packed row)")
+        if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k.cpu(), cu_seq_lens_q.cpu()):
+            raise ValueError("varlen attention needs cu_seq_lens_k == cu_seq_lens_q (self-attention)")
+        plan = VarlenPlan(cu_seq_lens_q, query.device)
+    if plan.total_tokens != query.shape[2]:
+        raise ValueError(f"cu_seqlens cover {plan.total_tokens} tokens but the row has {query.shape[2]}")
+    plan.calls += 1
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    if softcap is None:
+        softcap = getattr(module, "attn_logit_softcapping", None)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    heads, head_dim = query.shape[1], value.shape[-1]
+    repeats = heads // key.shape[1]
+    outputs = []
+    for width, gather, real_rows in plan.buckets:
+        # [heads, n, width, d] -> [n, heads, width, d]
+        q = query[0][:, gather].transpose(0, 1)
+        k = key[0][:, gather].transpose(0, 1)
+        v = value[0][:, gather].transpose(0, 1)
+        if repeats > 1:
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        banded = window is not None and width > window
+        if softcap:
+            allowed = plan.allowed(width, window if banded else None, query.device)
+            out = _softcapped_attention(q, k, v, allowed, scaling, float(softcap), dropout)
+        else:
+            mask = plan.allowed(width, window, query.device) if banded else None
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+            )
+        out = out.transpose(1, 2).reshape(-1, heads, head_dim)  # [n * width, heads, d]
+        outputs.append(out if real_rows is None else out.index_select(0, real_rows))
+    result = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if plan.restore is not None:
+        result = result.index_select(0, plan.restore)
+    return result[None], None
+
+
+_original_sdpa = None
+
+
+def _sdpa_or_varlen(module, query, key, value, attention_mask, **kwargs):
+    """The "sdpa" entry of transformers' AttentionInterface: varlen when the forward carries a VarlenPlan."""
+    if kwargs.get(_PLAN_KWARG) is not None:
+        return varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _original_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+
+VARLEN_IMPLEMENTATION = "nash_fast_varlen"
+
+
+def _install_varlen_dispatch() -> None:
+    global _original_sdpa
+    from transformers.modeling_utils import AttentionInterface
+
+    current = AttentionInterface._global_mapping["sdpa"]
+    if current is not _sdpa_or_varlen:
+        _original_sdpa = current
+        AttentionInterface.register("sdpa", _sdpa_or_varlen)
+    AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)
+
+
+@contextlib.contextmanager
+def _attn_implementation_for_forward(model, implementation: str | None) -> Iterator[None]:
+    """Run the block with config._attn_implementation = implementation (None: unchanged), then restore it."""
+    config = _text_config(model.config)
+    previous = config._attn_implementation
+    if implementation is None or implementation == previous:
+        yield
+        return
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _empty_mask_placeholder(device) -> torch.Tensor:
+    # A 4-D mask makes masking_utils return it as is (no [T, T] mask is built); being empty, it fails loudly
+    # rather than silently masking nothing should any layer bypass the AttentionInterface and use it.
+    return torch.zeros((1, 1, 0, 0), dtype=torch.bool, device=device)
+
+
+ATTENTION_MODES = ("auto", "varlen", "mask")
+
+
+def packed_attention_kwargs(
+    model, cu_seqlens: torch.Tensor, max_seqlen: int, device, dtype, *, attention: str = "auto"
+) -> dict[str, Any]:
+    """Keyword arguments for the backbone so attention stays inside each packed sequence (see module docstring).
+
+    attention: "auto" (flash varlen for flash_attention_*, the varlen fallback for sdpa, masks for eager and
+    flex_attention), "varlen" (flash, or the varlen fallback for sdpa and eager models; ValueError for
+    flex_attention) or "mask" (the dense block-diagonal mask for sdpa/eager, BlockMask for flex; ValueError for
+    flash). For an eager model, "varlen" works only through packed_hidden_states / packed_sequence_logprobs,
+    which point config._attn_implementation at the registered "nash_fast_varlen" function for the forward.
+    """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention={attention!r} is not one of {ATTENTION_MODES}")
     config = _text_config(model.config)
     implementation = config._attn_implementation or "eager"
     cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
     if implementation in _FLASH_IMPLEMENTATIONS or "flash" in implementation:
+        if attention == "mask":
+            raise ValueError(f"attention='mask' cannot be used with {implementation} (flash-attn takes no dense mask)")
         return {
             "cu_seq_lens_q": cu_seqlens,
             "cu_seq_lens_k": cu_seqlens,
@@ -174,6 +393,18 @@ def packed_attention_kwargs(model, cu_seqlens: torch.Tensor, max_seqlen: int, de
             f"attn_implementation={implementation!r} is not supported by the packed forward "
             "(use flash_attention_2, sdpa, eager or flex_attention)"
         )
+    if attention == "varlen" or (attention == "auto" and implementation == "sdpa"):
+        if implementation == "flex_attention":
+            raise ValueError("attention='varlen' is not available for flex_attention (use 'auto' or 'mask')")
+        _install_varlen_dispatch()
+        return {
+            "attention_mask": _empty_mask_placeholder(device),
+            "cu_seq_lens_q": cu_seqlens,
+            "cu_seq_lens_k": cu_seqlens,
+            "max_length_q": int(max_seqlen),
+            "max_length_k": int(max_seqlen),
+            _PLAN_KWARG: VarlenPlan(cu_seqlens, device),
+        }
     lengths = cu_seqlens.diff().long()
     sequence_id = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
     windows = _layer_windows(config)
@@ -240,31 +471,53 @@ def backbone(model):
 
 # ----------------------------------------------------------------------------------------------- forward
 
-def packed_hidden_states(model, batch: dict) -> torch.Tensor:
-    """Final hidden states [T, H] of the packed row, attention confined to each sequence."""
+def packed_hidden_states(model, batch: dict, *, attention: str = "auto") -> torch.Tensor:
+    """Final hidden states [T, H] of the packed row, attention confined to each sequence
+    (attention: "auto" | "varlen" | "mask", see packed_attention_kwargs)."""
     check_packable(model)
     input_ids, position_ids, _, cu_seqlens, lengths = _check_batch(batch)
     embeddings = model.get_input_embeddings().weight
     device, dtype = embeddings.device, embeddings.dtype
     max_seqlen = int(batch.get("max_seqlen", int(lengths.max())))
-    kwargs = packed_attention_kwargs(model, cu_seqlens, max_seqlen, device, dtype)
-    output = backbone(model)(
-        input_ids=input_ids.to(device),
-        position_ids=position_ids.to(device),
-        use_cache=False,
-        **kwargs,
-    )
+    kwargs = packed_attention_kwargs(model, cu_seqlens, max_seqlen, device, dtype, attention=attention)
+    plan = kwargs.get(_PLAN_KWARG)
+    switch_to = None
+    if plan is not None and _text_config(model.config)._attn_implementation != "sdpa":
+        # Eager models: the config names the registered varlen function for this forward only. Gradient
+        # checkpointing would recompute the layers in backward, after the config is restored: refuse it.
+        checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+        if checkpointing and torch.is_grad_enabled():
+            raise ValueError(
+                "attention='varlen' on an eager model cannot be combined with gradient checkpointing "
+                "(use attn_implementation='sdpa' where the model supports it, or attention='mask')"
+            )
+        switch_to = VARLEN_IMPLEMENTATION
+    with _attn_implementation_for_forward(model, switch_to):
+        output = backbone(model)(
+            input_ids=input_ids.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=False,
+            **kwargs,
+        )
+    if plan is not None and plan.calls == 0:
+        raise ValueError(
+            f"{type(model).__name__} does not run attention through transformers' AttentionInterface, so the "
+            "varlen fallback never ran; use attention='mask'"
+        )
     return output.last_hidden_state[0]
 
 
-def packed_sequence_logprobs(model, batch: dict, *, average: bool = False, backend: str = "auto") -> torch.Tensor:
+def packed_sequence_logprobs(
+    model, batch: dict, *, average: bool = False, backend: str = "auto", attention: str = "auto"
+) -> torch.Tensor:
     """Per-sequence log p(response | prompt) [S] (float32) for every sequence of a packed batch.
 
     logp_s = sum over scored positions t of sequence s of log softmax(softcap(scale * (W h_t + b)))[labels_t]
     (mean over the sequence's own scored tokens with average=True, as IPO uses; 0 for none), with h the
     backbone's final hidden states; W, b, scale and softcap are the model's LM head and logit transforms.
+    attention chooses how sequences are kept apart (see packed_attention_kwargs); backend goes to sequence_logprobs.
     """
-    hidden = packed_hidden_states(model, batch)
+    hidden = packed_hidden_states(model, batch, attention=attention)
     labels = batch["labels"][0].to(hidden.device)
     cu_seqlens = batch["cu_seqlens"].to(hidden.device)
     scale, softcap = head_logit_transform(model)
