@@ -22,14 +22,16 @@ Attention stays inside each sequence (`attention=` of packed_sequence_logprobs /
   is wrapped (once, on first use) by a dispatcher that runs the varlen path only when the forward carries this
   module's VarlenPlan kwarg and calls the original sdpa function unchanged otherwise, so it survives gradient
   checkpointing's recomputation and leaves every other sdpa call alone.
-- sdpa with attention="mask", and eager (always; eager's per-model attention function cannot be wrapped): an
-  explicit block-diagonal causal mask built from cu_seqlens, 4-D [1, 1, T, T] (boolean for sdpa, additive
-  0 / dtype-min for eager); masking_utils.create_*_mask return a 4-D mask unchanged. Models with both
-  full and sliding-window layers (config.layer_types) get a dict {layer type: mask}, which their forward
-  accepts in place of building its own; a model-wide config.sliding_window (Mistral) is folded into the mask.
-  This costs O(T^2) time and memory over the whole packed row (T=16k: 256 MiB boolean), which on CPU makes
-  packing slower than padding; load models with attn_implementation="sdpa" (Gemma-2 included: the varlen
-  path soft-caps) to get the varlen fallback.
+- sdpa with attention="mask", and eager with "auto" or "mask": an explicit block-diagonal causal mask built
+  from cu_seqlens, 4-D [1, 1, T, T] (boolean for sdpa, additive 0 / dtype-min for eager);
+  masking_utils.create_*_mask return a 4-D mask unchanged. Models with both full and sliding-window layers
+  (config.layer_types) get a dict {layer type: mask}, which their forward accepts in place of building its
+  own; a model-wide config.sliding_window (Mistral) is folded into the mask. This costs O(T^2) time and memory
+  over the whole packed row (T=16k: 256 MiB boolean), which on CPU makes packing slower than padding.
+- eager with attention="varlen": eager's attention function is each model's own, so it cannot be wrapped;
+  instead config._attn_implementation names the registered "nash_fast_varlen" function for the duration of
+  the forward. Refused under gradient checkpointing (its backward recomputes the layers after the name is
+  restored). Gemma-2 is eager-only in transformers 5.23: this is its O(sum L^2) path, soft-capping included.
 - flex_attention: the same masks as BlockMasks (flex skips fully masked blocks).
 The cache is disabled (use_cache=False): transformers 5.x detects packing from position_ids only when no cache
 object exists, and with the default use_cache=True it builds one, so a bare packed forward lets every sequence

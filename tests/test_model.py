@@ -6,13 +6,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nash_fast.data import PackedPreferenceCollator, load_tiny_preferences, tokenize_records
+import nash_fast.model
 from nash_fast.model import (
+    VarlenPlan,
     backbone,
     check_packable,
     gathered_lm_head,
     packed_attention_kwargs,
     packed_hidden_states,
     packed_sequence_logprobs,
+    varlen_attention_forward,
 )
 from nash_fast.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -21,6 +24,8 @@ VOCAB = len(TOKENIZER)
 EXAMPLES = tokenize_records(TOKENIZER, load_tiny_preferences()[:12])
 
 # Sliding windows of 8 tokens are shorter than the ~30-token sequences, so the window logic is exercised.
+# Every family runs through both packed attention paths: "varlen" (per-sequence buckets; for the eager models,
+# Llama-eager and Gemma-2, through the registered nash_fast_varlen function) and "mask" (block-diagonal mask).
 FAMILIES = [
     ("llama", {}),
     ("llama", {"attn_implementation": "eager"}),
@@ -50,17 +55,45 @@ def relative_error(a, b):
     return ((a.double() - b.double()).abs() / b.double().abs().clamp_min(1e-6)).max().item()
 
 
-@pytest.mark.parametrize("family,overrides", FAMILIES, ids=[f"{f}-{'-'.join(o) or 'default'}" for f, o in FAMILIES])
-def test_packed_equals_each_sequence_alone(family, overrides):
+FAMILY_IDS = [f"{f}-{'-'.join(o) or 'default'}" for f, o in FAMILIES]
+
+
+@pytest.fixture
+def varlen_plans(monkeypatch):
+    """Every VarlenPlan the packed forward builds, so a test can check the varlen path really ran."""
+    plans = []
+
+    class RecordedPlan(VarlenPlan):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            plans.append(self)
+
+    monkeypatch.setattr(nash_fast.model, "VarlenPlan", RecordedPlan)
+    return plans
+
+
+@pytest.mark.parametrize("attention", ["varlen", "mask"])
+@pytest.mark.parametrize("family,overrides", FAMILIES, ids=FAMILY_IDS)
+def test_packed_equals_each_sequence_alone(family, overrides, attention, varlen_plans):
     model = build_tiny_model(VOCAB, family=family, **overrides)
     if family == "gemma2":
-        assert model.config.final_logit_softcapping == 30.0
+        assert model.config.final_logit_softcapping == 30.0 and model.config.attn_logit_softcapping
     batch = PackedPreferenceCollator(augment=False)(EXAMPLES[:5])
     with torch.no_grad():
-        packed = packed_sequence_logprobs(model, batch)
+        packed = packed_sequence_logprobs(model, batch, attention=attention)
         reference = alone_logprobs(model, batch)
     assert packed.shape == (10,) and packed.dtype == torch.float32
     assert relative_error(packed, reference) <= 1e-4
+    # The varlen path ran once per layer (no dense mask); the mask path built no plan.
+    assert [plan.calls for plan in varlen_plans] == ([model.config.num_hidden_layers] if attention == "varlen" else [])
+
+
+def test_auto_attention_is_varlen_for_sdpa_and_the_mask_for_eager():
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    sdpa = packed_attention_kwargs(build_tiny_model(VOCAB), cu, 7, "cpu", torch.float32)
+    assert sdpa["attention_mask"].numel() == 0 and torch.equal(sdpa["cu_seq_lens_q"], cu)
+    eager = packed_attention_kwargs(build_tiny_model(VOCAB, attn_implementation="eager"), cu, 7, "cpu", torch.float32)
+    assert eager["attention_mask"].shape == (1, 1, 12, 12) and "cu_seq_lens_q" not in eager
 
 
 def test_average_divides_by_each_sequence_own_token_count():
@@ -72,37 +105,117 @@ def test_average_divides_by_each_sequence_own_token_count():
     assert relative_error(packed, reference) <= 1e-4
 
 
-def test_gradients_match_running_sequences_alone():
-    model = build_tiny_model(VOCAB, family="qwen2")
+def weighted_grads(model, logps):
+    # A non-uniform combination, so per-sequence errors cannot cancel.
+    model.zero_grad()
+    (logps * torch.linspace(-1.0, 1.0, logps.numel())).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got, expected):
+    assert got.keys() == expected.keys()
+    for name in expected:
+        scale = expected[name].abs().max().clamp_min(1e-6)
+        assert (got[name] - expected[name]).abs().max() / scale <= 1e-4, name
+
+
+@pytest.mark.parametrize("family,overrides", FAMILIES, ids=FAMILY_IDS)
+def test_gradients_match_running_sequences_alone(family, overrides):
+    model = build_tiny_model(VOCAB, family=family, **overrides)
     batch = PackedPreferenceCollator()(EXAMPLES[:3])
-    weights = torch.linspace(-1.0, 1.0, 6)  # a non-uniform combination, so per-sequence errors cannot cancel
-
-    def grads(loss):
-        model.zero_grad()
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    packed = grads((packed_sequence_logprobs(model, batch) * weights).sum())
-    alone = grads((alone_logprobs(model, batch) * weights).sum())
-    for name in packed:
-        scale = alone[name].abs().max().clamp_min(1e-6)
-        assert (packed[name] - alone[name]).abs().max() / scale <= 1e-4, name
+    packed = weighted_grads(model, packed_sequence_logprobs(model, batch, attention="varlen"))
+    assert_same_grads(packed, weighted_grads(model, alone_logprobs(model, batch)))
 
 
-def test_no_leakage_between_sequences():
-    model = build_tiny_model(VOCAB, family="mistral", sliding_window=8)
+def test_varlen_survives_gradient_checkpointing_recomputation():
+    # The backward recomputes each layer; the sdpa dispatcher must route the recomputation to varlen again.
+    model = build_tiny_model(VOCAB, family="mistral", sliding_window=8).train()
+    batch = PackedPreferenceCollator()(EXAMPLES[:3])
+    plain = weighted_grads(model, packed_sequence_logprobs(model, batch))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert_same_grads(weighted_grads(model, packed_sequence_logprobs(model, batch)), plain)
+    # An eager model reaches varlen only by renaming its implementation for the forward: refused here.
+    eager = build_tiny_model(VOCAB, attn_implementation="eager").train()
+    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        packed_sequence_logprobs(eager, batch, attention="varlen")
+    assert eager.config._attn_implementation == "eager"
+    weighted_grads(eager, packed_sequence_logprobs(eager, batch))  # "auto" takes the mask path
+
+
+def test_attention_dropout_applies_in_training_only():
+    model = build_tiny_model(VOCAB, family="qwen2", attention_dropout=0.5)
+    batch = PackedPreferenceCollator()(EXAMPLES[:2])
+    with torch.no_grad():
+        assert relative_error(packed_sequence_logprobs(model, batch), alone_logprobs(model, batch)) <= 1e-4
+        model.train()
+        torch.manual_seed(0)
+        first = packed_sequence_logprobs(model, batch)
+        torch.manual_seed(0)
+        again = packed_sequence_logprobs(model, batch)
+        second = packed_sequence_logprobs(model, batch)
+    assert torch.equal(first, again) and not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("attention", ["varlen", "mask"])
+@pytest.mark.parametrize("family,overrides", FAMILIES, ids=FAMILY_IDS)
+def test_no_leakage_between_sequences(family, overrides, attention):
+    model = build_tiny_model(VOCAB, family=family, **overrides)
     batch = PackedPreferenceCollator(augment=False)(EXAMPLES[:4])
     cu = batch["cu_seqlens"].tolist()
     with torch.no_grad():
-        before = packed_sequence_logprobs(model, batch)
+        before = packed_sequence_logprobs(model, batch, attention=attention)
         for victim in range(len(cu) - 1):
             perturbed = dict(batch, input_ids=batch["input_ids"].clone())
             start, end = cu[victim], cu[victim + 1]
             perturbed["input_ids"][0, start : end - 1] = (perturbed["input_ids"][0, start : end - 1] + 7) % VOCAB
-            after = packed_sequence_logprobs(model, perturbed)
+            after = packed_sequence_logprobs(model, perturbed, attention=attention)
             others = torch.arange(len(cu) - 1) != victim
             assert torch.equal(after[others], before[others])
             assert after[victim] != before[victim]
+
+
+class _Attention(torch.nn.Module):
+    is_causal = True
+
+
+def dense_reference(query, key, value, lengths, window, softcap, scaling):
+    """Float64 attention of each sequence on its own, written out: softmax(mask(softcap(q k^T s))) v."""
+    out, start = [], 0
+    repeats = query.shape[1] // key.shape[1]
+    for length in lengths:
+        q = query[0, :, start : start + length].double()
+        k = key[0, :, start : start + length].double().repeat_interleave(repeats, 0)
+        v = value[0, :, start : start + length].double().repeat_interleave(repeats, 0)
+        scores = q @ k.transpose(-1, -2) * scaling
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        i = torch.arange(length)
+        visible = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
+        out.append((scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v).transpose(0, 1))
+        start += length
+    return torch.cat(out)[None]
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 24), min_size=1, max_size=9).filter(sum),
+    window=st.sampled_from([None, 1, 5, 64]),
+    softcap=st.sampled_from([None, 4.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_varlen_attention_equals_each_sequence_alone(lengths, window, softcap, seed):
+    # Empty and 1-token sequences, equal and unequal lengths (shared and padded buckets), GQA 4/2, windows
+    # shorter and longer than sequences, soft-capping; boundaries passed as cu_seq_lens_q (no plan).
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    query, key, value = (torch.randn(1, h, total, 8, generator=generator) for h in (4, 2, 2))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    out, weights = varlen_attention_forward(_Attention(), query, key, value, None, scaling=0.3, cu_seq_lens_q=cu,
+                                            cu_seq_lens_k=cu, sliding_window=window, softcap=softcap)
+    assert weights is None and out.shape == (1, total, 4, 8)
+    expected = dense_reference(query, key, value, [n for n in lengths if n], window, softcap, 0.3)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
 
 
 MISTRAL = build_tiny_model(VOCAB, family="mistral", sliding_window=8, seed=3)
@@ -182,6 +295,20 @@ def test_bad_batches_are_refused():
         packed_sequence_logprobs(model, dict(batch, cu_seqlens=shifted))
     with pytest.raises(ValueError, match="labels"):
         packed_sequence_logprobs(model, {k: v for k, v in batch.items() if k != "labels"})
+    with pytest.raises(ValueError, match="attention="):
+        packed_sequence_logprobs(model, batch, attention="dense")
+    cu, max_seqlen = batch["cu_seqlens"], batch["max_seqlen"]
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="varlen"):
+        packed_attention_kwargs(model, cu, max_seqlen, "cpu", torch.float32, attention="varlen")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="mask"):
+        packed_attention_kwargs(model, cu, max_seqlen, "cpu", torch.float32, attention="mask")
     model.config._attn_implementation = "paged|sdpa"
     with pytest.raises(ValueError, match="attn_implementation"):
         packed_sequence_logprobs(model, batch)
+    query = torch.zeros(1, 4, 6, 8)
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        varlen_attention_forward(_Attention(), query, query, query, None)
+    with pytest.raises(ValueError, match="6"):
+        varlen_attention_forward(_Attention(), query, query, query, None, cu_seq_lens_q=torch.tensor([0, 5]))
