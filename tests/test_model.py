@@ -247,7 +247,8 @@ def test_random_lengths_match_alone(lengths, augment, seed):
 @pytest.mark.parametrize("family,overrides", [FAMILIES[1], FAMILIES[3], FAMILIES[6]], ids=["eager", "qwen2-mixed", "gemma2"])
 def test_explicit_mask_alone_separates_sequences(family, overrides):
     # With a cache object (use_cache=True) transformers does not infer packing from position_ids, so only the
-    # block-diagonal mask (dict per layer type where needed) keeps sequences apart here.
+    # packed attention kwargs keep sequences apart here: the block-diagonal mask (dict per layer type where
+    # needed) for the eager models, the varlen plan with an empty placeholder mask for sdpa (qwen2-mixed).
     model = build_tiny_model(VOCAB, family=family, **overrides)
     batch = PackedPreferenceCollator()(EXAMPLES[:3])
     kwargs = packed_attention_kwargs(model, batch["cu_seqlens"], batch["max_seqlen"], "cpu", torch.float32)
