@@ -511,4 +511,17 @@ def test_deepspeed_zero3_single_process_matches_plain_path(tmp_path, small_data)
     for a, b in zip(read_metrics(tmp_path / "zero3"), read_metrics(tmp_path / "plain"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    assert_same_weights(final_weights(tmp_path / "zero3"), final_weights(tmp_path / "plain"), atol=1e-5)
+    # Per tensor, the two runs' weight updates agree to 1e-3 in norm. Not elementwise: AdamW divides by
+    # sqrt(v), so an element whose gradient is ~0 turns fp32 reduction-order noise into a visible step
+    # (measured: 1 of 8192 elements of a layer-0 MLP matrix 2e-5 apart, updates up to 2e-3, while the
+    # tensors' updates agree to 1.5e-4 in norm). A lost or doubled micro-batch moves them by O(1).
+    cfg = parse_config(run_args(small_data, tmp_path / "init", *args))
+    tokenizer = trainer.load_tokenizer(cfg)
+    initial = trainer.load_model(cfg.model, cfg, vocab_size=len(tokenizer), dtype=torch.float32,
+                                 device=torch.device("cpu")).state_dict()
+    zero3, plain = final_weights(tmp_path / "zero3"), final_weights(tmp_path / "plain")
+    assert zero3.keys() == plain.keys()
+    for key in plain:
+        update_zero3, update_plain = zero3[key] - initial[key], plain[key] - initial[key]
+        assert update_plain.norm() > 0, key
+        assert (update_zero3 - update_plain).norm() <= 1e-3 * update_plain.norm(), key
