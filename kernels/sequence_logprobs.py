@@ -243,12 +243,16 @@ def _accumulate_mm(out_fp32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     if a.dtype == torch.float32:
         out_fp32.addmm_(a, b)
         return
-    if a.is_cuda and _ADDMM_OUT_DTYPE[0]:
+    if not a.is_cuda:  # the interpreter (test) path: exact fp32 products
+        out_fp32.addmm_(a.float(), b.float())
+        return
+    if _ADDMM_OUT_DTYPE[0]:
         try:  # bf16 operands, fp32 C read and written in the GEMM epilogue: no extra pass
             torch.addmm(out_fp32, a, b, out_dtype=torch.float32, out=out_fp32)
             return
         except (TypeError, RuntimeError, NotImplementedError):
             _ADDMM_OUT_DTYPE[0] = False
+    # torch without addmm(out_dtype=): each slice's product is rounded to bf16 before the fp32 sum.
     out_fp32.add_(torch.mm(a, b))
 
 
