@@ -13,7 +13,7 @@ Qwen2-0.5B-like model (random init) on a batch of preference pairs with realisti
   packed_fused_flex    the same with flex_attention (block-sparse: masked-out blocks are skipped;
                        CUDA only: FlexAttention has no CPU backward)
 
-Every layer is activation-checkpointed (model.gradient_checkpointing_enable()) in all methods.
+Every layer is activation-checkpointed (nash_fast.model.enable_activation_checkpointing) in all methods.
 All of them compute the same per-sequence log-probs and the same loss (SPPO pairwise, eq. 4.8, with
 precomputed reference log-probs and win rates); the optimizer step is left out (identical for all).
 tokens_per_s counts real tokens (prompt + response, no padding) per second of the step; peak memory
@@ -194,7 +194,9 @@ def run(args, device, dtype, log, peak_tflops: float, deadline, methods):
         model.train()
         # Activation checkpointing per layer, as preference trainers run 0.5B+ models: without it the
         # padded baseline's activations alone (2-3x the real tokens) would not fit at this batch size.
-        model.gradient_checkpointing_enable()
+        from nash_fast.model import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
         _set_attention(model, "sdpa")
     except Exception as exc:  # noqa: BLE001

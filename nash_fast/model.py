@@ -449,6 +449,15 @@ def gathered_lm_head(model) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]
         yield head.weight, getattr(head, "bias", None)
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every layer (transformers 5 renamed the method)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def head_logit_transform(model) -> tuple[float, float | None]:
     """(scale, softcap) with logits = softcap(scale * lm_head(h)): Cohere's logit_scale, Granite's
     logits_scaling, Gemma-2's final_logit_softcapping."""

@@ -931,7 +931,9 @@ def _train(cfg: TrainConfig) -> dict:
     model = load_model(cfg.model, cfg, vocab_size=vocab_size,
                        dtype=dtype if cfg.uses_deepspeed() else torch.float32, device=device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from nash_fast.model import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     model.train()
     optimizer = build_optimizer(cfg, model.parameters())

@@ -11,6 +11,7 @@ from nash_fast.model import (
     VarlenPlan,
     backbone,
     check_packable,
+    enable_activation_checkpointing,
     gathered_lm_head,
     packed_attention_kwargs,
     packed_hidden_states,
@@ -132,11 +133,11 @@ def test_varlen_survives_gradient_checkpointing_recomputation():
     model = build_tiny_model(VOCAB, family="mistral", sliding_window=8).train()
     batch = PackedPreferenceCollator()(EXAMPLES[:3])
     plain = weighted_grads(model, packed_sequence_logprobs(model, batch))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     assert_same_grads(weighted_grads(model, packed_sequence_logprobs(model, batch)), plain)
     # An eager model reaches varlen only by renaming its implementation for the forward: refused here.
     eager = build_tiny_model(VOCAB, attn_implementation="eager").train()
-    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(eager)
     with pytest.raises(ValueError, match="gradient checkpointing"):
         packed_sequence_logprobs(eager, batch, attention="varlen")
     assert eager.config._attn_implementation == "eager"
