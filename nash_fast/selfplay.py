@@ -42,7 +42,7 @@ from typing import Sequence
 
 from nash_fast import build as build_rules
 from nash_fast.checkpoint import write_json_atomic
-from nash_fast.config import _opt
+from nash_fast.config import _opt, _parse_bool
 
 METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "pairs": "inpo", "osp": "spce"}
 PAIR_LOSSES = ("inpo", "ipo", "dpo", "spce")
@@ -625,15 +625,6 @@ def selfplay(cfg: SelfPlayConfig) -> list[dict]:
 
 
 # =============================================================================================== cli
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
