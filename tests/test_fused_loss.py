@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import nash_fast.fused_loss as fused_module
 from nash_fast import FusedLinearPreferenceLoss
+from reference import reference_sequence_logprobs
 
 IGNORE = -100
 PAIR_LOSSES = ["sppo", "inpo", "ipo", "dpo", "sr_dpo", "sr_ipo", "spce"]
@@ -86,15 +87,9 @@ def liger(seqs, H, g, augmented):
 # ----------------------------------------------------------------------------- float64 reference
 
 def ref_logp(hidden64, labels, weight64, bias64, softcap, average):
-    logits = hidden64 @ weight64.T
-    if bias64 is not None:
-        logits = logits + bias64
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logp = torch.log_softmax(logits, dim=-1)
-    scored = (labels != IGNORE).nonzero().squeeze(1)
-    total = logp[scored, labels[scored]].sum()
-    return total / max(scored.numel(), 1) if average else total
+    """float64 log p of one sequence, through the shared materialized-logits reference."""
+    return reference_sequence_logprobs(hidden64, weight64, labels, None, ignore_index=IGNORE, average=average,
+                                       bias=bias64, softcap=softcap)[0]
 
 
 def ref_pair_loss(name, hyper, pw, pl, given, aug_pw=None, aug_pl=None):
