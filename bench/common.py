@@ -416,12 +416,26 @@ class Deadline:
 
 
 def set_repo_on_path():
-    """Let `python bench/run.py` import nash_fast from this checkout when it is not installed."""
+    """Let `python bench/run.py` import nash_fast from this checkout when it is not installed.
+
+    The checkout keeps the Triton kernels in kernels/, which pyproject installs as nash_fast.kernels;
+    without an install that mapping is made here, or `backend="triton"` would fail to import."""
+    import importlib.util
     import sys
 
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.append(root)
+    root = Path(__file__).resolve().parent.parent
+    if str(root) not in sys.path:
+        sys.path.append(str(root))
+    import nash_fast
+
+    if "nash_fast.kernels" in sys.modules or importlib.util.find_spec("nash_fast.kernels") is not None:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "nash_fast.kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nash_fast.kernels"] = module
+    spec.loader.exec_module(module)
+    nash_fast.kernels = module
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
