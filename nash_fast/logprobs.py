@@ -15,6 +15,8 @@ Two backends compute the same function:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 __all__ = ["sequence_logprobs", "token_logprobs"]
@@ -31,6 +33,12 @@ _BACKENDS = ("auto", "torch", "triton")
 def _validate(hidden, weight, labels, cu_seqlens, ignore_index, bias, softcap, backend):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if (backend == "triton" and isinstance(hidden, torch.Tensor) and hidden.device.type != "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, but hidden is on {hidden.device}; use backend='torch' "
+            "(or set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU, slowly)"
+        )
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise ValueError("hidden must be a floating-point tensor")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:

@@ -166,11 +166,13 @@ def make_given(name, g, policy_w, policy_l):
 def assert_close(ours, ref, what):
     ref = ref.detach()
     floor = 1e-4 * (1.0 + float(ref.abs().max())) if ref.numel() else 1e-4
-    torch.testing.assert_close(ours.detach().double(), ref, rtol=1e-4, atol=floor, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(ours.detach().cpu().double(), ref, rtol=1e-4, atol=floor, msg=lambda m: f"{what}: {m}")
 
 
-def run_case(name, hyper, seqs, weight, bias, g, *, layout, softcap, average, reduction, backend="torch"):
-    """Runs the module on `layout` and checks loss, metrics and gradients against the reference."""
+def run_case(name, hyper, seqs, weight, bias, g, *, layout, softcap, average, reduction, backend="torch", device="cpu"):
+    """Runs the module on `layout` (on `device`) and checks loss, metrics and gradients against the
+    float64 reference (on the CPU)."""
+    to_dev = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t
     with torch.no_grad():  # the policy's own log-probs, only to place the reference log-probs nearby
         probe = {(s["role"], s["pair"]): ref_logp(s["hidden"].double(), s["labels"], weight.double(),
                                                    None if bias is None else bias.double(), softcap, average)
@@ -183,18 +185,19 @@ def run_case(name, hyper, seqs, weight, bias, g, *, layout, softcap, average, re
 
     module = FusedLinearPreferenceLoss(name, **hyper, average_log_prob=average, softcap=softcap,
                                        reduction=reduction, backend=backend)
-    w = weight.clone().requires_grad_()
-    b = None if bias is None else bias.clone().requires_grad_()
+    w = weight.to(device, copy=True).requires_grad_()
+    b = None if bias is None else bias.to(device, copy=True).requires_grad_()
+    given_dev = {k: to_dev(v) for k, v in given.items()}
     if layout == "packed":
         batch = packed(seqs, g)
-        h = batch["hidden"].clone().requires_grad_()
-        loss, metrics = module(w, h, batch["labels"], bias=b, cu_seqlens=batch["cu_seqlens"], role=batch["role"],
-                               pair_index=batch["pair_index"], **given)
+        h = batch["hidden"].to(device, copy=True).requires_grad_()
+        loss, metrics = module(w, h, to_dev(batch["labels"]), bias=b, cu_seqlens=to_dev(batch["cu_seqlens"]),
+                               role=to_dev(batch["role"]), pair_index=to_dev(batch["pair_index"]), **given_dev)
     else:
         batch = liger(seqs, weight.shape[1], g, name in AUGMENTED)
-        h = batch["hidden"].clone().requires_grad_()
-        aug = dict(aug_hidden=batch["aug_hidden"], aug_labels=batch["aug_labels"]) if name in AUGMENTED else {}
-        loss, metrics = module(w, h, batch["labels"], bias=b, **aug, **given)
+        h = batch["hidden"].to(device, copy=True).requires_grad_()
+        aug = dict(aug_hidden=to_dev(batch["aug_hidden"]), aug_labels=to_dev(batch["aug_labels"])) if name in AUGMENTED else {}
+        loss, metrics = module(w, h, to_dev(batch["labels"]), bias=b, **aug, **given_dev)
 
     assert_close(loss, expected, "loss")
     (loss.sum() if reduction == "none" else loss).backward()
@@ -402,14 +405,14 @@ def test_sppo_eta_defaults():
 
 # ----------------------------------------------------------------------------- triton backend
 
-def test_triton_backend_matches_reference_under_interpreter():
+def test_triton_backend_matches_reference():
+    """Compiled on a GPU machine; under the interpreter elsewhere (tests/conftest.py sets it)."""
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        # tests/conftest.py sets TRITON_INTERPRET=1 on CPU unless the caller explicitly chose otherwise.
-        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1 (the caller explicitly chose otherwise)")
     seqs, weight, bias, g = make_problem(17, 2, 16, 37, augmented=True, bias=True, max_len=5)
     run_case("sr_dpo", dict(beta=0.4, lam=0.5), seqs, weight, bias, g, layout="packed", softcap=None,
-             average=False, reduction="mean", backend="triton")
+             average=False, reduction="mean", backend="triton", device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -28,6 +28,8 @@ except Exception:  # pragma: no cover
     HAVE_TRITON = False
 
 BACKENDS = ["torch"] + (["triton"] if HAVE_TRITON else [])
+# The Triton backend runs compiled on a GPU machine and under the interpreter (conftest) elsewhere.
+DEVICE = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 @st.composite
@@ -47,7 +49,7 @@ def problems(draw):
     )
 
 
-def make_inputs(p):
+def make_inputs(p, device="cpu"):
     g = torch.Generator().manual_seed(p["seed"])
     V, H, dtype = p["V"], p["H"], p["dtype"]
     lengths = p["lengths"]
@@ -67,8 +69,9 @@ def make_inputs(p):
     labels = labels.masked_fill(drop, -100)
     weight = torch.randn(V, H, generator=g) / math.sqrt(H) * 3
     bias = torch.randn(V, generator=g) if p["bias"] else None
-    cast = lambda t: None if t is None else t.to(dtype).requires_grad_(True)
-    return cast(hidden), cast(weight), labels, cu, cast(bias)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_(True)
+    cu = None if cu is None else cu.to(device)
+    return cast(hidden), cast(weight), labels.to(device), cu, cast(bias)
 
 
 def _grads(out, upstream, tensors):
@@ -92,7 +95,7 @@ def _check(name, ours, plain, ref, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(p=problems())
 def test_forward_backward_matches_float64(backend, p):
-    hidden, weight, labels, cu, bias = make_inputs(p)
+    hidden, weight, labels, cu, bias = make_inputs(p, DEVICE[backend])
     kw = dict(average=p["average"], softcap=p["softcap"])
     ours = sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, bias=bias, backend=backend, **kw)
     ref = reference_sequence_logprobs(hidden, weight, labels, cu, bias=bias, **kw)
@@ -100,7 +103,7 @@ def test_forward_backward_matches_float64(backend, p):
     assert ours.dtype == torch.float32 and ours.shape == ref.shape
     _check("forward", ours, plain, ref, p["dtype"])
 
-    upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(p["seed"] + 1))
+    upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(p["seed"] + 1)).to(ref.device)
     tensors = [hidden, weight, bias]
     g_ours = _grads(ours, upstream, tensors)
     g_ref = _grads(ref, upstream.double(), tensors)
@@ -115,11 +118,12 @@ def test_chunked_paths_equal_single_chunk(backend, monkeypatch):
     """Token chunking (forward in torch, backward d_logits in both) does not change the result."""
     g = torch.Generator().manual_seed(0)
     N, H, V = 45, 24, 61
-    hidden = torch.randn(N, H, generator=g, dtype=torch.float64).float().requires_grad_(True)
-    weight = torch.randn(V, H, generator=g).requires_grad_(True)
-    labels = torch.randint(0, V, (N,), generator=g)
-    cu = torch.tensor([0, 10, 10, 31, 45], dtype=torch.int32)
-    upstream = torch.randn(4, generator=g)
+    dev = DEVICE[backend]
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64).float().to(dev).requires_grad_(True)
+    weight = torch.randn(V, H, generator=g).to(dev).requires_grad_(True)
+    labels = torch.randint(0, V, (N,), generator=g).to(dev)
+    cu = torch.tensor([0, 10, 10, 31, 45], dtype=torch.int32, device=dev)
+    upstream = torch.randn(4, generator=g).to(dev)
 
     def run():
         out = sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, backend=backend)
@@ -150,10 +154,11 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored_and_empty_sequences_give_zero(backend):
-    hidden = torch.randn(6, 8, requires_grad=True)
-    weight = torch.randn(11, 8, requires_grad=True)
-    labels = torch.tensor([-100, -100, 3, -100, -100, -100])
-    cu = torch.tensor([0, 2, 2, 4, 6], dtype=torch.int32)
+    dev = DEVICE[backend]
+    hidden = torch.randn(6, 8, device=dev, requires_grad=True)
+    weight = torch.randn(11, 8, device=dev, requires_grad=True)
+    labels = torch.tensor([-100, -100, 3, -100, -100, -100], device=dev)
+    cu = torch.tensor([0, 2, 2, 4, 6], dtype=torch.int32, device=dev)
     for average in (False, True):
         out = sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, average=average, backend=backend)
         assert torch.isfinite(out).all()
@@ -164,9 +169,10 @@ def test_all_ignored_and_empty_sequences_give_zero(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_is_forward_only(backend):
-    hidden = torch.randn(10, 8, requires_grad=True)
-    weight = torch.randn(13, 8, requires_grad=True)
-    labels = torch.randint(0, 13, (10,))
+    dev = DEVICE[backend]
+    hidden = torch.randn(10, 8, device=dev, requires_grad=True)
+    weight = torch.randn(13, 8, device=dev, requires_grad=True)
+    labels = torch.randint(0, 13, (10,), device=dev)
     with_grad = sequence_logprobs(hidden, weight, labels, backend=backend)
     with torch.no_grad():
         without = sequence_logprobs(hidden, weight, labels, backend=backend)
@@ -213,3 +219,9 @@ def test_bad_input_names_the_argument(mutate, match):
     mutate(args)
     with pytest.raises(ValueError, match=match):
         sequence_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors, but hidden is on cpu"):
+        sequence_logprobs(torch.randn(4, 6), torch.randn(7, 6), torch.tensor([0, 1, 6, -100]), backend="triton")
