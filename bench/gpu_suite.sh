@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_suite.sh [OUT_DIR]        OUT_DIR: default $OUT, else bench/results
 #   BUDGET_S=450 bash bench/gpu_suite.sh     seconds for all phases (default 450)
+#   TESTS_S=120                               seconds for the kernel tests on the GPU first (0: skip)
 #
 # Peer wheels carried in .whl/ (liger-kernel, cut-cross-entropy) are installed into /tmp/site first;
 # nash_fast is made importable from this checkout (editable install, else a copy with kernels/
@@ -44,7 +45,17 @@ if ! importable; then
 fi
 (cd /tmp && python3 -c "import torch, triton, nash_fast; print('torch', torch.__version__, 'triton', triton.__version__, 'nash_fast', nash_fast.__file__)") 2>&1 | tee -a "$LOG"
 
-# 3. Phases, most important first. No case starts in the last 30 s of the budget.
+# 3. Correctness first: the kernel tests with compiled kernels on CUDA tensors (tests/conftest.py sets
+#    the interpreter only where there is no GPU), at most TESTS_S seconds (default 120; 0 skips them).
+TESTS_S="${TESTS_S:-120}"
+if [ "$TESTS_S" -gt 0 ]; then
+  say "tests on the GPU (<= ${TESTS_S}s): tests/test_logprobs.py tests/test_fused_loss.py"
+  (cd tests && timeout -k 5 "$TESTS_S" python3 -m pytest -x -p no:cacheprovider -rfE \
+      test_logprobs.py test_fused_loss.py) > "$OUT_DIR/gpu_tests.log" 2>&1
+  say "tests ended with status $? ($(grep -E '[0-9]+ (passed|failed)' "$OUT_DIR/gpu_tests.log" | tail -1)); see gpu_tests.log"
+fi
+
+# 4. Phases, most important first. No case starts in the last 30 s of the budget.
 phase() {
   local name=$1; shift
   local left=$((END - $(date +%s)))
@@ -69,7 +80,7 @@ phase 7-n4k          --only logprobs --n 4096 --methods $PEERS
 phase 8-shapes-rest  --only logprobs --shapes mistral-7b,qwen2.5-7b,gemma2-2b --n 16384 --methods cce_exact,ours_torch
 phase 9-loss-shapes  --only loss --shapes mistral-7b,qwen2.5-7b,gemma2-2b --n 16384
 
-# 4. Charts and README tables from what was measured.
+# 5. Charts and README tables from what was measured.
 python3 bench/plot.py --results "$OUT_DIR" >> "$LOG" 2>&1 || say "plot failed (see log)"
 python3 bench/plot.py --results "$OUT_DIR" --markdown > "$OUT_DIR/tables.md" 2>> "$LOG" || say "tables failed"
 say "done; CSVs in $OUT_DIR"
