@@ -11,6 +11,7 @@ tokens of a packed batch cost nothing.
 Two backends compute the same function:
   "triton"  nash_fast.kernels.sequence_logprobs: fused tile kernels (GPU; CPU under TRITON_INTERPRET=1)
   "torch"   token chunks through plain PyTorch ops, recomputed in backward (the CPU path)
+Both keep the logits in fp32 for bf16/fp16 inputs (never rounded to 16 bits) and return fp32.
 """
 
 from __future__ import annotations
@@ -100,12 +101,43 @@ def _acc_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _torch_chunk_logits(h, weight, bias, softcap):
+_MM_OUT_DTYPE_WORKS: dict = {}
+
+
+def _mm_out_dtype_works(device: torch.device) -> bool:
+    """Whether torch.mm(bf16, bf16, out_dtype=float32) runs here (CUDA in torch >= 2.8; not the CPU)."""
+    if device.type not in _MM_OUT_DTYPE_WORKS:
+        try:
+            a = torch.ones(1, 1, device=device, dtype=torch.bfloat16)
+            _MM_OUT_DTYPE_WORKS[device.type] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE_WORKS[device.type] = False
+    return _MM_OUT_DTYPE_WORKS[device.type]
+
+
+def _weight_for_logits(weight):
+    """The weight in the accumulation dtype when 16-bit logits could only be made by upcasting it, else None.
+
+    Logits are never rounded to a 16-bit dtype (the Triton kernels keep them in fp32 too): on CUDA the
+    GEMM writes fp32 from bf16 operands; elsewhere the weight is upcast once per call (a [V, H] fp32 copy).
+    """
+    acc = _acc_dtype(weight.dtype)
+    if weight.dtype == acc or _mm_out_dtype_works(weight.device):
+        return None
+    return weight.to(acc)
+
+
+def _torch_chunk_logits(h, weight, weight_acc, bias, softcap):
     """Capped logits of one token chunk in the accumulation dtype (in-place where possible)."""
-    z = torch.matmul(h, weight.t())
+    acc = _acc_dtype(h.dtype)
+    if h.dtype == acc:
+        z = torch.matmul(h, weight.t())
+    elif weight_acc is None:
+        z = torch.mm(h, weight.t(), out_dtype=acc)
+    else:
+        z = torch.matmul(h.to(acc), weight_acc.t())
     if bias is not None:
         z += bias
-    z = z.to(_acc_dtype(h.dtype))
     if softcap is not None:
         z.div_(softcap).tanh_().mul_(softcap)
     return z
@@ -117,9 +149,10 @@ def _torch_forward(hidden, weight, bias, labels, softcap):
     chunk = max(1, TORCH_CHUNK_ELEMENTS // V)
     logp = torch.empty(N, device=hidden.device, dtype=_acc_dtype(hidden.dtype))
     lse = torch.empty_like(logp)
+    weight_acc = _weight_for_logits(weight)
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
-        s = _torch_chunk_logits(hidden[start:end], weight, bias, softcap)
+        s = _torch_chunk_logits(hidden[start:end], weight, weight_acc, bias, softcap)
         torch.logsumexp(s, dim=1, out=lse[start:end])
         logp[start:end] = s.gather(1, labels[start:end, None]).squeeze(1) - lse[start:end]
     return logp, lse
@@ -134,10 +167,11 @@ def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad):
     d_hidden = torch.empty_like(hidden)
     d_weight = torch.zeros(V, H, device=hidden.device, dtype=acc)
     d_bias = torch.zeros(V, device=hidden.device, dtype=acc) if bias is not None else None
+    weight_acc = _weight_for_logits(weight)
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
         h = hidden[start:end]
-        s = _torch_chunk_logits(h, weight, bias, softcap)
+        s = _torch_chunk_logits(h, weight, weight_acc, bias, softcap)
         dz = torch.sub(s, lse[start:end, None]).exp_().neg_()
         dz.scatter_add_(1, labels[start:end, None], torch.ones_like(dz[:, :1]))
         dz.mul_(grad[start:end, None])
