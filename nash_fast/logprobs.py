@@ -136,6 +136,7 @@ def _torch_chunk_logits(h, weight, weight_acc, bias, softcap):
         z = torch.mm(h, weight.t(), out_dtype=acc)
     else:
         z = torch.matmul(h.to(acc), weight_acc.t())
+    z = z.to(acc)  # a no-op, except under a caller's autocast
     if bias is not None:
         z += bias
     if softcap is not None:
