@@ -39,22 +39,41 @@ def _configs():
     if _INTERPRET:
         # Small tiles keep the CPU interpreter fast; tile edges are still exercised by the tests.
         return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "GROUP_N": 2}, num_warps=4)]
-    return gpu_configs()
+    return gpu_configs(torch.bfloat16) + gpu_configs(torch.float32)
 
 
-def gpu_configs():
-    """Autotuning candidates on GPU (Hopper/Ampere-sized tiles; compiled for sm_90 in the tests)."""
-    return [
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=8, num_stages=4),
-    ]
+_TENSOR_CORE_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=8, num_stages=4),
+]
+# fp32 inputs multiply in exact fp32 (FMA, no tensor cores): the 16-bit tiles above would spill
+# tens of KiB of registers there (ptxas, sm_90), so they get tiles of their own.
+_FP32_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 32, "GROUP_N": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 16, "GROUP_N": 8}, num_warps=4, num_stages=4),
+]
 
 
-# Buffers whose row count depends on the tile chosen by the autotuner are sized for the smallest tile.
-_MIN_BLOCK_V = min(c.kwargs["BLOCK_V"] for c in _configs())
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _configs())
+def gpu_configs(dtype=torch.bfloat16):
+    """Autotuning candidates on GPU for inputs of `dtype` (compiled for sm_90 in the tests)."""
+    return list(_FP32_CONFIGS if dtype == torch.float32 else _TENSOR_CORE_CONFIGS)
+
+
+def _configs_for_inputs(configs, named_args, **kwargs):
+    """Autotuner pruning: only the candidates of the hidden states' dtype are timed."""
+    if _INTERPRET:
+        return configs
+    wanted = gpu_configs(named_args["h_ptr"].dtype)
+    return [c for c in configs if any(c is w for w in wanted)]
+
+
+def _min_block(dtype, name):
+    """Buffers whose row count depends on the tile the autotuner picks are sized for the smallest tile."""
+    configs = _configs() if _INTERPRET else gpu_configs(dtype)
+    return min(c.kwargs[name] for c in configs)
 
 
 @triton.jit
@@ -99,12 +118,14 @@ def _logit_tile(
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         # tanh(x) = 2 sigmoid(2x) - 1, stable for large |x|
-        acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
+        # (a multiply by the reciprocal: a per-element IEEE division costs registers the tile needs)
+        acc = softcap * (2.0 * tl.sigmoid(acc * (2.0 / softcap)) - 1.0)
     return acc
 
 
 # restore_value: benchmarking a config must not leave its partial rows behind for the next one.
 @triton.autotune(configs=_configs(), key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"],
+                 prune_configs_by={"early_config_prune": _configs_for_inputs},
                  restore_value=["partial_lse_ptr", "target_ptr"])
 @triton.jit
 def _logits_lse_kernel(
@@ -131,7 +152,8 @@ def _logits_lse_kernel(
     tl.store(target_ptr + rows, target, mask=mine)
 
 
-@triton.autotune(configs=_configs(), key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"], reset_to_zero=["dbias_partial_ptr"])
+@triton.autotune(configs=_configs(), key=["H", "V", "HAS_BIAS", "HAS_SOFTCAP"],
+                 prune_configs_by={"early_config_prune": _configs_for_inputs}, reset_to_zero=["dbias_partial_ptr"])
 @triton.jit
 def _dlogits_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, dz_ptr, dbias_partial_ptr,
@@ -146,9 +168,14 @@ def _dlogits_kernel(
     row_ok = rows < N
     col_ok = cols < V
     g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
+    dz_ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    # Each branch stores its own tile: a branch that yields a [BLOCK_N, BLOCK_V] value would keep a
+    # second accumulator-sized tile live across the matmul (register spills on Hopper).
     if tl.max(tl.abs(g), axis=0) == 0.0:
         # Tokens of sequences that receive no gradient (e.g. detached passes): skip the matmul.
-        dz = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        tl.store(dz_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dtype=dz_ptr.dtype.element_ty), mask=tile_ok)
+        # dbias_partial is zeroed before launch (reset_to_zero / torch.zeros), so nothing to add.
     else:
         s = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, softcap,
                         HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
@@ -157,13 +184,12 @@ def _dlogits_kernel(
         p = tl.exp(s - lse[:, None])
         dz = tl.where(cols[None, :] == labels[:, None], 1.0 - p, -p) * g[:, None]
         if HAS_SOFTCAP:
-            t = s / softcap
+            t = s * (1.0 / softcap)
             dz = dz * (1.0 - t * t)
-        dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
-    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :],
-             dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-    if HAS_BIAS:
-        tl.store(dbias_partial_ptr + pid_n.to(tl.int64) * V + cols, tl.sum(dz, axis=0), mask=col_ok)
+        dz = tl.where(tile_ok, dz, 0.0)
+        tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=tile_ok)
+        if HAS_BIAS:
+            tl.store(dbias_partial_ptr + pid_n.to(tl.int64) * V + cols, tl.sum(dz, axis=0), mask=col_ok)
 
 
 def _launch_args(hidden: torch.Tensor):
@@ -176,7 +202,7 @@ def token_logprobs_forward(hidden, weight, bias, labels, softcap):
     """Returns (logp [N] fp32, lse [N] fp32) for compacted tokens (every label valid)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    partial = torch.full((triton.cdiv(V, _MIN_BLOCK_V), N), float("-inf"), device=hidden.device, dtype=torch.float32)
+    partial = torch.full((triton.cdiv(V, _min_block(hidden.dtype, "BLOCK_V")), N), float("-inf"), device=hidden.device, dtype=torch.float32)
     target = torch.zeros(N, device=hidden.device, dtype=torch.float32)
     if N == 0:
         return target, target.clone()
@@ -220,7 +246,7 @@ def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, ma
         w = weight[v_start:v_end]
         b = bias[v_start:v_end] if bias is not None else None
         dbias_partial = (
-            torch.zeros(triton.cdiv(N, _MIN_BLOCK_N), vc, device=hidden.device, dtype=torch.float32)
+            torch.zeros(triton.cdiv(N, _min_block(hidden.dtype, "BLOCK_N")), vc, device=hidden.device, dtype=torch.float32)
             if bias is not None else None
         )
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),)
