@@ -104,15 +104,16 @@ def _acc_dtype(dtype):
 _MM_OUT_DTYPE_WORKS: dict = {}
 
 
-def _mm_out_dtype_works(device: torch.device) -> bool:
-    """Whether torch.mm(bf16, bf16, out_dtype=float32) runs here (CUDA in torch >= 2.8; not the CPU)."""
-    if device.type not in _MM_OUT_DTYPE_WORKS:
+def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(dtype, dtype, out_dtype=float32) runs here (CUDA in recent torch; not the CPU)."""
+    key = (device.type, dtype)
+    if key not in _MM_OUT_DTYPE_WORKS:
         try:
-            a = torch.ones(1, 1, device=device, dtype=torch.bfloat16)
-            _MM_OUT_DTYPE_WORKS[device.type] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            a = torch.ones(1, 1, device=device, dtype=dtype)
+            _MM_OUT_DTYPE_WORKS[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
         except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE_WORKS[device.type] = False
-    return _MM_OUT_DTYPE_WORKS[device.type]
+            _MM_OUT_DTYPE_WORKS[key] = False
+    return _MM_OUT_DTYPE_WORKS[key]
 
 
 def _weight_for_logits(weight):
@@ -122,7 +123,7 @@ def _weight_for_logits(weight):
     GEMM writes fp32 from bf16 operands; elsewhere the weight is upcast once per call (a [V, H] fp32 copy).
     """
     acc = _acc_dtype(weight.dtype)
-    if weight.dtype == acc or _mm_out_dtype_works(weight.device):
+    if weight.dtype == acc or _mm_out_dtype_works(weight.device, weight.dtype):
         return None
     return weight.to(acc)
 
