@@ -272,14 +272,20 @@ def _accumulate_mm(out_fp32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     if not a.is_cuda:  # the interpreter (test) path: exact fp32 products
         out_fp32.addmm_(a.float(), b.float())
         return
-    if _ADDMM_OUT_DTYPE[0]:
+    if _OUT_DTYPE_GEMM["addmm"]:
         try:  # bf16 operands, fp32 C read and written in the GEMM epilogue: no extra pass
             torch.addmm(out_fp32, a, b, out_dtype=torch.float32, out=out_fp32)
             return
         except (TypeError, RuntimeError, NotImplementedError):
-            _ADDMM_OUT_DTYPE[0] = False
-    # torch without addmm(out_dtype=): each slice's product is rounded to bf16 before the fp32 sum.
+            _OUT_DTYPE_GEMM["addmm"] = False
+    if _OUT_DTYPE_GEMM["mm"]:
+        try:  # exact too, at one extra read and write of the fp32 [N, H] product per slice
+            out_fp32.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_GEMM["mm"] = False
+    # torch without out_dtype GEMMs: each slice's product is rounded to bf16 before the fp32 sum.
     out_fp32.add_(torch.mm(a, b))
 
 
-_ADDMM_OUT_DTYPE = [True]
+_OUT_DTYPE_GEMM = {"addmm": True, "mm": True}
