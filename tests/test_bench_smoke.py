@@ -115,11 +115,12 @@ def test_loss_rows(quick_run):
             # The loss itself: squared losses of differences of log-probs amplify bf16 rounding,
             # so only a loose bound (INPO's small loss values are the worst case).
             assert _num(row, "err_out_rel") < 0.2
-    # ours and the materialized TRL path compute the same loss from the same inputs.
+    # ours and the materialized TRL path compute the same loss from the same inputs; ours keeps the
+    # logits in fp32 where TRL's path rounds them to bf16, so ours is at least as close to float64.
     by_method = {r["method"]: r for r in rows}
     for kind in ("sppo", "inpo", "ipo"):
         ours, trl = by_method[f"ours_{kind}"], by_method[f"trl_{kind}"]
-        assert abs(_num(ours, "err_out_abs") - _num(trl, "err_out_abs")) <= 1e-2 * (1 + _num(trl, "err_out_abs"))
+        assert _num(ours, "err_out_abs") <= 1.01 * _num(trl, "err_out_abs") + 1e-5, (kind, ours["err_out_abs"], trl["err_out_abs"])
 
 
 def test_e2e_rows(quick_run):
