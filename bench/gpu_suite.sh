@@ -52,7 +52,8 @@ if [ "$TESTS_S" -gt 0 ]; then
   say "tests on the GPU (<= ${TESTS_S}s): tests/test_logprobs.py tests/test_fused_loss.py"
   (cd tests && timeout -k 5 "$TESTS_S" python3 -m pytest -x -p no:cacheprovider -rfE \
       test_logprobs.py test_fused_loss.py) > "$OUT_DIR/gpu_tests.log" 2>&1
-  say "tests ended with status $? ($(grep -E '[0-9]+ (passed|failed)' "$OUT_DIR/gpu_tests.log" | tail -1)); see gpu_tests.log"
+  tests_rc=$?
+  say "tests ended with status $tests_rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT_DIR/gpu_tests.log" | tail -1)); see gpu_tests.log"
 fi
 
 # 4. Phases, most important first. No case starts in the last 30 s of the budget.

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nash_fast.logprobs import mm_fp32_output_works
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -272,20 +274,17 @@ def _accumulate_mm(out_fp32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     if not a.is_cuda:  # the interpreter (test) path: exact fp32 products
         out_fp32.addmm_(a.float(), b.float())
         return
-    if _OUT_DTYPE_GEMM["addmm"]:
+    if _ADDMM_OUT_DTYPE[0]:
         try:  # bf16 operands, fp32 C read and written in the GEMM epilogue: no extra pass
             torch.addmm(out_fp32, a, b, out_dtype=torch.float32, out=out_fp32)
             return
         except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_GEMM["addmm"] = False
-    if _OUT_DTYPE_GEMM["mm"]:
-        try:  # exact too, at one extra read and write of the fp32 [N, H] product per slice
-            out_fp32.add_(torch.mm(a, b, out_dtype=torch.float32))
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_GEMM["mm"] = False
+            _ADDMM_OUT_DTYPE[0] = False
+    if mm_fp32_output_works(a.device, a.dtype):  # exact too, at one extra pass over the fp32 [N, H] product
+        out_fp32.add_(torch.mm(a, b, out_dtype=torch.float32))
+        return
     # torch without out_dtype GEMMs: each slice's product is rounded to bf16 before the fp32 sum.
     out_fp32.add_(torch.mm(a, b))
 
 
-_OUT_DTYPE_GEMM = {"addmm": True, "mm": True}
+_ADDMM_OUT_DTYPE = [True]

@@ -101,19 +101,21 @@ def _acc_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-_MM_OUT_DTYPE_WORKS: dict = {}
+_MM_FP32_OUTPUT_WORKS: dict = {}
 
 
-def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.mm(dtype, dtype, out_dtype=float32) runs here (CUDA in recent torch; not the CPU)."""
+def mm_fp32_output_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(dtype, dtype, out_dtype=float32) runs here (CUDA in recent torch; not the CPU).
+
+    Shared with the Triton backend's d_hidden accumulation (nash_fast.kernels.sequence_logprobs)."""
     key = (device.type, dtype)
-    if key not in _MM_OUT_DTYPE_WORKS:
+    if key not in _MM_FP32_OUTPUT_WORKS:
         try:
             a = torch.ones(1, 1, device=device, dtype=dtype)
-            _MM_OUT_DTYPE_WORKS[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            _MM_FP32_OUTPUT_WORKS[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
         except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE_WORKS[key] = False
-    return _MM_OUT_DTYPE_WORKS[key]
+            _MM_FP32_OUTPUT_WORKS[key] = False
+    return _MM_FP32_OUTPUT_WORKS[key]
 
 
 def _weight_for_logits(weight):
@@ -123,7 +125,7 @@ def _weight_for_logits(weight):
     GEMM writes fp32 from bf16 operands; elsewhere the weight is upcast once per call (a [V, H] fp32 copy).
     """
     acc = _acc_dtype(weight.dtype)
-    if weight.dtype == acc or _mm_out_dtype_works(weight.device, weight.dtype):
+    if weight.dtype == acc or mm_fp32_output_works(weight.device, weight.dtype):
         return None
     return weight.to(acc)
 
