@@ -237,8 +237,9 @@ def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, ma
         return torch.empty_like(hidden), d_weight, d_bias
     v_chunk = max(1, min(V, max_chunk_elements // N))
     upcast, precision = _launch_args(hidden)
-    # The CPU interpreter truncates fp32 -> bf16 stores instead of rounding to nearest even, so
-    # there d_z is stored in fp32 and rounded by PyTorch; on GPU the kernel rounds it itself.
+    # On GPU d_z is stored in the 16-bit input dtype for the tensor-core GEMMs below (the kernel rounds
+    # it to nearest). Under the CPU interpreter it stays fp32 and the GEMMs multiply exactly in fp32
+    # (the interpreter would also truncate fp32 -> bf16 stores instead of rounding them).
     dz = torch.empty(N, v_chunk, device=hidden.device, dtype=torch.float32 if _INTERPRET else hidden.dtype)
     d_hidden = torch.zeros(N, H, device=hidden.device, dtype=torch.float32)
     grad = grad.contiguous().float()
@@ -258,9 +259,15 @@ def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, ma
             N, vc, H, v_start, hidden.stride(0), weight.stride(0), dz.stride(0), float(softcap or 1.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=upcast, PRECISION=precision,
         )
-        dz_v = dz[:, :vc].to(hidden.dtype)
-        torch.mm(dz_v.t(), hidden, out=d_weight[v_start:v_end])
-        _accumulate_mm(d_hidden, dz_v, w)
+        if _INTERPRET:
+            # CPU: exact fp32 products (d_z is not rounded to 16 bits; no tensor cores to feed).
+            dz_v = dz[:, :vc]
+            d_weight[v_start:v_end] = torch.mm(dz_v.t(), hidden.float())
+            d_hidden.addmm_(dz_v, w.float())
+        else:
+            dz_v = dz[:, :vc]
+            torch.mm(dz_v.t(), hidden, out=d_weight[v_start:v_end])
+            _accumulate_mm(d_hidden, dz_v, w)
         if bias is not None:
             d_bias[v_start:v_end] = dbias_partial.sum(0)
     return d_hidden.to(hidden.dtype), d_weight, d_bias
@@ -270,9 +277,6 @@ def _accumulate_mm(out_fp32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     """out_fp32 += a @ b, accumulating across vocabulary slices in fp32 (a, b may be bf16)."""
     if a.dtype == torch.float32:
         out_fp32.addmm_(a, b)
-        return
-    if not a.is_cuda:  # the interpreter (test) path: exact fp32 products
-        out_fp32.addmm_(a.float(), b.float())
         return
     if _ADDMM_OUT_DTYPE[0]:
         try:  # bf16 operands, fp32 C read and written in the GEMM epilogue: no extra pass

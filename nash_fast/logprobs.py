@@ -184,12 +184,20 @@ def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad):
         del s
         if bias is not None:
             d_bias += dz.sum(0)
-        dz = dz.to(hidden.dtype)
-        torch.mm(dz, weight, out=d_hidden[start:end])
         if acc == hidden.dtype:
+            torch.mm(dz, weight, out=d_hidden[start:end])
             d_weight.addmm_(dz.t(), h)
+        elif weight_acc is not None:
+            # No 16-bit GEMM with fp32 output here (the CPU): the fp32 weight copy already exists, so
+            # exact fp32 products cost no extra pass; d_z is never rounded to 16 bits.
+            d_hidden[start:end] = torch.mm(dz, weight_acc)
+            d_weight.addmm_(dz.t(), h.to(acc))
         else:
-            d_weight += (dz.t() @ h).to(acc)
+            # CUDA: d_z rounded to 16 bits feeds the tensor cores (as in the Triton backend); the
+            # d_weight products of each chunk are added in fp32, not rounded to 16 bits first.
+            dz = dz.to(hidden.dtype)
+            torch.mm(dz, weight, out=d_hidden[start:end])
+            d_weight += torch.mm(dz.t(), h, out_dtype=acc)
     return d_hidden, d_weight, d_bias
 
 

@@ -1,4 +1,5 @@
 import os
+import random
 
 # Triton kernels run on CPU through the interpreter; it must be chosen before triton is imported.
 try:
@@ -10,6 +11,8 @@ except Exception:  # pragma: no cover
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest
+from hypothesis import core as hypothesis_core
 from hypothesis import settings
 
 # CI has 2 cores and a 30-minute budget; property tests draw a modest number of examples and
@@ -17,3 +20,31 @@ from hypothesis import settings
 settings.register_profile("ci", max_examples=25, deadline=None, print_blob=True)
 settings.register_profile("thorough", max_examples=300, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """Every run explores new examples, and every run can be repeated exactly.
+
+    Without --hypothesis-seed a fresh seed is drawn here and forced on every property test (so the
+    example database, empty on a fresh CI clone, plays no part); the header and the summary print it:
+    `python -m pytest --hypothesis-seed=SEED` replays the same draws. A failing example also prints its
+    @reproduce_failure blob (print_blob above).
+    """
+    seed = config.getoption("--hypothesis-seed", None)
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+        config.option.hypothesis_seed = str(seed)
+        hypothesis_core.global_force_seed = seed
+    config._nash_fast_hypothesis_seed = seed
+
+
+def pytest_report_header(config):
+    seed = getattr(config, "_nash_fast_hypothesis_seed", None)
+    return None if seed is None else f"hypothesis seed {seed}: rerun these draws with --hypothesis-seed={seed}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    seed = getattr(config, "_nash_fast_hypothesis_seed", None)
+    if seed is not None and exitstatus != 0:
+        terminalreporter.write_line(f"hypothesis seed {seed}: rerun these draws with --hypothesis-seed={seed}")

@@ -1,14 +1,33 @@
-"""Independent references that materialize the logits (for tests only)."""
+"""Independent references that materialize the logits, and the error bounds they are held to (tests only)."""
+
+import math
 
 import torch
+
+# Unit roundoff u = 2^-p of round-to-nearest with p significand bits.
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _layout(hidden, labels, cu_seqlens, ignore_index):
+    """Flat [N, H] hidden and labels, the sequence of every token, the number of sequences, the scored mask."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    if hidden.dim() == 3:
+        B, T = labels.shape
+        seq = torch.arange(B).repeat_interleave(T)
+        num_seqs = B
+    else:
+        cu = [0, h.shape[0]] if cu_seqlens is None else cu_seqlens.tolist()
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu[1:]) - torch.tensor(cu[:-1]))
+        num_seqs = len(cu) - 1
+    return h, y, seq, num_seqs, (y != ignore_index).cpu()
 
 
 def reference_sequence_logprobs(hidden, weight, labels, cu_seqlens=None, *, ignore_index=-100, average=False,
                                 bias=None, softcap=None, dtype=torch.float64):
     """Plain PyTorch in `dtype`: logits = hidden @ weight.T (+ bias), log_softmax, gather, per-sequence sum.
 
-    dtype=float64 is the ground truth; dtype=hidden.dtype is the "plain same-dtype implementation"
-    whose error sets the tolerance.
+    dtype=float64 is the ground truth; dtype=hidden.dtype is the "plain same-dtype implementation".
     """
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = weight.to(dtype)
@@ -34,3 +53,119 @@ def reference_sequence_logprobs(hidden, weight, labels, cu_seqlens=None, *, igno
             s = s / max(int(valid[a:b].sum()), 1)
         out.append(s)
     return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+@torch.no_grad()
+def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignore_index=-100, average=False,
+                          bias=None, softcap=None, dz_rounded=False, tensor_core=False):
+    """Elementwise bounds on |computed - exact| for sequence_logprobs and its gradients.
+
+    Derived from the roundings the fused paths perform on inputs of hidden.dtype; `exact` is the
+    float64 reference on the same (already rounded) inputs. First-order in the unit roundoffs
+    u = 2^-24 (fp32 arithmetic) and u_io (rounding an fp32 value to the input dtype: 2^-8 bf16,
+    2^-11 fp16, 0 for fp32 inputs, whose fp32 results are not rounded again); the caller multiplies
+    by 2 for the second-order terms and the float64 reference's own error (2^-53 relative).
+    gamma(n) = n u / (1 - n u) bounds a sum of n terms in any order, products included (Higham 3.1).
+
+    Path options (which roundings the path performs):
+      dz_rounded   d_z is rounded to the 16-bit input dtype before the d_hidden / d_weight GEMMs
+                   (the GPU paths, to run those GEMMs on tensor cores). The CPU paths keep d_z in fp32.
+      tensor_core  fp32 accumulation in tensor cores truncates instead of rounding (2u per addition,
+                   Fasi et al. 2021), and 16-bit GEMMs may reduce split-K partials in 16 bits (cuBLAS
+                   reduced-precision reduction) or a slice's product may be rounded to 16 bits before
+                   the fp32 sum: 2 u_io sum|terms| more for d_hidden and d_weight.
+
+    Forward, per scored token i and vocabulary entry v (A_iv = sum_k |h_ik W_vk| + |b_v|):
+      logit        dS = gamma(a (H + 1)) A                        fp32 dot of H terms, + bias; a = 2 on tensor cores
+      soft-cap     dS += 32 u (c + |s|)                           c tanh(z / c) or c (2 sigmoid(2z/c) - 1): divide,
+                                                                  <= 4-ulp exp/tanh, add, multiply; Lipschitz 1 in z
+      lse          dLSE = max_v dS + u (4V + 32 + 16 ln V + 4R + 4|lse|),  R = max_v |s - lse|:
+                   two levels (tiles, then their partial LSEs), each: V exps of (s - m) with <= 4 ulp (8u)
+                   plus the subtraction (u R), a sum gamma(V), a log (8u ln V absolute), + m (u |lse|)
+      token        dTok = dS[y] + dLSE + u |tok|                  target - lse
+      sequence     sum_i dTok + gamma(n) sum_i |tok|              fp32 index_add of its n tokens
+      average      (that) / n + u |logp|                          one division
+    Backward (g_i = upstream of i's sequence, / n with average: dG = u |g|):
+      p            dP = p expm1(dS + dLSE + u |s - lse| + 8u)     exp(s - lse)
+      d_z          dz = g (onehot - p) cap',  cap' = 1 - (s/c)^2 (1 without soft-cap):
+                   dDZ = |g| |q| dCap + |g| |cap'| (dP + u |q|) + dG |q| |cap'| + 3u |dz|,
+                   dCap = 2 |t| dS / c + 6u  (t = s/c: a multiply, a square, a subtraction)
+      rounded d_z  dDZq = dDZ + u_io (|dz| + dDZ)                 only with dz_rounded
+      d_bias       sum_i dDZ + gamma(N) sum_i |dz|, then u_io (|d_bias| + that)   fp32 sum of unrounded d_z
+      d_hidden     dDZq @ |W| + (gamma(a V) + r) |dz| @ |W|, then u_io (|d_hidden| + that)
+      d_weight     dDZq^T @ |h| + (gamma(a N) + r) |dz|^T @ |h|, then u_io (|d_weight| + that)
+                   (r = 2 u_io on tensor-core paths, else 0)
+    Positions that are not scored get bound 0 (their gradient is exactly zero).
+    Returns dict(forward [S], d_hidden (hidden's shape), d_weight [V, H], d_bias [V] or None).
+    """
+    u = 2.0**-24
+    dtype = hidden.dtype
+    u_io = 0.0 if dtype in (torch.float32, torch.float64) else UNIT_ROUNDOFF[dtype]
+    a = 2.0 if tensor_core else 1.0
+    r = 2 * u_io if tensor_core else 0.0
+
+    def gamma(n):
+        return n * u / (1 - n * u)
+
+    h_all, y_all, seq_all, num_seqs, scored = _layout(hidden.detach().cpu().double(), labels.cpu(), cu_seqlens, ignore_index)
+    h, y, seq = h_all[scored], y_all[scored], seq_all[scored]
+    W = weight.detach().cpu().double()
+    b = None if bias is None else bias.detach().cpu().double()
+    N, H = h.shape
+    V = W.shape[0]
+
+    A = h.abs() @ W.abs().t()
+    z = h @ W.t()
+    if b is not None:
+        A = A + b.abs()
+        z = z + b
+    dS = gamma(a * (H + 1)) * A
+    if softcap is not None:
+        s = softcap * torch.tanh(z / softcap)
+        dS = dS + 32 * u * (softcap + s.abs())
+    else:
+        s = z
+    lse = torch.logsumexp(s, dim=1) if N else torch.zeros(0, dtype=torch.float64)
+    R = (s - lse[:, None]).abs().amax(1) if N else lse
+    dLSE = (dS.amax(1) if N else lse) + u * (4 * V + 32 + 16 * math.log(V) + 4 * R + 4 * lse.abs())
+    rows = torch.arange(N)
+    tok = s[rows, y] - lse
+    dTok = dS[rows, y] + dLSE + u * tok.abs()
+
+    counts = torch.bincount(seq, minlength=num_seqs).double()
+    fwd = torch.zeros(num_seqs, dtype=torch.float64).index_add(0, seq, dTok)
+    fwd += gamma(counts) * torch.zeros(num_seqs, dtype=torch.float64).index_add(0, seq, tok.abs())
+    if average:
+        logp = torch.zeros(num_seqs, dtype=torch.float64).index_add(0, seq, tok) / counts.clamp_min(1)
+        fwd = fwd / counts.clamp_min(1) + u * logp.abs()
+
+    G = upstream.detach().cpu().double()
+    g = G[seq] / counts[seq] if average else G[seq]
+    dG = u * g.abs() if average else torch.zeros_like(g)
+    p = torch.exp(s - lse[:, None])
+    dP = p * torch.expm1(dS + dLSE[:, None] + u * (s - lse[:, None]).abs() + 8 * u)
+    q = -p
+    q[rows, y] += 1.0
+    if softcap is not None:
+        t = s / softcap
+        cap = 1 - t * t
+        dCap = 2 * t.abs() * dS / softcap + 6 * u
+    else:
+        cap = torch.ones_like(s)
+        dCap = torch.zeros_like(s)
+    dz = g[:, None] * q * cap
+    dDZ = (g.abs()[:, None] * q.abs() * dCap + g.abs()[:, None] * cap.abs() * (dP + u * q.abs())
+           + dG[:, None] * q.abs() * cap.abs() + 3 * u * dz.abs())
+    dDZq = dDZ + u_io * (dz.abs() + dDZ) if dz_rounded else dDZ
+
+    d_bias = None
+    if b is not None:
+        err = dDZ.sum(0) + gamma(N) * dz.abs().sum(0)
+        d_bias = err + u_io * ((dz.sum(0)).abs() + err)
+    err = dDZq @ W.abs() + (gamma(a * V) + r) * (dz.abs() @ W.abs())
+    dh_scored = err + u_io * ((dz @ W).abs() + err)
+    d_hidden = torch.zeros_like(h_all)
+    d_hidden[scored] = dh_scored
+    err = dDZq.t() @ h.abs() + (gamma(a * N) + r) * (dz.abs().t() @ h.abs())
+    d_weight = err + u_io * ((dz.t() @ h).abs() + err)
+    return dict(forward=fwd, d_hidden=d_hidden.reshape(hidden.shape), d_weight=d_weight, d_bias=d_bias)
