@@ -219,29 +219,32 @@ def token_logprobs_forward(hidden, weight, bias, labels, softcap):
     return target - lse, lse
 
 
-def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, max_chunk_elements):
-    """Gradients of sum_i grad_i * logp_i w.r.t. hidden, weight and bias (each in its input dtype).
+def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, max_chunk_elements, *,
+                            need_hidden=True, need_weight=True, need_bias=True):
+    """Gradients of sum_i grad_i * logp_i w.r.t. hidden, weight and bias (each in its input dtype, None if not needed).
 
     The vocabulary is processed in slices of Vc = max_chunk_elements // N columns: for each slice the
     kernel writes d_z [N, Vc]; d_weight[slice] = d_z^T @ hidden is then final (one GEMM over all tokens,
     written once, no [V, H] fp32 buffer) and d_hidden += d_z @ W[slice] accumulates in fp32 [N, H].
+    A gradient that is not needed costs nothing: no buffer, no GEMM (a frozen LM head saves 2NHV).
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    d_weight = torch.empty_like(weight)
-    d_bias = torch.empty_like(bias) if bias is not None else None
+    need_bias = need_bias and bias is not None
+    d_weight = torch.empty_like(weight) if need_weight else None
+    d_bias = torch.empty_like(bias) if need_bias else None
     if N == 0:
-        d_weight.zero_()
-        if d_bias is not None:
-            d_bias.zero_()
-        return torch.empty_like(hidden), d_weight, d_bias
+        for t in (d_weight, d_bias):
+            if t is not None:
+                t.zero_()
+        return (torch.empty_like(hidden) if need_hidden else None), d_weight, d_bias
     v_chunk = max(1, min(V, max_chunk_elements // N))
     upcast, precision = _launch_args(hidden)
     # On GPU d_z is stored in the 16-bit input dtype for the tensor-core GEMMs below (the kernel rounds
     # it to nearest). Under the CPU interpreter it stays fp32 and the GEMMs multiply exactly in fp32
     # (the interpreter would also truncate fp32 -> bf16 stores instead of rounding them).
     dz = torch.empty(N, v_chunk, device=hidden.device, dtype=torch.float32 if _INTERPRET else hidden.dtype)
-    d_hidden = torch.zeros(N, H, device=hidden.device, dtype=torch.float32)
+    d_hidden = torch.zeros(N, H, device=hidden.device, dtype=torch.float32) if need_hidden else None
     grad = grad.contiguous().float()
     for v_start in range(0, V, v_chunk):
         v_end = min(V, v_start + v_chunk)
@@ -259,18 +262,21 @@ def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, ma
             N, vc, H, v_start, hidden.stride(0), weight.stride(0), dz.stride(0), float(softcap or 1.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=upcast, PRECISION=precision,
         )
+        dz_v = dz[:, :vc]
         if _INTERPRET:
             # CPU: exact fp32 products (d_z is not rounded to 16 bits; no tensor cores to feed).
-            dz_v = dz[:, :vc]
-            d_weight[v_start:v_end] = torch.mm(dz_v.t(), hidden.float())
-            d_hidden.addmm_(dz_v, w.float())
+            if need_weight:
+                d_weight[v_start:v_end] = torch.mm(dz_v.t(), hidden.float())
+            if need_hidden:
+                d_hidden.addmm_(dz_v, w.float())
         else:
-            dz_v = dz[:, :vc]
-            torch.mm(dz_v.t(), hidden, out=d_weight[v_start:v_end])
-            _accumulate_mm(d_hidden, dz_v, w)
-        if bias is not None:
+            if need_weight:
+                torch.mm(dz_v.t(), hidden, out=d_weight[v_start:v_end])
+            if need_hidden:
+                _accumulate_mm(d_hidden, dz_v, w)
+        if need_bias:
             d_bias[v_start:v_end] = dbias_partial.sum(0)
-    return d_hidden.to(hidden.dtype), d_weight, d_bias
+    return (d_hidden.to(hidden.dtype) if need_hidden else None), d_weight, d_bias
 
 
 def _accumulate_mm(out_fp32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -8,40 +8,106 @@ OSP eq. 8): the only part of those losses that touches the [tokens x vocab] logi
 never materializes. Ignored tokens are compacted away before any vocabulary work, so prompt
 tokens of a packed batch cost nothing.
 
-Two backends compute the same function:
+Three backends compute the same function on scored tokens:
   "triton"  nash_fast.kernels.sequence_logprobs: fused tile kernels (GPU; CPU under TRITON_INTERPRET=1)
-  "torch"   token chunks through plain PyTorch ops, recomputed in backward (the CPU path)
-Both keep the logits in fp32 for bf16/fp16 inputs (never rounded to 16 bits) and return fp32.
+  "native"  nash_fast._C (csrc/): C++ tile kernels on the CPU's matrix units (AMX) or vector units
+  "torch"   plain PyTorch over token chunks (forward) and vocabulary slices (backward): the readable
+            reference, and the CPU fallback when nash_fast._C is not built
+"auto" picks triton on CUDA, native on CPU when built, torch otherwise. All keep logits in fp32
+for bf16/fp16 inputs (never rounded to 16 bits) and return fp32. A gradient nobody asked for (a
+frozen LM head, frozen hidden states) is not computed: no [V, H] buffer, 2NHV fewer FLOPs.
+
+torch.compile: the work runs inside the custom operators nash_fast::sequence_logprobs and
+nash_fast::sequence_logprobs_backward (torch.library, with fake implementations and a registered
+autograd formula), so `torch.compile(fullgraph=True)` traces sequence_logprobs without a graph
+break; the checks that need the values (label range, cu_seqlens order) run inside the operator.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
 import os
+import warnings
+from pathlib import Path
+from typing import Optional
 
 import torch
 
-__all__ = ["sequence_logprobs", "token_logprobs"]
+__all__ = ["sequence_logprobs", "token_logprobs", "native_status", "native_cpu_isa"]
 
-# Largest [chunk x V] buffer either backend allocates, in elements. 2**26 bf16 = 128 MiB; with
-# V = 128256 that is a 523-token chunk (torch) or backward d_logits chunk (triton).
+# Largest [chunk x V]-shaped buffer the Triton backend allocates, in elements (its backward d_z slice).
+# 2**26 bf16 = 128 MiB; with V = 128256 that is 523 tokens' worth.
 MAX_CHUNK_ELEMENTS = 2**26
+# The native backward keeps d_z for N x Vs elements (twice, in two layouts) in the input dtype.
+NATIVE_CHUNK_ELEMENTS = 2**23
 # The torch backend allocates several fp32 [chunk x V] temporaries, so its chunks are smaller.
 TORCH_CHUNK_ELEMENTS = 2**22
 
-_BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _validate(hidden, weight, labels, cu_seqlens, ignore_index, bias, softcap, backend):
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if (backend == "triton" and isinstance(hidden, torch.Tensor) and hidden.device.type != "cuda"
-            and os.environ.get("TRITON_INTERPRET") != "1"):
+# ----------------------------------------------------------------------------- native library
+
+_NATIVE: dict = {}
+
+
+def native_status() -> tuple[bool, str]:
+    """(True, "") when nash_fast._C (the C++ CPU kernels) is built for this torch and loaded, else (False, why)."""
+    if "ok" not in _NATIVE:
+        _NATIVE["ok"], _NATIVE["why"] = _load_native()
+    return _NATIVE["ok"], _NATIVE["why"]
+
+
+def _load_native() -> tuple[bool, str]:
+    if os.environ.get("NASH_FAST_DISABLE_NATIVE") == "1":
+        return False, "disabled by NASH_FAST_DISABLE_NATIVE=1"
+    spec = importlib.util.find_spec("nash_fast._C")
+    if spec is None or spec.origin is None:
+        return False, "nash_fast._C is not built"
+    info_path = Path(spec.origin).with_name("_C.json")
+    try:
+        built_for = json.loads(info_path.read_text())["torch"]
+    except (OSError, ValueError, KeyError):
+        return False, f"{info_path} (the build record of nash_fast._C) is missing or unreadable"
+    if built_for != torch.__version__:
+        return False, f"nash_fast._C was built for torch {built_for}, but torch {torch.__version__} is installed"
+    try:
+        importlib.import_module("nash_fast._C")
+    except (ImportError, OSError) as exc:
+        return False, f"nash_fast._C failed to load: {exc}"
+    return True, ""
+
+
+_BUILD_HINT = ("build it with `pip install -e .` from the repository (needs cmake and a C++17 compiler), "
+               "or use backend='torch'")
+
+
+def native_cpu_isa(dtype: torch.dtype = torch.bfloat16) -> str:
+    """The CPU code path the native backend takes for inputs of `dtype`: amx, avx512, avx2 or portable.
+
+    NASH_FAST_CPU_ISA=avx512|avx2|portable forces a lower one (read on every call)."""
+    ok, why = native_status()
+    if not ok:
+        raise ValueError(f"the native backend is unavailable: {why}; {_BUILD_HINT}")
+    return torch.ops.nash_fast.cpu_isa(dtype)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend):
+    """Checks that need no tensor values (safe inside torch.compile)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise ValueError("hidden must be a floating-point tensor")
+    if (backend == "triton" and hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
         raise ValueError(
             f"backend='triton' needs CUDA tensors, but hidden is on {hidden.device}; use backend='torch' "
             "(or set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU, slowly)"
         )
-    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-        raise ValueError("hidden must be a floating-point tensor")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D [V, H] tensor, got shape {tuple(getattr(weight, 'shape', ()))}")
     if hidden.dim() not in (2, 3):
@@ -59,8 +125,13 @@ def _validate(hidden, weight, labels, cu_seqlens, ignore_index, bias, softcap, b
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise ValueError(f"bias must match weight dtype/device ({weight.dtype}, {weight.device}), got ({bias.dtype}, {bias.device})")
-    if softcap is not None and not (float(softcap) > 0):
-        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if softcap is not None:
+        try:
+            value = float(softcap)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
     if labels.shape != hidden.shape[:-1]:
@@ -69,28 +140,51 @@ def _validate(hidden, weight, labels, cu_seqlens, ignore_index, bias, softcap, b
         raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
     if hidden.dim() == 3 and cu_seqlens is not None:
         raise ValueError("cu_seqlens must be None for padded [B, T, H] hidden (each row is one sequence)")
-    if hidden.dim() == 2 and cu_seqlens is not None:
+    if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cu_seqlens must be an int32 (or int64) tensor, got {getattr(cu_seqlens, 'dtype', type(cu_seqlens))}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}")
+
+
+def _validate_values(labels, cu_seqlens, num_tokens, ignore_index, vocab):
+    """Checks that read tensor values (inside the operator: one host sync each, never traced)."""
+    if cu_seqlens is not None:
         cu = cu_seqlens.tolist()
         if cu[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
-        if cu[-1] != hidden.shape[0]:
-            raise ValueError(f"cu_seqlens must end at N = {hidden.shape[0]} (tokens in hidden), got {cu[-1]}")
+        if cu[-1] != num_tokens:
+            raise ValueError(f"cu_seqlens must end at N = {num_tokens} (tokens in hidden), got {cu[-1]}")
         if any(b < a for a, b in zip(cu, cu[1:])):
             raise ValueError("cu_seqlens must be non-decreasing")
-    V = weight.shape[0]
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         first = labels[bad].flatten()[0].item()
-        raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}; found {first}")
+        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
 
 
-def _pick_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    device, dtype = hidden.device, hidden.dtype
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        if device.type == "cpu" and dtype in _NATIVE_DTYPES:
+            ok, why = native_status()
+            if ok:
+                return "native"
+            if not _NATIVE.get("warned"):
+                _NATIVE["warned"] = True
+                warnings.warn(f"nash_fast: native CPU kernels unavailable ({why}); using backend='torch', "
+                              f"several times slower. To get them, {_BUILD_HINT.split(', or')[0]}.", stacklevel=3)
+        return "torch"
+    if backend == "native":
+        ok, why = native_status()
+        if not ok:
+            raise ValueError(f"backend='native' is unavailable: {why}; {_BUILD_HINT}")
+        if device.type != "cpu":
+            raise ValueError(f"backend='native' runs on CPU tensors, but hidden is on {device}; use backend='triton' on GPUs")
+        if dtype not in _NATIVE_DTYPES:
+            raise ValueError(f"backend='native' takes float32, bfloat16 or float16 inputs, got {dtype}; use backend='torch'")
     return backend
 
 
@@ -118,27 +212,27 @@ def mm_fp32_output_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _MM_FP32_OUTPUT_WORKS[key]
 
 
-def _weight_for_logits(weight):
-    """The weight in the accumulation dtype when 16-bit logits could only be made by upcasting it, else None.
+def _in_acc_dtype(t):
+    """t in the accumulation dtype when 16-bit products with fp32 output need an upcast copy here, else None.
 
     Logits are never rounded to a 16-bit dtype (the Triton kernels keep them in fp32 too): on CUDA the
-    GEMM writes fp32 from bf16 operands; elsewhere the weight is upcast once per call (a [V, H] fp32 copy).
+    GEMM writes fp32 from bf16 operands; elsewhere the operand is upcast (one fp32 copy per call).
     """
-    acc = _acc_dtype(weight.dtype)
-    if weight.dtype == acc or mm_fp32_output_works(weight.device, weight.dtype):
+    acc = _acc_dtype(t.dtype)
+    if t.dtype == acc or mm_fp32_output_works(t.device, t.dtype):
         return None
-    return weight.to(acc)
+    return t.to(acc)
 
 
-def _torch_chunk_logits(h, weight, weight_acc, bias, softcap):
-    """Capped logits of one token chunk in the accumulation dtype (in-place where possible)."""
+def _torch_logits(h, h_acc, w, w_acc, bias, softcap):
+    """Capped logits h w^T (+ b) in the accumulation dtype (in place where possible)."""
     acc = _acc_dtype(h.dtype)
     if h.dtype == acc:
-        z = torch.matmul(h, weight.t())
-    elif weight_acc is None:
-        z = torch.mm(h, weight.t(), out_dtype=acc)
+        z = torch.matmul(h, w.t())
+    elif w_acc is None:
+        z = torch.mm(h, w.t(), out_dtype=acc)
     else:
-        z = torch.matmul(h.to(acc), weight_acc.t())
+        z = torch.matmul(h_acc if h_acc is not None else h.to(acc), w_acc.t())
     z = z.to(acc)  # a no-op, except under a caller's autocast
     if bias is not None:
         z += bias
@@ -148,112 +242,214 @@ def _torch_chunk_logits(h, weight, weight_acc, bias, softcap):
 
 
 def _torch_forward(hidden, weight, bias, labels, softcap):
+    """Token chunks: every row of a chunk sees the whole vocabulary, so logsumexp is one call."""
     N = hidden.shape[0]
     V = weight.shape[0]
     chunk = max(1, TORCH_CHUNK_ELEMENTS // V)
     logp = torch.empty(N, device=hidden.device, dtype=_acc_dtype(hidden.dtype))
     lse = torch.empty_like(logp)
-    weight_acc = _weight_for_logits(weight)
+    weight_acc = _in_acc_dtype(weight)
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
-        s = _torch_chunk_logits(hidden[start:end], weight, weight_acc, bias, softcap)
+        s = _torch_logits(hidden[start:end], None, weight, weight_acc, bias, softcap)
         torch.logsumexp(s, dim=1, out=lse[start:end])
         logp[start:end] = s.gather(1, labels[start:end, None]).squeeze(1) - lse[start:end]
     return logp, lse
 
 
-def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad):
-    """d_z = g * (onehot - softmax) * cap'; d_hidden = d_z @ W, d_weight = sum over chunks of d_z^T @ h."""
+def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias):
+    """Vocabulary slices of Vs = TORCH_CHUNK_ELEMENTS // N entries, all tokens at once:
+        d_z = g (onehot - exp(s - lse)) cap'      [N, Vs], s the recomputed capped logits
+        d_weight[slice] = d_z^T h                 written once
+        d_hidden += d_z W[slice]                  accumulated in fp32
+        d_bias[slice] = sum_i d_z
+    On the CPU (no 16-bit GEMM with fp32 output) the products are exact fp32 ones against upcast
+    operands; on CUDA d_z is rounded to the 16-bit input dtype for the tensor cores (as in Triton).
+    """
     N, H = hidden.shape
     V = weight.shape[0]
-    chunk = max(1, TORCH_CHUNK_ELEMENTS // V)
     acc = _acc_dtype(hidden.dtype)
-    d_hidden = torch.empty_like(hidden)
-    d_weight = torch.zeros(V, H, device=hidden.device, dtype=acc)
-    d_bias = torch.zeros(V, device=hidden.device, dtype=acc) if bias is not None else None
-    weight_acc = _weight_for_logits(weight)
-    for start in range(0, N, chunk):
-        end = min(N, start + chunk)
-        h = hidden[start:end]
-        s = _torch_chunk_logits(h, weight, weight_acc, bias, softcap)
-        dz = torch.sub(s, lse[start:end, None]).exp_().neg_()
-        dz.scatter_add_(1, labels[start:end, None], torch.ones_like(dz[:, :1]))
-        dz.mul_(grad[start:end, None])
+    vs = max(1, TORCH_CHUNK_ELEMENTS // max(N, 1))
+    weight_acc = _in_acc_dtype(weight)
+    hidden_acc = _in_acc_dtype(hidden)
+    d_hidden = torch.zeros(N, H, device=hidden.device, dtype=acc) if need_hidden else None
+    d_weight = torch.empty_like(weight) if need_weight else None
+    d_bias = torch.empty(V, device=hidden.device, dtype=acc) if need_bias else None
+    rows = torch.arange(N, device=hidden.device)
+    for v0 in range(0, V, vs):
+        v1 = min(V, v0 + vs)
+        w = weight[v0:v1]
+        w_acc = None if weight_acc is None else weight_acc[v0:v1]
+        s = _torch_logits(hidden, hidden_acc, w, w_acc, None if bias is None else bias[v0:v1], softcap)
+        dz = torch.sub(s, lse[:, None]).exp_().neg_()
+        local = labels - v0
+        here = (local >= 0) & (local < v1 - v0)
+        dz.index_put_((rows[here], local[here]), torch.ones((), device=dz.device, dtype=dz.dtype), accumulate=True)
+        dz.mul_(grad[:, None])
         if softcap is not None:
             dz.mul_(s.div_(softcap).square_().neg_().add_(1.0))  # d cap(z) / dz = 1 - tanh^2
         del s
-        if bias is not None:
-            d_bias += dz.sum(0)
-        if acc == hidden.dtype:
-            torch.mm(dz, weight, out=d_hidden[start:end])
-            d_weight.addmm_(dz.t(), h)
-        elif weight_acc is not None:
-            # No 16-bit GEMM with fp32 output here (the CPU): the fp32 weight copy already exists, so
-            # exact fp32 products cost no extra pass; d_z is never rounded to 16 bits.
-            d_hidden[start:end] = torch.mm(dz, weight_acc)
-            d_weight.addmm_(dz.t(), h.to(acc))
-        else:
-            # CUDA: d_z rounded to 16 bits feeds the tensor cores (as in the Triton backend); the
-            # d_weight products of each chunk are added in fp32, not rounded to 16 bits first.
+        if need_bias:
+            d_bias[v0:v1] = dz.sum(0)
+        if hidden.dtype == acc:
+            if need_weight:
+                torch.mm(dz.t(), hidden, out=d_weight[v0:v1])
+            if need_hidden:
+                d_hidden.addmm_(dz, w)
+        elif weight_acc is not None:  # CPU: exact fp32 products, d_z never rounded to 16 bits
+            if need_weight:
+                d_weight[v0:v1] = torch.mm(dz.t(), hidden_acc)
+            if need_hidden:
+                d_hidden.addmm_(dz, w_acc)
+        else:  # CUDA: 16-bit d_z into the tensor cores, fp32 outputs
             dz = dz.to(hidden.dtype)
-            torch.mm(dz, weight, out=d_hidden[start:end])
-            d_weight += torch.mm(dz.t(), h, out_dtype=acc)
-    return d_hidden, d_weight, d_bias
+            if need_weight:
+                torch.mm(dz.t(), hidden, out=d_weight[v0:v1])
+            if need_hidden:
+                d_hidden += torch.mm(dz, w, out_dtype=acc)
+    return (None if d_hidden is None else d_hidden.to(hidden.dtype), d_weight,
+            None if d_bias is None else d_bias.to(weight.dtype))
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- backend table
 
-def _backend_fns(backend):
-    if backend == "triton":
-        from nash_fast.kernels import sequence_logprobs as kern
-
-        return kern.token_logprobs_forward, lambda *a: kern.token_logprobs_backward(*a, MAX_CHUNK_ELEMENTS)
-    return _torch_forward, _torch_backward
+def _native_forward(hidden, weight, bias, labels, softcap):
+    return torch.ops.nash_fast.token_logprobs_forward(hidden, weight, bias, labels, softcap)
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    """logp_i = log softmax(cap(W h_i + b))_{y_i} for compacted tokens; saves only lse [N]."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, softcap, backend):
-        forward_fn, _ = _backend_fns(backend)
-        logp, lse = forward_fn(hidden, weight, bias, labels, softcap)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.softcap = softcap
-        ctx.backend = backend
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        _, backward_fn = _backend_fns(ctx.backend)
-        d_hidden, d_weight, d_bias = backward_fn(hidden, weight, bias, labels, ctx.softcap, lse, grad.to(lse.dtype))
-        return (
-            d_hidden if ctx.needs_input_grad[0] else None,
-            d_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-            d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
-            None, None, None,
-        )
+def _native_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias):
+    d_hidden, d_weight, d_bias = torch.ops.nash_fast.token_logprobs_backward(
+        hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias, NATIVE_CHUNK_ELEMENTS)
+    return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None)
 
 
-def token_logprobs(hidden, weight, labels, *, bias=None, softcap=None, backend="auto"):
-    """log p(labels[i] | hidden[i]) for [N, H] hidden and [N] labels that are all valid class ids.
+def _triton_forward(hidden, weight, bias, labels, softcap):
+    from nash_fast.kernels import sequence_logprobs as kern
 
-    The building block of `sequence_logprobs` (no ignore handling, no sequence reduction).
-    Returns float32 [N] (float64 for float64 inputs); differentiable w.r.t. hidden, weight and bias.
-    """
-    backend = _pick_backend(backend, hidden.device)
-    hidden = hidden.contiguous()
-    weight = weight.contiguous()
-    labels = labels.contiguous().long()
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
-    if not needs_grad:  # forward-only path: nothing is saved
-        forward_fn, _ = _backend_fns(backend)
-        return forward_fn(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, softcap)[0]
-    return _TokenLogprobs.apply(hidden, weight, bias, labels, softcap, backend)
+    return kern.token_logprobs_forward(hidden, weight, bias, labels, softcap)
 
+
+def _triton_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias):
+    from nash_fast.kernels import sequence_logprobs as kern
+
+    return kern.token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, MAX_CHUNK_ELEMENTS,
+                                        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+
+
+_TOKEN_KERNELS = {
+    "torch": (_torch_forward, _torch_backward),
+    "native": (_native_forward, _native_backward),
+    "triton": (_triton_forward, _triton_backward),
+}
+
+
+# ----------------------------------------------------------------------------- operators
+
+def _layout(hidden, cu_seqlens, num_rows):
+    """(sequence id of every token [N], number of sequences S) for the three layouts of the operator."""
+    N = hidden.shape[0]
+    device = hidden.device
+    if num_rows >= 0:  # num_rows consecutive rows of N / num_rows tokens
+        per_row = N // num_rows if num_rows else 0
+        return torch.arange(num_rows, device=device).repeat_interleave(per_row), num_rows
+    if cu_seqlens is None:  # one sequence
+        return torch.zeros(N, dtype=torch.long, device=device), 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=N), lengths.numel()
+
+
+@torch.library.custom_op("nash_fast::sequence_logprobs", mutates_args=())
+def _sequence_logprobs_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor], num_rows: int, ignore_index: int, average: bool,
+    softcap: Optional[float], backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sequence log-probs [S], log-sum-exp of every token [N] (0 where ignored)) for [N, H] hidden."""
+    _validate_values(labels, cu_seqlens, hidden.shape[0], ignore_index, weight.shape[0])
+    seq_id, num_seqs = _layout(hidden, cu_seqlens, num_rows)
+    scored = (labels != ignore_index).nonzero().squeeze(1)
+    forward, _ = _TOKEN_KERNELS[backend]
+    token_lp, token_lse = forward(hidden.index_select(0, scored).contiguous(), weight.contiguous(),
+                                  None if bias is None else bias.contiguous(),
+                                  labels.index_select(0, scored).long().contiguous(), softcap)
+    scored_seq = seq_id.index_select(0, scored)
+    out = torch.zeros(num_seqs, device=hidden.device, dtype=token_lp.dtype).index_add_(0, scored_seq, token_lp)
+    if average:
+        out = out / torch.bincount(scored_seq, minlength=num_seqs).clamp_min(1)
+    lse = torch.zeros(hidden.shape[0], device=hidden.device, dtype=token_lse.dtype).index_copy_(0, scored, token_lse)
+    return out, lse
+
+
+@_sequence_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, cu_seqlens, num_rows, ignore_index, average, softcap, backend):
+    num_seqs = num_rows if num_rows >= 0 else (1 if cu_seqlens is None else cu_seqlens.shape[0] - 1)
+    dtype = _acc_dtype(hidden.dtype)
+    return hidden.new_empty((num_seqs,), dtype=dtype), hidden.new_empty((hidden.shape[0],), dtype=dtype)
+
+
+@torch.library.custom_op("nash_fast::sequence_logprobs_backward", mutates_args=())
+def _sequence_logprobs_backward_op(
+    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor], num_rows: int, ignore_index: int, average: bool,
+    softcap: Optional[float], backend: str, lse: torch.Tensor, need_hidden: bool, need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum_s grad_s logp_s w.r.t. hidden, weight and bias; an unneeded one is an empty tensor."""
+    need_bias = need_bias and bias is not None
+    seq_id, num_seqs = _layout(hidden, cu_seqlens, num_rows)
+    scored = (labels != ignore_index).nonzero().squeeze(1)
+    scored_seq = seq_id.index_select(0, scored)
+    acc = _acc_dtype(hidden.dtype)
+    g = grad.to(acc)
+    if average:
+        g = g / torch.bincount(scored_seq, minlength=num_seqs).clamp_min(1)
+    token_grad = g.index_select(0, scored_seq).contiguous()
+    _, backward = _TOKEN_KERNELS[backend]
+    if scored.numel() == 0 or not (need_hidden or need_weight or need_bias):
+        d_hidden_c = hidden.new_zeros((0, hidden.shape[1])) if need_hidden else None
+        d_weight = torch.zeros_like(weight) if need_weight else None
+        d_bias = torch.zeros_like(bias) if need_bias else None
+    else:
+        d_hidden_c, d_weight, d_bias = backward(
+            hidden.index_select(0, scored).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            labels.index_select(0, scored).long().contiguous(), softcap, lse.index_select(0, scored).contiguous(),
+            token_grad, need_hidden, need_weight, need_bias)
+    empty = lambda: hidden.new_empty((0,))  # noqa: E731 (outputs must not alias each other)
+    d_hidden = empty()
+    if need_hidden:
+        d_hidden = torch.zeros_like(hidden).index_copy_(0, scored, d_hidden_c.to(hidden.dtype))
+    return (d_hidden, d_weight.to(weight.dtype) if need_weight else empty(),
+            d_bias.to(bias.dtype) if need_bias else empty())
+
+
+@_sequence_logprobs_backward_op.register_fake
+def _(grad, hidden, weight, bias, labels, cu_seqlens, num_rows, ignore_index, average, softcap, backend, lse,
+      need_hidden, need_weight, need_bias):
+    empty = lambda: hidden.new_empty((0,))  # noqa: E731
+    return (torch.empty_like(hidden) if need_hidden else empty(), torch.empty_like(weight) if need_weight else empty(),
+            torch.empty_like(bias) if need_bias and bias is not None else empty())
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, cu_seqlens, num_rows, ignore_index, average, softcap, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, cu_seqlens, output[1])
+    ctx.options = (num_rows, ignore_index, average, softcap, backend)
+
+
+def _backward(ctx, grad, _grad_lse):
+    hidden, weight, bias, labels, cu_seqlens, lse = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    d_hidden, d_weight, d_bias = torch.ops.nash_fast.sequence_logprobs_backward(
+        grad, hidden, weight, bias, labels, cu_seqlens, *ctx.options, lse, need_hidden, need_weight,
+        need_bias and bias is not None)
+    return (d_hidden if need_hidden else None, d_weight if need_weight else None,
+            d_bias if need_bias and bias is not None else None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("nash_fast::sequence_logprobs", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
 
 def sequence_logprobs(
     hidden: torch.Tensor,
@@ -279,36 +475,30 @@ def sequence_logprobs(
         average: divide each sequence's sum by its own count of scored tokens (0 if it has none).
         bias: optional LM-head bias [V].
         softcap: optional final-logit soft-cap c (Gemma-2): logits -> c * tanh(logits / c).
-        backend: "auto" (triton on CUDA, torch elsewhere), "triton" or "torch".
+        backend: "auto" (triton on CUDA, native on CPU when built, torch otherwise), "triton",
+            "native" or "torch".
 
     Returns:
         [S] (packed) or [B] (padded), float32 (float64 for float64 inputs, so gradcheck is exact).
+        Differentiable w.r.t. hidden, weight and bias; under torch.no_grad() nothing is saved.
     """
-    _validate(hidden, weight, labels, cu_seqlens, ignore_index, bias, softcap, backend)
-    softcap = None if softcap is None else float(softcap)
+    _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend)
+    backend = _resolve_backend(backend, hidden)
     H = hidden.shape[-1]
-    device = hidden.device
-    if hidden.dim() == 3:
-        B, T = labels.shape
-        num_seqs = B
-        seq_id = torch.arange(B, device=device).repeat_interleave(T)
-    else:
-        if cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, hidden.shape[0]], device=device)
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
-        num_seqs = lengths.numel()
-        seq_id = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths)
-    flat_hidden = hidden.reshape(-1, H)
-    flat_labels = labels.reshape(-1)
+    num_rows = hidden.shape[0] if hidden.dim() == 3 else -1
+    out, _ = torch.ops.nash_fast.sequence_logprobs(
+        hidden.reshape(-1, H), weight, bias, labels.reshape(-1), cu_seqlens, num_rows, int(ignore_index),
+        bool(average), None if softcap is None else float(softcap), backend)
+    return out
 
-    scored = (flat_labels != ignore_index).nonzero().squeeze(1)
-    token_lp = token_logprobs(
-        flat_hidden.index_select(0, scored), weight, flat_labels.index_select(0, scored),
-        bias=bias, softcap=softcap, backend=backend,
-    )
-    scored_seq = seq_id.index_select(0, scored)
-    seq_lp = torch.zeros(num_seqs, device=device, dtype=token_lp.dtype).index_add(0, scored_seq, token_lp)
-    if average:
-        counts = torch.bincount(scored_seq, minlength=num_seqs).clamp_min(1)
-        seq_lp = seq_lp / counts
-    return seq_lp
+
+def token_logprobs(hidden, weight, labels, *, bias=None, softcap=None, backend="auto"):
+    """log p(labels[i] | hidden[i]) for [N, H] hidden and [N] labels that are all valid class ids.
+
+    The building block of `sequence_logprobs` (each token its own sequence). Returns float32 [N]
+    (float64 for float64 inputs); differentiable w.r.t. hidden, weight and bias.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H], got shape {tuple(getattr(hidden, 'shape', ()))}")
+    return sequence_logprobs(hidden[:, None, :], weight, labels.reshape(-1, 1), bias=bias, softcap=softcap,
+                             ignore_index=-(2**62), backend=backend)

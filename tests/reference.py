@@ -6,6 +6,8 @@ import torch
 
 # Unit roundoff u = 2^-p of round-to-nearest with p significand bits.
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# Half the spacing of subnormals: the absolute error of rounding a value below the normal range.
+UNDERFLOW = {torch.float64: 2.0**-1075, torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
 
 
 def _layout(hidden, labels, cu_seqlens, ignore_index):
@@ -57,26 +59,31 @@ def reference_sequence_logprobs(hidden, weight, labels, cu_seqlens=None, *, igno
 
 @torch.no_grad()
 def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignore_index=-100, average=False,
-                          bias=None, softcap=None, dz_rounded=False, tensor_core=False):
+                          bias=None, softcap=None, dz_rounded=False, truncating_accumulation=False,
+                          reduced_precision_reduction=False):
     """Elementwise bounds on |computed - exact| for sequence_logprobs and its gradients.
 
     Derived from the roundings the fused paths perform on inputs of hidden.dtype; `exact` is the
     float64 reference on the same (already rounded) inputs. First-order in the unit roundoffs
     u = 2^-24 (fp32 arithmetic) and u_io (rounding an fp32 value to the input dtype: 2^-8 bf16,
-    2^-11 fp16, 0 for fp32 inputs, whose fp32 results are not rounded again); the caller multiplies
+    2^-11 fp16, 0 for fp32 inputs, whose fp32 results are not rounded again; each such rounding also
+    adds eta, half the subnormal spacing: 2^-25 for fp16, whose subnormals start at 6e-5); the caller multiplies
     by 2 for the second-order terms and the float64 reference's own error (2^-53 relative).
     gamma(n) = n u / (1 - n u) bounds a sum of n terms in any order, products included (Higham 3.1).
 
     Path options (which roundings the path performs):
-      dz_rounded   d_z is rounded to the 16-bit input dtype before the d_hidden / d_weight GEMMs
-                   (the GPU paths, to run those GEMMs on tensor cores). The CPU paths keep d_z in fp32.
-      tensor_core  fp32 accumulation in tensor cores truncates instead of rounding (2u per addition,
-                   Fasi et al. 2021), and 16-bit GEMMs may reduce split-K partials in 16 bits (cuBLAS
-                   reduced-precision reduction) or a slice's product may be rounded to 16 bits before
-                   the fp32 sum: 2 u_io sum|terms| more for d_hidden and d_weight.
+      dz_rounded     d_z is rounded to the 16-bit input dtype before the d_hidden / d_weight GEMMs
+                     (GPU paths, for the tensor cores; the native `amx` path, for the matrix units).
+                     The other CPU paths keep d_z in fp32.
+      truncating_accumulation   the GEMMs' fp32 accumulation may truncate instead of rounding
+                     (tensor cores, Fasi et al. 2021; AMX tiles, whose FTZ/pairwise sums the SDM does
+                     not pin to round-to-nearest): 2u per addition.
+      reduced_precision_reduction   16-bit GEMMs may reduce split-K partials in 16 bits (cuBLAS) or a
+                     slice's product may be rounded to 16 bits before the fp32 sum: 2 u_io sum|terms|
+                     more for d_hidden and d_weight.
 
     Forward, per scored token i and vocabulary entry v (A_iv = sum_k |h_ik W_vk| + |b_v|):
-      logit        dS = gamma(a (H + 1)) A                        fp32 dot of H terms, + bias; a = 2 on tensor cores
+      logit        dS = gamma(a (H + 1)) A                        fp32 dot of H terms, + bias; a = 2 if truncating
       soft-cap     dS += 32 u (c + |s|)                           c tanh(z / c) or c (2 sigmoid(2z/c) - 1): divide,
                                                                   <= 4-ulp exp/tanh, add, multiply; Lipschitz 1 in z
       lse          dLSE = max_v dS + u (4V + 32 + 16 ln V + 4R + 4|lse|),  R = max_v |s - lse|:
@@ -94,15 +101,16 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
       d_bias       sum_i dDZ + gamma(N) sum_i |dz|, then u_io (|d_bias| + that)   fp32 sum of unrounded d_z
       d_hidden     dDZq @ |W| + (gamma(a V) + r) |dz| @ |W|, then u_io (|d_hidden| + that)
       d_weight     dDZq^T @ |h| + (gamma(a N) + r) |dz|^T @ |h|, then u_io (|d_weight| + that)
-                   (r = 2 u_io on tensor-core paths, else 0)
+                   (r = 2 u_io with reduced_precision_reduction, else 0)
     Positions that are not scored get bound 0 (their gradient is exactly zero).
     Returns dict(forward [S], d_hidden (hidden's shape), d_weight [V, H], d_bias [V] or None).
     """
     u = 2.0**-24
     dtype = hidden.dtype
     u_io = 0.0 if dtype in (torch.float32, torch.float64) else UNIT_ROUNDOFF[dtype]
-    a = 2.0 if tensor_core else 1.0
-    r = 2 * u_io if tensor_core else 0.0
+    eta = 0.0 if u_io == 0.0 else UNDERFLOW[dtype]  # each rounding to the input dtype: u_io |x| + eta
+    a = 2.0 if truncating_accumulation else 1.0
+    r = 2 * u_io if reduced_precision_reduction else 0.0
 
     def gamma(n):
         return n * u / (1 - n * u)
@@ -156,16 +164,16 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
     dz = g[:, None] * q * cap
     dDZ = (g.abs()[:, None] * q.abs() * dCap + g.abs()[:, None] * cap.abs() * (dP + u * q.abs())
            + dG[:, None] * q.abs() * cap.abs() + 3 * u * dz.abs())
-    dDZq = dDZ + u_io * (dz.abs() + dDZ) if dz_rounded else dDZ
+    dDZq = dDZ + u_io * (dz.abs() + dDZ) + eta if dz_rounded else dDZ
 
     d_bias = None
     if b is not None:
         err = dDZ.sum(0) + gamma(N) * dz.abs().sum(0)
-        d_bias = err + u_io * ((dz.sum(0)).abs() + err)
+        d_bias = err + u_io * ((dz.sum(0)).abs() + err) + eta
     err = dDZq @ W.abs() + (gamma(a * V) + r) * (dz.abs() @ W.abs())
-    dh_scored = err + u_io * ((dz @ W).abs() + err)
+    dh_scored = err + u_io * ((dz @ W).abs() + err) + eta
     d_hidden = torch.zeros_like(h_all)
     d_hidden[scored] = dh_scored
     err = dDZq.t() @ h.abs() + (gamma(a * N) + r) * (dz.abs().t() @ h.abs())
-    d_weight = err + u_io * ((dz.t() @ h).abs() + err)
+    d_weight = err + u_io * ((dz.t() @ h).abs() + err) + eta
     return dict(forward=fwd, d_hidden=d_hidden.reshape(hidden.shape), d_weight=d_weight, d_bias=d_bias)

@@ -10,7 +10,10 @@ same-dtype implementation's error is printed beside a failure for scale; it does
 (it can be exact on a draw where a correct fused path is not, or the other way round).
 """
 
+import contextlib
 import math
+import os
+import warnings
 
 import pytest
 import torch
@@ -29,9 +32,50 @@ try:
 except Exception:  # pragma: no cover
     HAVE_TRITON = False
 
-BACKENDS = ["torch"] + (["triton"] if HAVE_TRITON else [])
-# The Triton backend runs compiled on a GPU machine and under the interpreter (conftest) elsewhere.
-DEVICE = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+NATIVE_PATHS = ["amx", "avx512", "avx2", "portable"]
+
+
+def native_paths_here():
+    """The native code paths this machine runs (best first), empty without nash_fast._C."""
+    if not lp_mod.native_status()[0]:
+        return []
+    with forced_isa(None):
+        best = lp_mod.native_cpu_isa(torch.bfloat16)
+    return NATIVE_PATHS[NATIVE_PATHS.index(best):]
+
+
+@contextlib.contextmanager
+def forced_isa(isa):
+    """NASH_FAST_CPU_ISA=isa (None: unset) for the block; the native ops read it on every call."""
+    old = os.environ.pop("NASH_FAST_CPU_ISA", None)
+    if isa is not None:
+        os.environ["NASH_FAST_CPU_ISA"] = isa
+    try:
+        yield
+    finally:
+        os.environ.pop("NASH_FAST_CPU_ISA", None)
+        if old is not None:
+            os.environ["NASH_FAST_CPU_ISA"] = old
+
+
+# (backend, native path): the Triton backend runs compiled on a GPU machine and under the interpreter
+# (conftest) elsewhere; the native backend runs every instruction-set path this CPU has.
+CASES = [("torch", None)] + ([("triton", None)] if HAVE_TRITON else []) + [("native", p) for p in native_paths_here()]
+CASE_IDS = [b if p is None else f"{b}-{p}" for b, p in CASES]
+BACKENDS = ["torch"] + (["triton"] if HAVE_TRITON else []) + (["native"] if native_paths_here() else [])
+DEVICE = {"torch": "cpu", "native": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def path_roundings(backend, isa, device, dtype):
+    """What the path rounds beyond fp32 arithmetic (tests/reference.py: rounding_error_bounds)."""
+    if torch.device(device).type == "cuda":  # d_z to 16 bits for tensor-core GEMMs
+        return dict(dz_rounded=True, truncating_accumulation=True, reduced_precision_reduction=True)
+    if backend == "native" and dtype != torch.float32:
+        with forced_isa(isa):
+            active = lp_mod.native_cpu_isa(dtype)
+        if active == "amx":  # 16-bit d_z into the matrix units
+            return dict(dz_rounded=True, truncating_accumulation=True)
+    return dict(dz_rounded=False)
 
 
 @st.composite
@@ -43,11 +87,12 @@ def problems(draw):
     ignore_p = draw(st.sampled_from([0.0, 0.3, 1.0]))
     return dict(
         V=V, H=H, lengths=lengths, padded=padded, ignore_p=ignore_p,
-        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
         average=draw(st.booleans()),
         bias=draw(st.booleans()),
         softcap=draw(st.sampled_from([None, None, 4.0])),
         seed=draw(st.integers(0, 2**16)),
+        threads=draw(st.sampled_from([1, 2])),
     )
 
 
@@ -84,12 +129,6 @@ def _grads(out, upstream, tensors):
     return [torch.zeros_like(t) if gr is None else gr for t, gr in zip(tensors, grads)]
 
 
-def path_roundings(device):
-    """What the path rounds beyond fp32 arithmetic: on GPU, d_z to 16 bits for tensor-core GEMMs."""
-    on_gpu = torch.device(device).type == "cuda"
-    return dict(dz_rounded=on_gpu, tensor_core=on_gpu)
-
-
 def _check(name, ours, plain, ref, bound):
     ours, plain, ref, bound = ours.double().cpu(), plain.double().cpu(), ref.double().cpu(), bound.double().cpu()
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
@@ -105,29 +144,37 @@ def _check(name, ours, plain, ref, bound):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,isa", CASES, ids=CASE_IDS)
 @given(p=problems())
 # Found by hypothesis 6.170: when the torch backend rounded logits to bf16, d_bias was one bf16 ulp off
 # here while the plain bf16 implementation happened to round exactly.
 @example(p=dict(V=3, H=9, lengths=[13, 9, 6, 9, 6], padded=False, ignore_p=0.0, dtype=torch.bfloat16,
-                average=False, bias=True, softcap=4.0, seed=65535))
-def test_forward_backward_matches_float64(backend, p):
+                average=False, bias=True, softcap=4.0, seed=65535, threads=1))
+def test_forward_backward_matches_float64(backend, isa, p):
     hidden, weight, labels, cu, bias = make_inputs(p, DEVICE[backend])
     kw = dict(average=p["average"], softcap=p["softcap"])
-    ours = sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, bias=bias, backend=backend, **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(p["threads"])
+    try:
+        with forced_isa(isa):
+            ours = sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, bias=bias, backend=backend, **kw)
+            upstream = torch.randn(ours.shape, generator=torch.Generator().manual_seed(p["seed"] + 1)).to(ours.device)
+            g_ours = _grads(ours, upstream, [hidden, weight, bias])
+    finally:
+        torch.set_num_threads(threads)
     # float64 leaves: the exact gradients must not be rounded back to the input dtype by autograd.
     exact = [None if t is None else t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
     ref = reference_sequence_logprobs(exact[0], exact[1], labels, cu, bias=exact[2], **kw)
-    plain = reference_sequence_logprobs(hidden, weight, labels, cu, bias=bias, dtype=p["dtype"], **kw)
-    assert ours.dtype == torch.float32 and ours.shape == ref.shape
-    upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(p["seed"] + 1)).to(ref.device)
-    bounds = rounding_error_bounds(hidden, weight, labels, cu, upstream, bias=bias, **kw, **path_roundings(DEVICE[backend]))
-    _check("forward", ours, plain, ref, bounds["forward"])
-
-    tensors = [hidden, weight, bias]
-    g_ours = _grads(ours, upstream, tensors)
     g_ref = _grads(ref, upstream.double(), exact)
-    g_plain = _grads(plain, upstream.double(), tensors)
+    try:  # the textbook computation in the input dtype, for scale in failure messages only
+        plain = reference_sequence_logprobs(hidden, weight, labels, cu, bias=bias, dtype=p["dtype"], **kw)
+        g_plain = _grads(plain, upstream.double(), [hidden, weight, bias])
+    except RuntimeError:  # e.g. a float16 op without a CPU kernel
+        plain, g_plain = ref.detach(), g_ref
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    bounds = rounding_error_bounds(hidden, weight, labels, cu, upstream, bias=bias, **kw,
+                                   **path_roundings(backend, isa, DEVICE[backend], p["dtype"]))
+    _check("forward", ours, plain, ref, bounds["forward"])
     for name, a, b, c in zip(["d_hidden", "d_weight", "d_bias"], g_ours, g_plain, g_ref):
         assert a.dtype == p["dtype"] and c.dtype == torch.float64
         _check(name, a, b, c, bounds[name])
@@ -152,9 +199,111 @@ def test_chunked_paths_equal_single_chunk(backend, monkeypatch):
     whole = run()
     monkeypatch.setattr(lp_mod, "TORCH_CHUNK_ELEMENTS", 3 * V)
     monkeypatch.setattr(lp_mod, "MAX_CHUNK_ELEMENTS", 7 * V)
+    monkeypatch.setattr(lp_mod, "NATIVE_CHUNK_ELEMENTS", 7 * V)
     chunked = run()
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not native_paths_here(), reason="nash_fast._C is not built")
+@pytest.mark.parametrize("isa", native_paths_here())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_vocabulary_slices_and_tiles(isa, dtype, monkeypatch):
+    """Shapes past one tile and one slice: 2 forward slices (1 MiB of weight each), several backward
+    slices (NATIVE_CHUNK_ELEMENTS), ragged last token / vocabulary blocks, odd N and odd H."""
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 151, 521, 1100
+    hidden = torch.randn(N, H, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) / math.sqrt(H) * 3).to(dtype).requires_grad_(True)
+    bias = torch.randn(V, generator=g).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::7] = -100
+    cu = torch.tensor([0, 40, 40, 97, 151], dtype=torch.int32)
+    upstream = torch.randn(4, generator=g)
+    monkeypatch.setattr(lp_mod, "NATIVE_CHUNK_ELEMENTS", 300 * 192)  # 300 vocabulary entries per slice
+    with forced_isa(isa):
+        ours = sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, bias=bias, softcap=7.0, backend="native")
+        g_ours = _grads(ours, upstream, [hidden, weight, bias])
+    exact = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    ref = reference_sequence_logprobs(exact[0], exact[1], labels, cu, bias=exact[2], softcap=7.0)
+    g_ref = _grads(ref, upstream.double(), exact)
+    bounds = rounding_error_bounds(hidden, weight, labels, cu, upstream, bias=bias, softcap=7.0,
+                                   **path_roundings("native", isa, "cpu", dtype))
+    _check("forward", ours, ref, ref, bounds["forward"])
+    for name, a, c in zip(["d_hidden", "d_weight", "d_bias"], g_ours, g_ref):
+        _check(name, a, c, c, bounds[name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_frozen_input_gradient_is_not_computed(backend, frozen, monkeypatch):
+    """A frozen LM head (adapters) or frozen hidden states: the backend is asked for neither its
+    gradient nor a buffer for it (no [V, H] d_weight: 2NHV fewer FLOPs), and the others are unchanged."""
+    dev = DEVICE[backend]
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(12, 8, generator=g).to(dev)
+    weight = torch.randn(13, 8, generator=g).to(dev)
+    labels = torch.randint(0, 13, (12,), generator=g).to(dev)
+    forward, backward = lp_mod._TOKEN_KERNELS[backend]
+    calls = []
+
+    def spy(*args):
+        result = backward(*args)
+        calls.append((args[-3:], result))
+        return result
+
+    monkeypatch.setitem(lp_mod._TOKEN_KERNELS, backend, (forward, spy))
+    both = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    sequence_logprobs(both[0], both[1], labels, backend=backend).sum().backward()
+    frozen_index = 1 if frozen == "weight" else 0
+    one = [t.clone().requires_grad_(i != frozen_index) for i, t in enumerate((hidden, weight))]
+    sequence_logprobs(one[0], one[1], labels, backend=backend).sum().backward()
+    (need_hidden, need_weight, need_bias), (d_hidden, d_weight, d_bias) = calls[-1]
+    assert (need_hidden, need_weight) == ((True, False) if frozen == "weight" else (False, True)) and not need_bias
+    assert (d_weight is None) == (frozen == "weight") and (d_hidden is None) == (frozen == "hidden") and d_bias is None
+    assert one[frozen_index].grad is None
+    trained = 1 - frozen_index
+    torch.testing.assert_close(one[trained].grad, both[trained].grad, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not native_paths_here(), reason="nash_fast._C is not built")
+def test_native_operator_skips_unneeded_gradients():
+    hidden, weight = torch.randn(5, 4), torch.randn(9, 4)
+    labels = torch.randint(0, 9, (5,))
+    _, lse = torch.ops.nash_fast.token_logprobs_forward(hidden, weight, None, labels, None)
+    d_hidden, d_weight, d_bias = torch.ops.nash_fast.token_logprobs_backward(
+        hidden, weight, None, labels, None, lse, torch.ones(5), True, False, False, 1 << 20)
+    assert d_hidden.shape == (5, 4) and d_weight.numel() == 0 and d_bias.numel() == 0
+
+
+COMPILE_CASES = [(b, "inductor" if b == "native" else "aot_eager") for b in BACKENDS]
+
+
+@pytest.mark.parametrize("backend,compiler", COMPILE_CASES, ids=[b for b, _ in COMPILE_CASES])
+def test_compile_fullgraph_equals_eager(backend, compiler):
+    """torch.compile(fullgraph=True) traces sequence_logprobs with no graph break (custom operators with
+    fake kernels and registered autograd) and gives eager's values and gradients. Inductor compiles the
+    native case (the full stack); aot_eager the others, for CI time."""
+    torch._dynamo.reset()
+    dev = DEVICE[backend]
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 7, 8, generator=g).to(dev)
+    weight = torch.randn(11, 8, generator=g).to(dev)
+    labels = torch.randint(0, 11, (3, 7), generator=g).to(dev)
+    labels[0, :2] = -100
+
+    def loss_fn(h, w, y):
+        logps = sequence_logprobs(h, w, y, average=True, softcap=5.0, backend=backend)
+        return (logps[0] - logps[1]).square() + torch.nn.functional.logsigmoid(logps[2])
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend=compiler)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fn(h, w, labels)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_gradcheck_float64():
@@ -245,3 +394,26 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors, but hidden is on cpu"):
         sequence_logprobs(torch.randn(4, 6), torch.randn(7, 6), torch.tensor([0, 1, 6, -100]), backend="triton")
+
+
+def test_native_unavailable_is_a_clear_error_and_auto_warns_once(monkeypatch):
+    monkeypatch.setattr(lp_mod, "_NATIVE", {"ok": False, "why": "nash_fast._C is not built"})
+    args = (torch.randn(4, 6), torch.randn(7, 6), torch.tensor([0, 1, 6, -100]))
+    with pytest.raises(ValueError, match=r"backend='native' is unavailable: nash_fast._C is not built; build it with `pip install -e \.`"):
+        sequence_logprobs(*args, backend="native")
+    with pytest.warns(UserWarning, match="native CPU kernels unavailable") as record:
+        first = sequence_logprobs(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call does not warn again
+        second = sequence_logprobs(*args)
+    assert len(record) == 1 and torch.equal(first, second)
+    torch.testing.assert_close(first, sequence_logprobs(*args, backend="torch"), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not native_paths_here(), reason="nash_fast._C is not built")
+def test_native_bad_isa_and_inputs_name_the_problem():
+    args = (torch.randn(4, 6), torch.randn(7, 6), torch.tensor([0, 1, 6, -100]))
+    with forced_isa("sse9"), pytest.raises(ValueError, match="NASH_FAST_CPU_ISA must be one of amx, avx512, avx2, portable"):
+        sequence_logprobs(*args, backend="native")
+    with pytest.raises(ValueError, match="backend='native' takes float32, bfloat16 or float16"):
+        sequence_logprobs(*(t.double() if t.is_floating_point() else t for t in args), backend="native")

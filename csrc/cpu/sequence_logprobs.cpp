@@ -1,0 +1,138 @@
+// nash_fast::token_logprobs_forward / _backward on CPU tensors: argument checks, outputs, dispatch to
+// the kernel compiled for the active instruction-set path (isa.cpp).
+#include "sequence_logprobs.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+namespace nash_fast::cpu {
+
+namespace {
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& labels) {
+  TORCH_CHECK_VALUE(hidden.dim() == 2 && weight.dim() == 2, "hidden must be [N, H] and weight [V, H]");
+  TORCH_CHECK_VALUE(hidden.size(1) == weight.size(1), "hidden width ", hidden.size(1), " does not match weight width ",
+                    weight.size(1));
+  TORCH_CHECK_VALUE(weight.size(0) > 0, "weight has an empty vocabulary (V = 0)");
+  TORCH_CHECK_VALUE(hidden.scalar_type() == weight.scalar_type(), "hidden dtype ", hidden.scalar_type(),
+                    " differs from weight dtype ", weight.scalar_type());
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                    "the native CPU backend takes float32, bfloat16 or float16 inputs, got ", dtype);
+  TORCH_CHECK_VALUE(hidden.device().is_cpu() && weight.device().is_cpu() && labels.device().is_cpu(),
+                    "the native backend runs on CPU tensors");
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == hidden.size(0), "labels must be [N] with N = ",
+                    hidden.size(0));
+  TORCH_CHECK_VALUE(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+                    "labels must be an integer tensor");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == dtype &&
+                          bias->device().is_cpu(),
+                      "bias must be a [V] tensor of the weight's dtype on the CPU");
+  }
+  if (hidden.size(0) > 0) {
+    const auto [low, high] = at::aminmax(labels);
+    TORCH_CHECK_VALUE(low.item<int64_t>() >= 0 && high.item<int64_t>() < weight.size(0), "labels must be in [0, ",
+                      weight.size(0), ") here (ignored tokens are removed before this op)");
+  }
+}
+
+float softcap_value(std::optional<double> softcap) {
+  if (!softcap.has_value()) return 0.0f;
+  TORCH_CHECK_VALUE(*softcap > 0 && std::isfinite(*softcap), "softcap must be a positive finite number or None");
+  return static_cast<float>(*softcap);
+}
+
+template <typename Args>
+void run(void (*avx512)(const Args&, bool), void (*avx2)(const Args&, bool), void (*portable)(const Args&, bool),
+         const Args& args) {
+  const Isa isa = active_isa(args.dtype);
+  switch (isa) {
+    case Isa::Amx:
+    case Isa::Avx512:
+      TORCH_CHECK(avx512 != nullptr, "internal: no AVX-512 kernels in this build");
+      avx512(args, isa == Isa::Amx);
+      return;
+    case Isa::Avx2:
+      TORCH_CHECK(avx2 != nullptr, "internal: no AVX2 kernels in this build");
+      avx2(args, false);
+      return;
+    default:
+      portable(args, false);
+  }
+}
+
+#ifdef NASH_FAST_HAVE_AVX512
+constexpr auto AVX512_FORWARD = &AVX512::token_logprobs_forward;
+constexpr auto AVX512_BACKWARD = &AVX512::token_logprobs_backward;
+#else
+constexpr void (*AVX512_FORWARD)(const ForwardArgs&, bool) = nullptr;
+constexpr void (*AVX512_BACKWARD)(const BackwardArgs&, bool) = nullptr;
+#endif
+#ifdef NASH_FAST_HAVE_AVX2
+constexpr auto AVX2_FORWARD = &AVX2::token_logprobs_forward;
+constexpr auto AVX2_BACKWARD = &AVX2::token_logprobs_backward;
+#else
+constexpr void (*AVX2_FORWARD)(const ForwardArgs&, bool) = nullptr;
+constexpr void (*AVX2_BACKWARD)(const BackwardArgs&, bool) = nullptr;
+#endif
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
+                                                          const std::optional<at::Tensor>& bias_in,
+                                                          const at::Tensor& labels_in, std::optional<double> softcap) {
+  check_inputs(hidden_in, weight_in, bias_in, labels_in);
+  const auto hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
+  const auto labels = labels_in.to(at::kLong).contiguous();
+  const auto bias = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const int64_t N = hidden.size(0);
+  auto logp = at::empty({N}, hidden.options().dtype(at::kFloat));
+  auto lse = at::empty({N}, hidden.options().dtype(at::kFloat));
+  if (N == 0) return {logp, lse};
+  ForwardArgs args{hidden.scalar_type(), hidden.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr,
+                   labels.data_ptr<int64_t>(), softcap_value(softcap), N, hidden.size(1), weight.size(0),
+                   logp.data_ptr<float>(), lse.data_ptr<float>()};
+  run<ForwardArgs>(AVX512_FORWARD, AVX2_FORWARD, &DEFAULT::token_logprobs_forward, args);
+  return {logp, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward(
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& labels_in, std::optional<double> softcap, const at::Tensor& lse_in, const at::Tensor& grad_in,
+    bool need_hidden, bool need_weight, bool need_bias, int64_t max_chunk_elements) {
+  check_inputs(hidden_in, weight_in, bias_in, labels_in);
+  const int64_t N = hidden_in.size(0);
+  TORCH_CHECK_VALUE(lse_in.numel() == N && grad_in.numel() == N, "lse and grad must have N = ", N, " elements");
+  TORCH_CHECK_VALUE(max_chunk_elements > 0, "max_chunk_elements must be positive");
+  const auto hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
+  const auto labels = labels_in.to(at::kLong).contiguous();
+  const auto bias = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const auto lse = lse_in.to(at::kFloat).contiguous(), grad = grad_in.to(at::kFloat).contiguous();
+  need_bias = need_bias && bias.has_value();
+  auto d_hidden = need_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options());
+  auto d_weight = need_weight ? at::empty_like(weight) : at::empty({0}, weight.options());
+  auto d_bias = need_bias ? at::empty_like(*bias) : at::empty({0}, weight.options());
+  if (N == 0) {
+    d_hidden.zero_();
+    d_weight.zero_();
+    d_bias.zero_();
+    return {d_hidden, d_weight, d_bias};
+  }
+  if (!need_hidden && !need_weight && !need_bias) return {d_hidden, d_weight, d_bias};
+  BackwardArgs args{hidden.scalar_type(), hidden.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr,
+                    labels.data_ptr<int64_t>(), softcap_value(softcap), N, hidden.size(1), weight.size(0),
+                    lse.data_ptr<float>(), grad.data_ptr<float>(), need_hidden ? d_hidden.data_ptr() : nullptr,
+                    need_weight ? d_weight.data_ptr() : nullptr, need_bias ? d_bias.data_ptr() : nullptr,
+                    max_chunk_elements};
+  run<BackwardArgs>(AVX512_BACKWARD, AVX2_BACKWARD, &DEFAULT::token_logprobs_backward, args);
+  return {d_hidden, d_weight, d_bias};
+}
+
+std::string cpu_isa(at::ScalarType dtype) { return isa_name(active_isa(dtype)); }
+
+}  // namespace nash_fast::cpu

@@ -1,0 +1,572 @@
+// Token log-probability kernels, compiled once per vector ISA (CPU_CAPABILITY = AVX512, AVX2, DEFAULT).
+//
+// Tiles are vocabulary-major: z^T [BLOCK_V entries x BLOCK_T tokens] = W[block] (A: weight rows as they
+// are) x hidden^T (B: each token block's hidden, packed once per call). A token is a vector lane, so
+// the softmax reductions over the vocabulary are vertical vector ops, and d_z^T comes out in the
+// layout the d_weight GEMM reads.
+//
+// Forward, per vocabulary slice (FORWARD_SLICE_BYTES of weight, kept in L2), parallel over token
+// blocks: for each BLOCK_V block, one brgemm tile, then the epilogue adds the bias, soft-caps, folds
+// the tile into each token's running max and sum of exponentials, and picks target logits. At the end
+// lse = max + log(sum), logp = target - lse. Nothing of size N x V.
+// Backward, per vocabulary slice (N x Vs <= max_chunk_elements):
+//   (A) parallel over token blocks: recompute each z^T tile; d_z^T = g (onehot - exp(s - lse)) cap';
+//       d_bias partial sums; d_z^T goes to the slice buffer [Vs, N] (for B) and, paired along the
+//       vocabulary, to the token block's own buffer (for C);
+//   (C) inside the token block: d_hidden^T[:, block] += W[slice]^T d_z^T[slice, block] (fp32, [H, N]);
+//   (B) parallel over (vocabulary block, H block): d_weight[slice] = d_z^T[slice] hidden, written once.
+// GEMM operands (op_t): the input's 16-bit type on the `amx` path (VNNI layout; d_z rounded once to it,
+// as GPU paths do for tensor cores), fp32 otherwise (16-bit inputs converted exactly; d_z kept in fp32).
+#include "sequence_logprobs.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace nash_fast::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+using fVec = Vectorized<float>;
+constexpr int64_t LANES = fVec::size();
+constexpr int64_t TOKEN_VECS = BLOCK_T / LANES;  // vectors per tile row
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+static_assert(BLOCK_T % LANES == 0 && BLOCK_V % 2 == 0 && BLOCK_T % 2 == 0, "tile sizes");
+
+template <typename op_t>
+constexpr bool is_vnni() {
+  return !std::is_same_v<op_t, float>;
+}
+
+// C[M, N] (+)= A[M, K] B[K, N]: A row-major (lda); B with row stride ldb, in VNNI pairs along K for
+// 16-bit operands ([K/2, ldb, 2]) or row-major for fp32; C fp32 row-major (ldc).
+template <typename op_t>
+inline void gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add_C, const op_t* A,
+                 const op_t* B, float* C) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, A, B, C, /*is_vnni=*/is_vnni<op_t>());
+}
+
+template <typename op_t>
+inline void release_tiles() {
+  if constexpr (is_vnni<op_t>()) at::native::cpublas::brgemm_release();
+}
+
+// Offset of element (k, n) in a B operand with row stride ld.
+template <typename op_t>
+inline int64_t b_offset(int64_t k, int64_t n, int64_t ld) {
+  if constexpr (is_vnni<op_t>()) {
+    return ((k >> 1) * ld + n) * 2 + (k & 1);
+  } else {
+    return k * ld + n;
+  }
+}
+
+template <typename dst_t, typename src_t>
+inline dst_t cast(src_t x) {
+  return static_cast<dst_t>(static_cast<float>(x));
+}
+
+// exp for the epilogues. AVX-512: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-7
+// polynomial for e^r (relative error <= 2.3e-7, under 4 ulp: the bound tests/reference.py allows) and
+// 2^n by vscalefps; exp(-inf) = 0. Elsewhere ATen's (Sleef, 1 ulp).
+inline fVec vexp(const fVec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 v = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7228394f)), _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+#else
+  return x.exp();
+#endif
+}
+
+// Rows v, v + 1 of a d_z^T tile as VNNI pairs [BLOCK_T, 2] of op_t (the d_hidden GEMM's B operand);
+// odd == nullptr pairs row v with zeros. Rounds to nearest even, as the scalar conversions do.
+template <typename op_t>
+inline void store_row_pair(const float* even, const float* odd, op_t* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<op_t, at::BFloat16>) {
+    const __m512i ones = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    auto rounded = [&](const float* src) {  // bf16 in the upper 16 bits of each 32-bit lane
+      const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(src));
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), ones);
+      return _mm512_add_epi32(bits, _mm512_add_epi32(bias, lsb));
+    };
+    for (int64_t t = 0; t < BLOCK_T; t += 16) {
+      const __m512i lo = _mm512_srli_epi32(rounded(even + t), 16);
+      const __m512i hi = odd ? _mm512_and_si512(rounded(odd + t), high) : _mm512_setzero_si512();
+      _mm512_storeu_si512(reinterpret_cast<void*>(dst + 2 * t), _mm512_or_si512(lo, hi));
+    }
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < BLOCK_T; ++t) {
+    dst[2 * t] = static_cast<op_t>(even[t]);
+    dst[2 * t + 1] = odd ? static_cast<op_t>(odd[t]) : op_t(0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ packing
+
+// hidden^T of one token block as the logits' B operand: [K, BLOCK_T] (zero for tokens >= rows, k >= H).
+template <typename scalar_t, typename op_t>
+void pack_hidden_for_logits(const scalar_t* hidden, int64_t rows, int64_t H, int64_t K, op_t* out) {
+  std::fill(out, out + K * BLOCK_T, op_t(0));
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t k = 0; k < H; ++k) out[b_offset<op_t>(k, t, BLOCK_T)] = cast<op_t>(hidden[t * H + k]);
+}
+
+// hidden as the d_weight GEMM's B operand, one BLOCK_H column block: [Np, BLOCK_H], VNNI pairs along tokens.
+template <typename scalar_t, typename op_t>
+void pack_hidden_for_dweight(const scalar_t* hidden, int64_t N, int64_t Np, int64_t H, int64_t h0, op_t* out) {
+  const int64_t cols = std::min(BLOCK_H, H - h0);
+  std::fill(out, out + Np * BLOCK_H, op_t(0));
+  for (int64_t t = 0; t < N; ++t)
+    for (int64_t j = 0; j < cols; ++j) out[b_offset<op_t>(t, j, BLOCK_H)] = cast<op_t>(hidden[t * H + h0 + j]);
+}
+
+// rows x H of weight as a row-major A operand of K columns (converted, zero-padded).
+template <typename scalar_t, typename op_t>
+void copy_rows(const scalar_t* W, int64_t rows, int64_t H, int64_t K, op_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < H; ++k) out[r * K + k] = cast<op_t>(W[r * H + k]);
+    for (int64_t k = H; k < K; ++k) out[r * K + k] = op_t(0);
+  }
+}
+
+// W[slice]^T as the d_hidden GEMM's A operand: [H, ld] row-major (columns >= nv zero), in 32 x 32 blocks.
+template <typename scalar_t, typename op_t>
+void transpose_weight_rows(const scalar_t* W, int64_t nv, int64_t H, int64_t ld, op_t* out, int64_t h_begin,
+                           int64_t h_end) {
+  constexpr int64_t T = 32;
+  for (int64_t h0 = h_begin; h0 < h_end; h0 += T) {
+    const int64_t h1 = std::min(h_end, h0 + T);
+    for (int64_t v0 = 0; v0 < nv; v0 += T) {
+      const int64_t v1 = std::min(nv, v0 + T);
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t v = v0; v < v1; ++v) out[h * ld + v] = cast<op_t>(W[v * H + h]);
+    }
+    for (int64_t h = h0; h < h1; ++h) std::fill(out + h * ld + nv, out + (h + 1) * ld, op_t(0));
+  }
+}
+
+// ------------------------------------------------------------------------------------------ epilogues
+
+// x + bias, soft-capped: c tanh(x / c).
+inline fVec logit(fVec x, float bias, float softcap, float inv_softcap) {
+  x = x + fVec(bias);
+  if (softcap > 0) x = fVec(softcap) * (x * fVec(inv_softcap)).tanh();
+  return x;
+}
+
+inline float logit_scalar(float x, float bias, float softcap, float inv_softcap) {
+  x = x + bias;
+  if (softcap > 0) x = softcap * std::tanh(x * inv_softcap);
+  return x;
+}
+
+struct TileContext {
+  int64_t vrows;          // valid vocabulary rows of the tile
+  int64_t tokens;         // valid token columns
+  int64_t col0;           // vocabulary index of row 0
+  const float* bias;      // [vrows] or nullptr (already offset)
+  float softcap, inv_softcap;
+  const int64_t* labels;  // [tokens]
+};
+
+// Folds a z^T tile into the running per-token (max, sum of exp) and picks targets; pad lanes are ignored.
+// One pass: exponentials are taken against the running max as it stood before the tile (a first tile,
+// or one whose max exceeds it by more than RESCALE_MARGIN, is redone against its own max, so no term
+// exceeds e^RESCALE_MARGIN and nothing overflows); then the sum is rescaled to the new max.
+constexpr float RESCALE_MARGIN = 16.0f;
+
+void forward_epilogue(float* tile, const TileContext& c, fVec* run_max, fVec* run_sum, float* target) {
+  const bool transform = c.bias != nullptr || c.softcap > 0;
+  fVec tile_max[TOKEN_VECS], sum[TOKEN_VECS];
+  for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+    tile_max[q] = fVec(NEG_INF);
+    sum[q] = fVec(0.0f);
+  }
+  for (int64_t v = 0; v < c.vrows; ++v) {
+    const float b = c.bias ? c.bias[v] : 0.0f;
+    float* row = tile + v * BLOCK_T;
+    for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+      fVec x = fVec::loadu(row + q * LANES);
+      if (transform) {
+        x = logit(x, b, c.softcap, c.inv_softcap);
+        x.store(row + q * LANES);
+      }
+      tile_max[q] = at::vec::maximum(tile_max[q], x);
+      sum[q] = sum[q] + vexp(x - run_max[q]);
+    }
+  }
+  for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+    float m_old[LANES], m_tile[LANES];
+    run_max[q].store(m_old);
+    tile_max[q].store(m_tile);
+    bool redo = false;
+    for (int64_t l = 0; l < LANES; ++l) redo |= !(m_tile[l] <= m_old[l] + RESCALE_MARGIN);
+    if (redo) {  // against the tile's own max (first tile: m_old = -inf)
+      sum[q] = fVec(0.0f);
+      for (int64_t v = 0; v < c.vrows; ++v) sum[q] = sum[q] + vexp(fVec::loadu(tile + v * BLOCK_T + q * LANES) - tile_max[q]);
+      const fVec m_new = at::vec::maximum(run_max[q], tile_max[q]);
+      run_sum[q] = run_sum[q] * vexp(run_max[q] - m_new) + sum[q] * vexp(tile_max[q] - m_new);
+      run_max[q] = m_new;
+    } else {
+      const fVec m_new = at::vec::maximum(run_max[q], tile_max[q]);
+      run_sum[q] = (run_sum[q] + sum[q]) * vexp(run_max[q] - m_new);
+      run_max[q] = m_new;
+    }
+  }
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    const int64_t local = c.labels[t] - c.col0;
+    if (local >= 0 && local < c.vrows) target[t] = tile[local * BLOCK_T + t];
+  }
+}
+
+// Replaces a z^T tile by d_z^T = g (onehot - exp(s - lse)) cap'; lse and grad are [BLOCK_T] with pad
+// lanes (grad 0) so pad tokens get 0. Adds each row's sum (the final d_z) to d_bias when given.
+void backward_epilogue(float* tile, const TileContext& c, const float* lse, const float* grad, float* d_bias) {
+  float s_label[BLOCK_T];
+  for (int64_t t = 0; t < c.tokens; ++t) {  // the target entries, before the tile is overwritten
+    const int64_t local = c.labels[t] - c.col0;
+    if (local >= 0 && local < c.vrows)
+      s_label[t] = logit_scalar(tile[local * BLOCK_T + t], c.bias ? c.bias[local] : 0.0f, c.softcap, c.inv_softcap);
+  }
+  fVec shift[TOKEN_VECS], neg_g[TOKEN_VECS];
+  for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+    shift[q] = fVec::loadu(lse + q * LANES);
+    neg_g[q] = fVec(0.0f) - fVec::loadu(grad + q * LANES);
+  }
+  const fVec one(1.0f), inv_cap(c.inv_softcap);
+  for (int64_t v = 0; v < c.vrows; ++v) {
+    const float b = c.bias ? c.bias[v] : 0.0f;
+    float* row = tile + v * BLOCK_T;
+    for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+      const fVec s = logit(fVec::loadu(row + q * LANES), b, c.softcap, c.inv_softcap);
+      fVec d = vexp(s - shift[q]) * neg_g[q];
+      if (c.softcap > 0) {
+        const fVec t = s * inv_cap;
+        d = d * (one - t * t);
+      }
+      d.store(row + q * LANES);
+    }
+  }
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    const int64_t local = c.labels[t] - c.col0;
+    if (local < 0 || local >= c.vrows) continue;
+    const float s = s_label[t], g = grad[t];
+    float cap = 1.0f;
+    if (c.softcap > 0) {
+      const float u = s * c.inv_softcap;
+      cap = 1.0f - u * u;
+    }
+    tile[local * BLOCK_T + t] = (1.0f - std::exp(s - lse[t])) * g * cap;
+  }
+  if (d_bias) {
+    for (int64_t v = 0; v < c.vrows; ++v) {
+      const float* row = tile + v * BLOCK_T;
+      fVec sum(0.0f);
+      for (int64_t q = 0; q < TOKEN_VECS; ++q) sum = sum + fVec::loadu(row + q * LANES);
+      d_bias[v] += at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, sum);
+    }
+  }
+}
+
+// A tile row of BLOCK_T fp32 values to op_t.
+template <typename op_t>
+inline void store_row(const float* src, op_t* dst) {
+  if constexpr (std::is_same_v<op_t, float>) {
+    std::memcpy(dst, src, BLOCK_T * sizeof(float));
+  } else {
+    for (int64_t j = 0; j < BLOCK_T; j += 2 * LANES) {
+      at::vec::convert_from_float<op_t>(fVec::loadu(src + j), fVec::loadu(src + j + LANES)).store(dst + j);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ forward
+
+template <typename scalar_t, typename op_t>
+void forward_impl(const ForwardArgs& a) {
+  const int64_t N = a.N, H = a.H, V = a.V;
+  const auto* hidden = static_cast<const scalar_t*>(a.hidden);
+  const auto* weight = static_cast<const scalar_t*>(a.weight);
+  const int64_t K = is_vnni<op_t>() ? round_up(H, 2) : H;  // VNNI pairs need an even depth
+  const bool weight_as_is = std::is_same_v<scalar_t, op_t> && K == H;
+  const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
+  std::vector<float> bias(a.bias ? V : 0);
+  for (int64_t v = 0; a.bias && v < V; ++v) bias[v] = static_cast<float>(static_cast<const scalar_t*>(a.bias)[v]);
+
+  const int64_t num_token_blocks = ceil_div(N, BLOCK_T);
+  std::vector<op_t> hidden_packed(num_token_blocks * K * BLOCK_T);
+  at::parallel_for(0, num_token_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t tb = b0; tb < b1; ++tb)
+      pack_hidden_for_logits(hidden + tb * BLOCK_T * H, std::min(BLOCK_T, N - tb * BLOCK_T), H, K,
+                             hidden_packed.data() + tb * K * BLOCK_T);
+  });
+  const int64_t Vs = std::clamp(FORWARD_SLICE_BYTES / int64_t(sizeof(op_t) * K) / BLOCK_V * BLOCK_V, BLOCK_V,
+                                round_up(V, BLOCK_V));
+  std::vector<op_t> weight_rows(weight_as_is ? 0 : Vs * K);
+  std::vector<float> run_max(num_token_blocks * BLOCK_T, NEG_INF), run_sum(num_token_blocks * BLOCK_T, 0.0f);
+  std::vector<float> target(num_token_blocks * BLOCK_T, 0.0f);
+
+  for (int64_t v0 = 0; v0 < V; v0 += Vs) {
+    const int64_t nv = std::min(Vs, V - v0);
+    const op_t* W = reinterpret_cast<const op_t*>(weight + v0 * H);
+    if (!weight_as_is) {
+      at::parallel_for(0, nv, 64, [&](int64_t r0, int64_t r1) {
+        copy_rows(weight + (v0 + r0) * H, r1 - r0, H, K, weight_rows.data() + r0 * K);
+      });
+      W = weight_rows.data();
+    }
+    at::parallel_for(0, num_token_blocks, 1, [&](int64_t t_begin, int64_t t_end) {
+      alignas(64) float tile[BLOCK_V * BLOCK_T];
+      for (int64_t tb = t_begin; tb < t_end; ++tb) {
+        const int64_t t0 = tb * BLOCK_T;
+        fVec m[TOKEN_VECS], s[TOKEN_VECS];
+        for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+          m[q] = fVec::loadu(run_max.data() + t0 + q * LANES);
+          s[q] = fVec::loadu(run_sum.data() + t0 + q * LANES);
+        }
+        for (int64_t r0 = 0; r0 < nv; r0 += BLOCK_V) {
+          const int64_t vrows = std::min(BLOCK_V, nv - r0);
+          gemm<op_t>(vrows, BLOCK_T, K, K, BLOCK_T, BLOCK_T, false, W + r0 * K,
+                     hidden_packed.data() + tb * K * BLOCK_T, tile);
+          const TileContext c{vrows, std::min(BLOCK_T, N - t0), v0 + r0, a.bias ? bias.data() + v0 + r0 : nullptr,
+                              a.softcap, inv_softcap, a.labels + t0};
+          forward_epilogue(tile, c, m, s, target.data() + t0);
+        }
+        for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+          m[q].store(run_max.data() + t0 + q * LANES);
+          s[q].store(run_sum.data() + t0 + q * LANES);
+        }
+      }
+      release_tiles<op_t>();
+    });
+  }
+  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      a.lse[i] = run_max[i] + std::log(run_sum[i]);
+      a.logp[i] = target[i] - a.lse[i];
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ backward
+
+template <typename scalar_t, typename op_t>
+void backward_impl(const BackwardArgs& a) {
+  constexpr bool VNNI = is_vnni<op_t>();
+  const int64_t N = a.N, H = a.H, V = a.V;
+  const bool need_h = a.d_hidden != nullptr, need_w = a.d_weight != nullptr, need_b = a.d_bias != nullptr;
+  const auto* hidden = static_cast<const scalar_t*>(a.hidden);
+  const auto* weight = static_cast<const scalar_t*>(a.weight);
+  const int64_t K = VNNI ? round_up(H, 2) : H;           // depth of the logits GEMM
+  const bool weight_as_is = std::is_same_v<scalar_t, op_t> && K == H;
+  const int64_t num_token_blocks = ceil_div(N, BLOCK_T);
+  const int64_t N_pad = num_token_blocks * BLOCK_T;     // row stride of the d_z^T slice
+  const int64_t Np = VNNI ? round_up(N, 2) : N;          // depth of the d_weight GEMM
+  const int64_t num_h_blocks = ceil_div(H, BLOCK_H);
+  const int64_t Vs = std::clamp(a.max_chunk_elements / N_pad / BLOCK_V * BLOCK_V, BLOCK_V, round_up(V, BLOCK_V));
+  const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
+  std::vector<float> bias(a.bias ? V : 0);
+  for (int64_t v = 0; a.bias && v < V; ++v) bias[v] = static_cast<float>(static_cast<const scalar_t*>(a.bias)[v]);
+
+  // Per-token inputs padded to whole token blocks: pad lanes get lse = +inf and grad = 0, so their
+  // d_z = exp(s - inf) * 0 = 0 whatever their (bias-only) logits are.
+  std::vector<float> lse(N_pad, std::numeric_limits<float>::infinity()), grad(N_pad, 0.0f);
+  std::copy(a.lse, a.lse + N, lse.begin());
+  std::copy(a.grad, a.grad + N, grad.begin());
+
+  std::vector<op_t> hidden_packed(num_token_blocks * K * BLOCK_T);
+  std::vector<op_t> hidden_dweight(need_w ? (VNNI ? num_h_blocks * Np * BLOCK_H : (std::is_same_v<scalar_t, float> ? 0 : N * H)) : 0);
+  at::parallel_for(0, num_token_blocks + (need_w && VNNI ? num_h_blocks : 0), 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      if (u < num_token_blocks)
+        pack_hidden_for_logits(hidden + u * BLOCK_T * H, std::min(BLOCK_T, N - u * BLOCK_T), H, K,
+                               hidden_packed.data() + u * K * BLOCK_T);
+      else
+        pack_hidden_for_dweight(hidden, N, Np, H, (u - num_token_blocks) * BLOCK_H,
+                                hidden_dweight.data() + (u - num_token_blocks) * Np * BLOCK_H);
+    }
+  });
+  if (need_w && !VNNI && !std::is_same_v<scalar_t, float>) copy_rows(hidden, N, H, H, hidden_dweight.data());
+  const op_t* hidden_b = !need_w ? nullptr
+                         : (!VNNI && std::is_same_v<scalar_t, float>) ? reinterpret_cast<const op_t*>(hidden)
+                                                                       : hidden_dweight.data();
+
+  std::vector<float> d_hidden_t(need_h ? H * N : 0, 0.0f);  // d_hidden^T [H, N], fp32 across slices
+  std::vector<float> d_bias(need_b ? V : 0, 0.0f);
+  const int num_threads = at::get_num_threads();
+  std::vector<float> d_bias_partial(need_b ? num_threads * Vs : 0);
+  std::vector<op_t> weight_rows(weight_as_is ? 0 : Vs * K);
+  // Row strides of the slice buffers are padded by a cache line: rows a power of two apart would all
+  // fall into the same L1/L2 sets when a GEMM reads 16 of them at once.
+  const int64_t ld_wt = Vs + CACHE_LINE_PAD, ld_dz = N_pad + CACHE_LINE_PAD;
+  std::vector<op_t> weight_t(need_h ? H * ld_wt : 0);  // W[slice]^T [H, Vs]
+  // d_z^T of the slice: row-major [Vs, N_pad] (A of d_weight; in fp32 also B of d_hidden), and on the
+  // VNNI path per token block paired along the vocabulary, [N / BLOCK_T, Vs / 2, BLOCK_T, 2] (B of d_hidden).
+  std::vector<op_t> dz_t((need_w || (need_h && !VNNI)) ? Vs * ld_dz : 0);
+  std::vector<op_t> dz_pairs(VNNI && need_h ? Vs * N_pad : 0);
+
+  for (int64_t v0 = 0; v0 < V; v0 += Vs) {
+    const int64_t nv = std::min(Vs, V - v0);
+    const int64_t Kc = VNNI ? round_up(nv, 2) : nv;  // depth of the d_hidden GEMM
+    const op_t* W = reinterpret_cast<const op_t*>(weight + v0 * H);
+    const int64_t h_chunks = need_h ? ceil_div(H, 32) : 0;
+    at::parallel_for(0, (weight_as_is ? 0 : ceil_div(nv, 64)) + h_chunks, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        if (u < h_chunks) {
+          transpose_weight_rows(weight + v0 * H, nv, H, ld_wt, weight_t.data(), u * 32, std::min(H, u * 32 + 32));
+        } else {
+          const int64_t r0 = (u - h_chunks) * 64, r1 = std::min(nv, r0 + 64);
+          copy_rows(weight + (v0 + r0) * H, r1 - r0, H, K, weight_rows.data() + r0 * K);
+        }
+      }
+    });
+    if (!weight_as_is) W = weight_rows.data();
+    if (need_b) std::fill(d_bias_partial.begin(), d_bias_partial.end(), 0.0f);
+
+    // (A) d_z^T tiles, parallel over token blocks.
+    at::parallel_for(0, num_token_blocks, 1, [&](int64_t t_begin, int64_t t_end) {
+      alignas(64) float tile[BLOCK_V * BLOCK_T];
+      float* my_d_bias = need_b ? d_bias_partial.data() + at::get_thread_num() * Vs : nullptr;
+      for (int64_t tb = t_begin; tb < t_end; ++tb) {
+        const int64_t t0 = tb * BLOCK_T, tokens = std::min(BLOCK_T, N - t0);
+        for (int64_t r0 = 0; r0 < nv; r0 += BLOCK_V) {
+          const int64_t vrows = std::min(BLOCK_V, nv - r0);
+          gemm<op_t>(vrows, BLOCK_T, K, K, BLOCK_T, BLOCK_T, false, W + r0 * K, hidden_packed.data() + tb * K * BLOCK_T,
+                     tile);
+          const TileContext c{vrows, tokens, v0 + r0, a.bias ? bias.data() + v0 + r0 : nullptr, a.softcap,
+                              inv_softcap, a.labels + t0};
+          backward_epilogue(tile, c, lse.data() + t0, grad.data() + t0, my_d_bias ? my_d_bias + r0 : nullptr);
+          if (!dz_t.empty())
+            for (int64_t v = 0; v < vrows; ++v) store_row<op_t>(tile + v * BLOCK_T, dz_t.data() + (r0 + v) * ld_dz + t0);
+          if (!dz_pairs.empty())
+            for (int64_t v = 0; v < vrows; v += 2)
+              store_row_pair<op_t>(tile + v * BLOCK_T, v + 1 < vrows ? tile + (v + 1) * BLOCK_T : nullptr,
+                                   dz_pairs.data() + tb * Vs * BLOCK_T + (r0 + v) * BLOCK_T);
+        }
+      }
+      release_tiles<op_t>();
+    });
+
+    // (C) d_hidden^T += W[slice]^T d_z^T: [BLOCK_HT, BLOCK_T] tiles, H-block-major so that the
+    // BLOCK_HT rows of W^T stay in L2 while the token blocks pass.
+    if (need_h) {
+      const int64_t nhb = ceil_div(H, BLOCK_HT);
+      at::parallel_for(0, nhb * num_token_blocks, 1, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t h0 = (u / num_token_blocks) * BLOCK_HT, t0 = (u % num_token_blocks) * BLOCK_T;
+          const op_t* B = VNNI ? dz_pairs.data() + t0 * Vs : dz_t.data() + t0;
+          gemm<op_t>(std::min(BLOCK_HT, H - h0), std::min(BLOCK_T, N - t0), Kc, ld_wt, VNNI ? BLOCK_T : ld_dz, N,
+                     true, weight_t.data() + h0 * ld_wt, B, d_hidden_t.data() + h0 * N + t0);
+        }
+        release_tiles<op_t>();
+      });
+    }
+
+    // (B) d_weight[slice] = d_z^T hidden: [BLOCK_V, BLOCK_H] tiles, written once; vocabulary-block-major
+    // so that the d_z^T rows stay in L2 while hidden's column blocks pass.
+    if (need_w) {
+      auto* d_weight = static_cast<scalar_t*>(a.d_weight);
+      const int64_t nvb = ceil_div(nv, BLOCK_V);
+      at::parallel_for(0, nvb * num_h_blocks, 1, [&](int64_t u0, int64_t u1) {
+        alignas(64) float tile[BLOCK_V * BLOCK_H];
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t vb = u / num_h_blocks, hb = u % num_h_blocks;
+          const int64_t h0 = hb * BLOCK_H, cols = std::min(BLOCK_H, H - h0);
+          const int64_t r0 = vb * BLOCK_V, vrows = std::min(BLOCK_V, nv - r0);
+          if constexpr (VNNI) {
+            gemm<op_t>(vrows, cols, Np, ld_dz, BLOCK_H, BLOCK_H, false, dz_t.data() + r0 * ld_dz,
+                       hidden_b + hb * Np * BLOCK_H, tile);
+          } else {
+            gemm<op_t>(vrows, cols, N, ld_dz, H, BLOCK_H, false, dz_t.data() + r0 * ld_dz, hidden_b + h0, tile);
+          }
+          for (int64_t v = 0; v < vrows; ++v) {
+            scalar_t* dst = d_weight + (v0 + r0 + v) * H + h0;
+            for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<scalar_t>(tile[v * BLOCK_H + j]);
+          }
+        }
+        release_tiles<op_t>();
+      });
+    }
+    if (need_b)
+      for (int t = 0; t < num_threads; ++t)
+        for (int64_t v = 0; v < nv; ++v) d_bias[v0 + v] += d_bias_partial[t * Vs + v];
+  }
+
+  if (need_h) {  // d_hidden = (d_hidden^T)^T, rounded once to the input dtype
+    auto* out = static_cast<scalar_t*>(a.d_hidden);
+    at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t n0 = b0 * 32; n0 < std::min(N, b1 * 32); n0 += 32) {
+        const int64_t n1 = std::min(N, n0 + 32);
+        for (int64_t h0 = 0; h0 < H; h0 += 32) {
+          const int64_t h1 = std::min(H, h0 + 32);
+          for (int64_t n = n0; n < n1; ++n)
+            for (int64_t h = h0; h < h1; ++h) out[n * H + h] = static_cast<scalar_t>(d_hidden_t[h * N + n]);
+        }
+      }
+    });
+  }
+  if (need_b) {
+    auto* out = static_cast<scalar_t*>(a.d_bias);
+    for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(d_bias[v]);
+  }
+}
+
+template <typename scalar_t, typename op_t>
+struct Forward {
+  static void run(const ForwardArgs& a) { forward_impl<scalar_t, op_t>(a); }
+};
+template <typename scalar_t, typename op_t>
+struct Backward {
+  static void run(const BackwardArgs& a) { backward_impl<scalar_t, op_t>(a); }
+};
+
+template <template <typename, typename> class Fn, typename Args>
+void dispatch(const Args& args, bool vnni) {
+  switch (args.dtype) {
+    case at::kBFloat16:
+      vnni ? Fn<at::BFloat16, at::BFloat16>::run(args) : Fn<at::BFloat16, float>::run(args);
+      break;
+    case at::kHalf:
+      vnni ? Fn<at::Half, at::Half>::run(args) : Fn<at::Half, float>::run(args);
+      break;
+    case at::kFloat:
+      Fn<float, float>::run(args);
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, "nash_fast CPU kernels take float32, bfloat16 or float16, got ", args.dtype);
+  }
+}
+
+}  // namespace
+
+void token_logprobs_forward(const ForwardArgs& args, bool vnni) { dispatch<Forward>(args, vnni); }
+void token_logprobs_backward(const BackwardArgs& args, bool vnni) { dispatch<Backward>(args, vnni); }
+
+}  // namespace CPU_CAPABILITY
+}  // namespace nash_fast::cpu

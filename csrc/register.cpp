@@ -1,0 +1,68 @@
+// The nash_fast operator library: schemas, CPU kernels and Meta (shape-only) kernels, so that
+// torch.compile traces the ops without running them. Loaded from Python as the module nash_fast._C.
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace nash_fast::cpu {
+std::tuple<at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                                          const std::optional<at::Tensor>& bias,
+                                                          const at::Tensor& labels, std::optional<double> softcap);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, std::optional<double> softcap, const at::Tensor& lse, const at::Tensor& grad,
+    bool need_hidden, bool need_weight, bool need_bias, int64_t max_chunk_elements);
+std::string cpu_isa(at::ScalarType dtype);
+}  // namespace nash_fast::cpu
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> token_logprobs_forward_meta(const at::Tensor& hidden, const at::Tensor&,
+                                                               const std::optional<at::Tensor>&, const at::Tensor&,
+                                                               std::optional<double>) {
+  auto out = at::empty({hidden.size(0)}, hidden.options().dtype(at::kFloat));
+  return {out, at::empty_like(out)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward_meta(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor&,
+    std::optional<double>, const at::Tensor&, const at::Tensor&, bool need_hidden, bool need_weight, bool need_bias,
+    int64_t) {
+  return {need_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options()),
+          need_weight ? at::empty_like(weight) : at::empty({0}, weight.options()),
+          need_bias && bias.has_value() ? at::empty_like(*bias) : at::empty({0}, weight.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nash_fast, m) {
+  // logp_i = log softmax(cap(W h_i + b))_{y_i} and lse_i, for [N, H] hidden with every label in [0, V).
+  m.def("token_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float? softcap)"
+        " -> (Tensor logp, Tensor lse)");
+  // Gradients of sum_i grad_i logp_i; a gradient that is not needed comes back as an empty tensor.
+  m.def("token_logprobs_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float? softcap,"
+        " Tensor lse, Tensor grad, bool need_hidden, bool need_weight, bool need_bias, int max_chunk_elements)"
+        " -> (Tensor d_hidden, Tensor d_weight, Tensor d_bias)");
+  // The CPU code path inputs of `dtype` take: amx, avx512, avx2 or portable.
+  m.def("cpu_isa(ScalarType dtype) -> str", &nash_fast::cpu::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(nash_fast, CPU, m) {
+  m.impl("token_logprobs_forward", &nash_fast::cpu::token_logprobs_forward);
+  m.impl("token_logprobs_backward", &nash_fast::cpu::token_logprobs_backward);
+}
+
+TORCH_LIBRARY_IMPL(nash_fast, Meta, m) {
+  m.impl("token_logprobs_forward", &token_logprobs_forward_meta);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_meta);
+}
+
+// An importable module: `import nash_fast._C` loads the library and runs the registrations above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "nash_fast operator library", -1, nullptr};
+  return PyModule_Create(&module);
+}
