@@ -123,7 +123,7 @@ def run(args, device, dtype, log, peak_tflops: float, deadline, shapes: dict, ns
             free_memory(device)
 
             for method in methods:
-                fn, reason = M.load(method, device)
+                fn, reason = M.load(method, device, quick=args.quick)
                 for mode in modes:
                     row = dict(base, method=method, mode=mode, notes=note)
                     if reason is not None:

@@ -7,7 +7,9 @@ Conventions (also in bench/README.md):
     forward+backward with logit recompute (2 forward + 2 recompute + 4 for d_hidden and d_weight).
     A method that also multiplies the ignored rows does that work for free in this count.
   * peak memory is torch.cuda.max_memory_allocated during one call minus the memory allocated just
-    before it (inputs, reference results and the grads of earlier calls already freed). For
+    before it (inputs, reference results and the grads of earlier calls already freed); on CPU the
+    process's peak resident memory during the call (VmHWM, reset before it) minus its resident
+    memory just before it, so buffers outside PyTorch's allocator (C++ kernels) count too. For
     forward+backward it includes the fresh .grad buffers of hidden and weight (the same for every
     method); for forward it includes whatever the method saves for backward.
   * errors compare against a float64 reference computed in token chunks from the same bf16 inputs.
@@ -41,6 +43,14 @@ SHAPES = {
     "gemma2-2b": (2304, 256000, 30.0),  # Gemma-2 caps its final logits: 30 * tanh(z / 30)
 }
 N_TOKENS = (4096, 16384, 65536)
+# --device cpu (without --quick): LM heads a 2-core CPU can time against materialized logits.
+CPU_SHAPES = {
+    "h1024-v32000": (1024, 32000, None),
+    "h2048-v32000": (2048, 32000, None),
+    "h4096-v32000": (4096, 32000, None),
+    "h2048-v128256": (2048, 128256, None),
+}
+CPU_N_TOKENS = (4096,)
 # --quick: tiny shapes that exercise the same code paths (V odd and not a tile multiple; a soft-cap).
 # Only the first runs by default (the Triton interpreter is slow); pick the other with --shapes.
 QUICK_SHAPES = {
@@ -321,7 +331,11 @@ def time_call(fn, device, grad_to_none=(), quick: bool = False) -> tuple[float, 
         q = do_bench(fn, warmup=warm, rep=rep, grad_to_none=list(grad_to_none) or None,
                      quantiles=[0.5, 0.2, 0.8])
         return float(q[0]), float(q[1]), float(q[2])
-    reps = 2 if quick else 10
+    reset_grads()
+    t0 = time.perf_counter()
+    fn()
+    once = time.perf_counter() - t0
+    reps = 2 if quick else max(3, min(10, int(30.0 / max(once, 1e-6))))  # ~30 s per case at most
     times = []
     for _ in range(reps):
         reset_grads()
@@ -339,9 +353,30 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _release_free_heap():
+    """Give freed heap pages back to the OS (glibc), so resident memory is what is really live."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
-    """with PeakMemory(device) as m: ...; m.gib = peak allocated during the block above the
-    allocation at its start (NaN on CPU, where the caching allocator's stats do not exist)."""
+    """with PeakMemory(device) as m: ...; m.gib = peak memory during the block above that at its start.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU (Linux): resident set size: the kernel's high-water
+    mark VmHWM is reset at the start (/proc/self/clear_refs), so every buffer counts, PyTorch's or a
+    C++ kernel's own. NaN where neither is available."""
 
     def __init__(self, device):
         self.device = device
@@ -352,12 +387,25 @@ class PeakMemory:
             sync(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            gc.collect()
+            _release_free_heap()
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.base = _proc_status_bytes("VmRSS")
+            except OSError:
+                self.base = None
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda" and exc[0] is None:
+        if exc[0] is not None:
+            return False
+        if self.device.type == "cuda":
             sync(self.device)
             self.gib = (torch.cuda.max_memory_allocated(self.device) - self.base) / GiB
+        elif self.base is not None:
+            self.gib = (_proc_status_bytes("VmHWM") - self.base) / GiB
         return False
 
 
@@ -376,8 +424,8 @@ def available_gib(device) -> float:
 
 def matmul_peak_tflops(device, dtype, quick: bool = False) -> float:
     """The dense matmul roofline of this device, measured now: TFLOP/s of an n^3 product
-    (n = 8192 on GPU; 512 on CPU) in the benchmark dtype on random data."""
-    n = 512 if device.type != "cuda" else 8192
+    (n = 8192 on GPU; 4096 on CPU, 512 with --quick) in the benchmark dtype on random data."""
+    n = 8192 if device.type == "cuda" else (512 if quick else 4096)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)

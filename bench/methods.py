@@ -14,6 +14,7 @@ log p(label | hidden)), differentiable w.r.t. hidden and weight. Peers are impor
   cce_exact    the same with filter_eps=None (no gradient filtering: exact gradients)
   ours_triton  nash_fast.sequence_logprobs(backend="triton")
   ours_torch   nash_fast.sequence_logprobs(backend="torch")
+  ours_native  nash_fast.sequence_logprobs(backend="native"): the C++ CPU kernels (csrc/)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from common import IGNORE_INDEX, LogprobInputs, set_repo_on_path
 
-METHODS = ("naive", "compile", "liger", "cce", "cce_exact", "ours_triton", "ours_torch")
+METHODS = ("naive", "compile", "liger", "cce", "cce_exact", "ours_triton", "ours_torch", "ours_native")
 
 
 def per_sequence_sum(token_values: torch.Tensor, inp: LogprobInputs) -> torch.Tensor:
@@ -105,16 +106,31 @@ def _load_ours(backend):
     return fn
 
 
-def _triton_usable(device: torch.device):
-    """Triton kernels need a GPU, or TRITON_INTERPRET=1 on CPU."""
+def _triton_usable(device: torch.device, quick: bool = True):
+    """Triton kernels need a GPU, or TRITON_INTERPRET=1 on CPU (a debugging interpreter: only --quick
+    runs them there; timing it at real shapes would measure the interpreter, not the kernels)."""
     import os
 
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cuda":
         return None
-    return "Triton kernels need CUDA or TRITON_INTERPRET=1 on CPU"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton kernels need CUDA or TRITON_INTERPRET=1 on CPU"
+    if not quick:
+        return "Triton kernels have no CPU backend: the interpreter (TRITON_INTERPRET=1) only runs with --quick"
+    return None
 
 
-def load(name: str, device: torch.device):
+def _native_usable(device: torch.device):
+    set_repo_on_path()
+    from nash_fast.logprobs import native_status
+
+    if device.type != "cpu":
+        return "the native backend runs on CPUs (nash_fast._C)"
+    ok, why = native_status()
+    return None if ok else why
+
+
+def load(name: str, device: torch.device, quick: bool = True):
     """(fn, None) when the method can run here, else (None, reason)."""
     try:
         if name == "naive":
@@ -122,7 +138,7 @@ def load(name: str, device: torch.device):
         if name == "compile":
             return _compile, None
         if name == "liger":
-            reason = _triton_usable(device)
+            reason = _triton_usable(device, quick)
             return (None, "liger-kernel: " + reason) if reason else (_load_liger(), None)
         if name in ("cce", "cce_exact"):
             if device.type != "cuda":
@@ -132,10 +148,13 @@ def load(name: str, device: torch.device):
                 return None, "cut-cross-entropy: its Triton kernels need CUDA (they fail under TRITON_INTERPRET=1)"
             return _load_cce("default" if name == "cce" else None), None
         if name == "ours_triton":
-            reason = _triton_usable(device)
+            reason = _triton_usable(device, quick)
             return (None, reason) if reason else (_load_ours("triton"), None)
         if name == "ours_torch":
             return _load_ours("torch"), None
+        if name == "ours_native":
+            reason = _native_usable(device)
+            return (None, reason) if reason else (_load_ours("native"), None)
     except Exception as exc:  # noqa: BLE001 -- any import failure of a peer is a reported skip
         return None, f"import failed: {type(exc).__name__}: {exc}".replace("\n", " ")[:300]
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")

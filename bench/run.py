@@ -3,9 +3,10 @@
     python bench/run.py                                   # full set on the GPU -> bench/results/*.csv
     python bench/run.py --device cpu --quick --out DIR    # every benchmark on tiny shapes (CI smoke test)
     python bench/run.py --only logprobs --shapes llama3-8b --n 16384 --methods naive,ours_triton
+    python bench/run.py --device cpu --only logprobs --dtype bf16,fp32   # CPU shapes, ours_native vs peers
 
 Groups (--only): logprobs (per-sequence log-probs: fwd, fwd_bwd, fwd_only for naive, compile,
-liger, cce, cce_exact, ours_triton, ours_torch), loss (preference losses from hidden states:
+liger, cce, cce_exact, ours_triton, ours_torch, ours_native), loss (preference losses from hidden states:
 FusedLinearPreferenceLoss sppo/inpo/ipo vs TRL's materialized-logits path and Liger's chunked DPO),
 e2e (one training step of a Qwen2-0.5B-like model: packed + fused loss vs padded + materialized
 logits). Every group first measures the bf16 matmul peak of the device (the roofline of every
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--loss-methods", default=None, help="comma list of loss-level methods (group loss)")
     p.add_argument("--e2e-methods", default=None, help="comma list of end-to-end methods (group e2e)")
     p.add_argument("--e2e-tokens", type=int, default=None, help="token budget of the e2e batch")
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--dtype", default="bf16", help="comma list, e.g. bf16,fp32 (each with its own matmul peak)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline", type=float, default=None,
                    help="unix time after which no new case starts (the rest are written as skipped)")
@@ -69,25 +70,27 @@ def main(argv=None) -> int:
     import bench_loss
     import methods as M
     from common import (
-        N_TOKENS, QUICK_DEFAULT_SHAPES, QUICK_N_TOKENS, QUICK_SHAPES, SHAPES, CsvLog, Deadline, dtype_from_name, environment,
-        matmul_peak_tflops,
+        CPU_N_TOKENS, CPU_SHAPES, N_TOKENS, QUICK_DEFAULT_SHAPES, QUICK_N_TOKENS, QUICK_SHAPES, SHAPES, CsvLog, Deadline,
+        dtype_from_name, environment, matmul_peak_tflops,
     )
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
-    dtype = dtype_from_name(args.dtype)
+    dtypes = [(name, dtype_from_name(name)) for name in _split(args.dtype)]
     groups = _split(args.only)
     for g in groups:
         if g not in GROUPS:
             raise SystemExit(f"--only: unknown group {g!r}; choose from {GROUPS}")
-    table = QUICK_SHAPES if args.quick else SHAPES
-    names = _split(args.shapes) or list(QUICK_DEFAULT_SHAPES if args.quick else table)
+    on_cpu = device.type == "cpu"
+    table = QUICK_SHAPES if args.quick else {**SHAPES, **CPU_SHAPES}
+    names = _split(args.shapes) or list(QUICK_DEFAULT_SHAPES if args.quick else CPU_SHAPES if on_cpu else SHAPES)
     for name in names:
         if name not in table:
             raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {list(table)}")
     shapes = {name: table[name] for name in names}
-    ns = [int(n) for n in _split(args.n)] if args.n else list(QUICK_N_TOKENS if args.quick else N_TOKENS)
+    ns = [int(n) for n in _split(args.n)] if args.n else list(
+        QUICK_N_TOKENS if args.quick else CPU_N_TOKENS if on_cpu else N_TOKENS)
     methods = _split(args.methods) or list(M.METHODS)
     for m in methods:
         if m not in M.METHODS:
@@ -103,18 +106,19 @@ def main(argv=None) -> int:
     print(f"nash-fast bench: {env['gpu']} torch {env['torch']} triton {env['triton']} "
           f"liger {env['liger_kernel']} cce {env['cut_cross_entropy']} -> {args.out}", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
-    if deadline.passed():  # nothing will run: write the skipped rows without measuring anything
-        peak = float("nan")
-    else:
-        peak = matmul_peak_tflops(device, dtype, quick=args.quick)
-        print(f"matmul peak ({args.dtype}): {peak:.1f} TFLOP/s", flush=True)
-
-    if "logprobs" in groups:
-        bench_logprobs.run(args, device, dtype, log, peak, deadline, shapes, ns, methods, modes)
-    if "loss" in groups:
-        bench_loss.run(args, device, dtype, log, peak, deadline, shapes, ns, _split(args.loss_methods))
-    if "e2e" in groups:
-        bench_e2e.run(args, device, dtype, log, peak, deadline, _split(args.e2e_methods))
+    for dtype_name, dtype in dtypes:
+        args.dtype = dtype_name  # the groups write it into their rows
+        if deadline.passed():  # nothing will run: write the skipped rows without measuring anything
+            peak = float("nan")
+        else:
+            peak = matmul_peak_tflops(device, dtype, quick=args.quick)
+            print(f"matmul peak ({dtype_name}): {peak:.3f} TFLOP/s", flush=True)
+        if "logprobs" in groups:
+            bench_logprobs.run(args, device, dtype, log, peak, deadline, shapes, ns, methods, modes)
+        if "loss" in groups:
+            bench_loss.run(args, device, dtype, log, peak, deadline, shapes, ns, _split(args.loss_methods))
+        if "e2e" in groups:
+            bench_e2e.run(args, device, dtype, log, peak, deadline, _split(args.e2e_methods))
     return 0
 
 

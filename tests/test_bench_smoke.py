@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,9 @@ REQUIRED_COLUMNS = {
     "ms_median", "ms_p20", "ms_p80", "tflops", "peak_fraction", "matmul_peak_tflops", "mem_peak_gib",
     "err_out_abs", "err_out_rel", "err_grad_hidden_rel", "err_grad_weight_rel", "tokens_per_s",
 }
-LOGPROB_METHODS = {"naive", "compile", "liger", "cce", "cce_exact", "ours_triton", "ours_torch"}
-MUST_RUN_ON_CPU = {"naive", "compile", "ours_triton", "ours_torch"}
+LOGPROB_METHODS = {"naive", "compile", "liger", "cce", "cce_exact", "ours_triton", "ours_torch", "ours_native"}
+MUST_RUN_ON_CPU = {"naive", "compile", "ours_triton", "ours_torch"} | (
+    {"ours_native"} if shutil.which("cmake") and shutil.which("c++") else set())  # built by the install
 LOSS_METHODS = {"ours_sppo", "ours_inpo", "ours_ipo", "trl_sppo", "trl_inpo", "trl_ipo", "liger_dpo", "liger_sppo_hard"}
 E2E_METHODS = {"padded_materialized", "padded_fused", "packed_fused", "packed_fused_flex"}
 

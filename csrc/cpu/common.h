@@ -7,7 +7,7 @@
 // (sequence_logprobs_kernel.cpp, built for AVX512, AVX2 and DEFAULT: see CMakeLists.txt).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <c10/core/ScalarType.h>
 
 #include <cstdint>
 
