@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import os
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from nash_fast.logprobs import mm_fp32_output_works
 
@@ -200,8 +203,12 @@ def _launch_args(hidden: torch.Tensor):
     return upcast, precision
 
 
-def token_logprobs_forward(hidden, weight, bias, labels, softcap):
-    """Returns (logp [N] fp32, lse [N] fp32) for compacted tokens (every label valid)."""
+@triton_op("nash_fast::triton_token_logprobs_forward", mutates_args={})
+def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           labels: torch.Tensor, softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (logp [N] fp32, lse [N] fp32) for compacted tokens (every label valid).
+
+    A torch.library.triton_op: in a torch.compile'd graph on a GPU, Inductor sees the kernel launch."""
     N, H = hidden.shape
     V = weight.shape[0]
     partial = torch.full((triton.cdiv(V, _min_block(hidden.dtype, "BLOCK_V")), N), float("-inf"), device=hidden.device, dtype=torch.float32)
@@ -210,7 +217,7 @@ def token_logprobs_forward(hidden, weight, bias, labels, softcap):
         return target, target.clone()
     upcast, precision = _launch_args(hidden)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
-    _logits_lse_kernel[grid](
+    wrap_triton(_logits_lse_kernel)[grid](
         hidden, weight, bias if bias is not None else hidden, labels, partial, target,
         N, V, H, hidden.stride(0), weight.stride(0), float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=upcast, PRECISION=precision,
@@ -219,9 +226,13 @@ def token_logprobs_forward(hidden, weight, bias, labels, softcap):
     return target - lse, lse
 
 
-def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, max_chunk_elements, *,
-                            need_hidden=True, need_weight=True, need_bias=True):
-    """Gradients of sum_i grad_i * logp_i w.r.t. hidden, weight and bias (each in its input dtype, None if not needed).
+@triton_op("nash_fast::triton_token_logprobs_backward", mutates_args={})
+def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            labels: torch.Tensor, softcap: Optional[float], lse: torch.Tensor, grad: torch.Tensor,
+                            max_chunk_elements: int, need_hidden: bool, need_weight: bool,
+                            need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i grad_i * logp_i w.r.t. hidden, weight and bias, each in its input dtype; one that
+    is not needed comes back as an empty tensor (a torch.library.triton_op, like the forward).
 
     The vocabulary is processed in slices of Vc = max_chunk_elements // N columns: for each slice the
     kernel writes d_z [N, Vc]; d_weight[slice] = d_z^T @ hidden is then final (one GEMM over all tokens,
@@ -234,10 +245,8 @@ def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, ma
     d_weight = torch.empty_like(weight) if need_weight else None
     d_bias = torch.empty_like(bias) if need_bias else None
     if N == 0:
-        for t in (d_weight, d_bias):
-            if t is not None:
-                t.zero_()
-        return (torch.empty_like(hidden) if need_hidden else None), d_weight, d_bias
+        return tuple(torch.zeros_like(t) if need else hidden.new_empty((0,))
+                     for t, need in ((hidden, need_hidden), (weight, need_weight), (bias, need_bias)))
     v_chunk = max(1, min(V, max_chunk_elements // N))
     upcast, precision = _launch_args(hidden)
     # On GPU d_z is stored in the 16-bit input dtype for the tensor-core GEMMs below (the kernel rounds
@@ -256,7 +265,7 @@ def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, ma
             if bias is not None else None
         )
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(vc, meta["BLOCK_V"]),)
-        _dlogits_kernel[grid](
+        wrap_triton(_dlogits_kernel)[grid](
             hidden, w, b if b is not None else hidden, labels, lse, grad,
             dz, dbias_partial if bias is not None else dz,
             N, vc, H, v_start, hidden.stride(0), weight.stride(0), dz.stride(0), float(softcap or 1.0),
@@ -276,7 +285,9 @@ def token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, ma
                 _accumulate_mm(d_hidden, dz_v, w)
         if need_bias:
             d_bias[v_start:v_end] = dbias_partial.sum(0)
-    return (d_hidden.to(hidden.dtype) if need_hidden else None), d_weight, d_bias
+    empty = lambda: hidden.new_empty((0,))  # noqa: E731 (outputs must not alias each other)
+    return (d_hidden.to(hidden.dtype) if need_hidden else empty(), d_weight if need_weight else empty(),
+            d_bias if need_bias else empty())
 
 
 def _accumulate_mm(out_fp32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -9,7 +9,8 @@ never materializes. Ignored tokens are compacted away before any vocabulary work
 tokens of a packed batch cost nothing.
 
 Three backends compute the same function on scored tokens:
-  "triton"  nash_fast.kernels.sequence_logprobs: fused tile kernels (GPU; CPU under TRITON_INTERPRET=1)
+  "triton"  nash_fast.kernels.sequence_logprobs: fused tile kernels (GPU; CPU under TRITON_INTERPRET=1),
+            registered as torch.library.triton_op (nash_fast::triton_token_logprobs_forward/_backward)
   "native"  nash_fast._C (csrc/): C++ tile kernels on the CPU's matrix units (AMX) or vector units
   "torch"   plain PyTorch over token chunks (forward) and vocabulary slices (backward): the readable
             reference, and the CPU fallback when nash_fast._C is not built
@@ -332,8 +333,9 @@ def _triton_forward(hidden, weight, bias, labels, softcap):
 def _triton_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias):
     from nash_fast.kernels import sequence_logprobs as kern
 
-    return kern.token_logprobs_backward(hidden, weight, bias, labels, softcap, lse, grad, MAX_CHUNK_ELEMENTS,
-                                        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+    d_hidden, d_weight, d_bias = kern.token_logprobs_backward(
+        hidden, weight, bias, labels, softcap, lse, grad, MAX_CHUNK_ELEMENTS, need_hidden, need_weight, need_bias)
+    return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None)
 
 
 _TOKEN_KERNELS = {

@@ -417,3 +417,15 @@ def test_native_bad_isa_and_inputs_name_the_problem():
         sequence_logprobs(*args, backend="native")
     with pytest.raises(ValueError, match="backend='native' takes float32, bfloat16 or float16"):
         sequence_logprobs(*(t.double() if t.is_floating_point() else t for t in args), backend="native")
+
+
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="Inductor compiles user Triton kernels on GPUs only")
+def test_triton_kernels_are_triton_ops_inductor_traces():
+    """The Triton launchers are torch.library.triton_op: a compiled graph calling them traces the kernels."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(40, 64, generator=g).cuda().bfloat16()
+    weight = torch.randn(300, 64, generator=g).cuda().bfloat16()
+    labels = torch.randint(0, 300, (40,), generator=g).cuda()
+    fn = lambda h, w, y: torch.ops.nash_fast.triton_token_logprobs_forward(h, w, None, y, None)[0].sum()  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(hidden, weight, labels), fn(hidden, weight, labels))
