@@ -27,7 +27,12 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <utility>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -57,10 +62,59 @@ inline void gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int6
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, A, B, C, /*is_vnni=*/is_vnni<op_t>());
 }
 
+// The same product with K split into chunks of at most GEMM_K_CHUNK (accumulating into C): brgemm
+// streams its A and B panels once per call, so a long K (the slice width, the token count) would not
+// stay in L1/L2 while the kernel walks its M x N sub-tiles.
+constexpr int64_t GEMM_K_CHUNK = 1024;
+
+template <typename op_t>
+inline void gemm_long_k(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add_C,
+                        const op_t* A, const op_t* B, float* C) {
+  for (int64_t k0 = 0; k0 < K; k0 += GEMM_K_CHUNK) {
+    const int64_t kc = std::min(GEMM_K_CHUNK, K - k0);  // GEMM_K_CHUNK is even: VNNI pairs stay whole
+    const op_t* B_chunk = B + k0 * ldb;  // fp32: k0 rows of ldb; VNNI: k0 / 2 pair rows of 2 ldb
+    gemm<op_t>(M, N, kc, lda, ldb, ldc, add_C || k0 > 0, A + k0, B_chunk, C);
+  }
+}
+
 template <typename op_t>
 inline void release_tiles() {
   if constexpr (is_vnni<op_t>()) at::native::cpublas::brgemm_release();
 }
+
+// NASH_FAST_PROFILE=1: wall seconds per phase of each call, printed to stderr (for tuning).
+class PhaseClock {
+ public:
+  explicit PhaseClock(const char* what) : what_(what), on_(std::getenv("NASH_FAST_PROFILE") != nullptr) { lap(); }
+  void operator()(const char* phase) {
+    if (!on_) return;
+    const double now = lap();
+    for (auto& [name, seconds] : phases_)
+      if (name == phase) {
+        seconds += now;
+        return;
+      }
+    phases_.emplace_back(phase, now);
+  }
+  ~PhaseClock() {
+    if (!on_) return;
+    std::string line = std::string("[nash_fast] ") + what_;
+    for (const auto& [name, seconds] : phases_) line += " " + name + "=" + std::to_string(seconds);
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+
+ private:
+  double lap() {
+    const auto now = std::chrono::steady_clock::now();
+    const double elapsed = std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+    return elapsed;
+  }
+  const char* what_;
+  bool on_;
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+  std::vector<std::pair<std::string, double>> phases_;
+};
 
 // Offset of element (k, n) in a B operand with row stride ld.
 template <typename op_t>
@@ -74,7 +128,11 @@ inline int64_t b_offset(int64_t k, int64_t n, int64_t ld) {
 
 template <typename dst_t, typename src_t>
 inline dst_t cast(src_t x) {
-  return static_cast<dst_t>(static_cast<float>(x));
+  if constexpr (std::is_same_v<dst_t, src_t>) {
+    return x;  // a copy of the bits, not a round trip through float
+  } else {
+    return static_cast<dst_t>(static_cast<float>(x));
+  }
 }
 
 // exp for the epilogues. AVX-512: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-7
@@ -319,6 +377,7 @@ void forward_impl(const ForwardArgs& a) {
   std::vector<float> bias(a.bias ? V : 0);
   for (int64_t v = 0; a.bias && v < V; ++v) bias[v] = static_cast<float>(static_cast<const scalar_t*>(a.bias)[v]);
 
+  PhaseClock clock("forward");
   const int64_t num_token_blocks = ceil_div(N, BLOCK_T);
   std::vector<op_t> hidden_packed(num_token_blocks * K * BLOCK_T);
   at::parallel_for(0, num_token_blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -331,6 +390,7 @@ void forward_impl(const ForwardArgs& a) {
   std::vector<op_t> weight_rows(weight_as_is ? 0 : Vs * K);
   std::vector<float> run_max(num_token_blocks * BLOCK_T, NEG_INF), run_sum(num_token_blocks * BLOCK_T, 0.0f);
   std::vector<float> target(num_token_blocks * BLOCK_T, 0.0f);
+  clock("pack");
 
   for (int64_t v0 = 0; v0 < V; v0 += Vs) {
     const int64_t nv = std::min(Vs, V - v0);
@@ -340,6 +400,7 @@ void forward_impl(const ForwardArgs& a) {
         copy_rows(weight + (v0 + r0) * H, r1 - r0, H, K, weight_rows.data() + r0 * K);
       });
       W = weight_rows.data();
+      clock("pack");
     }
     at::parallel_for(0, num_token_blocks, 1, [&](int64_t t_begin, int64_t t_end) {
       alignas(64) float tile[BLOCK_V * BLOCK_T];
@@ -365,6 +426,7 @@ void forward_impl(const ForwardArgs& a) {
       }
       release_tiles<op_t>();
     });
+    clock("tiles");
   }
   at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -379,6 +441,7 @@ void forward_impl(const ForwardArgs& a) {
 template <typename scalar_t, typename op_t>
 void backward_impl(const BackwardArgs& a) {
   constexpr bool VNNI = is_vnni<op_t>();
+  PhaseClock clock("backward");
   const int64_t N = a.N, H = a.H, V = a.V;
   const bool need_h = a.d_hidden != nullptr, need_w = a.d_weight != nullptr, need_b = a.d_bias != nullptr;
   const auto* hidden = static_cast<const scalar_t*>(a.hidden);
@@ -413,6 +476,7 @@ void backward_impl(const BackwardArgs& a) {
     }
   });
   if (need_w && !VNNI && !std::is_same_v<scalar_t, float>) copy_rows(hidden, N, H, H, hidden_dweight.data());
+  clock("pack_hidden");
   const op_t* hidden_b = !need_w ? nullptr
                          : (!VNNI && std::is_same_v<scalar_t, float>) ? reinterpret_cast<const op_t*>(hidden)
                                                                        : hidden_dweight.data();
@@ -448,6 +512,7 @@ void backward_impl(const BackwardArgs& a) {
     });
     if (!weight_as_is) W = weight_rows.data();
     if (need_b) std::fill(d_bias_partial.begin(), d_bias_partial.end(), 0.0f);
+    clock("pack");
 
     // (A) d_z^T tiles, parallel over token blocks.
     at::parallel_for(0, num_token_blocks, 1, [&](int64_t t_begin, int64_t t_end) {
@@ -472,6 +537,7 @@ void backward_impl(const BackwardArgs& a) {
       }
       release_tiles<op_t>();
     });
+    clock("dz");
 
     // (C) d_hidden^T += W[slice]^T d_z^T: [BLOCK_HT, BLOCK_T] tiles, H-block-major so that the
     // BLOCK_HT rows of W^T stay in L2 while the token blocks pass.
@@ -481,11 +547,12 @@ void backward_impl(const BackwardArgs& a) {
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t h0 = (u / num_token_blocks) * BLOCK_HT, t0 = (u % num_token_blocks) * BLOCK_T;
           const op_t* B = VNNI ? dz_pairs.data() + t0 * Vs : dz_t.data() + t0;
-          gemm<op_t>(std::min(BLOCK_HT, H - h0), std::min(BLOCK_T, N - t0), Kc, ld_wt, VNNI ? BLOCK_T : ld_dz, N,
-                     true, weight_t.data() + h0 * ld_wt, B, d_hidden_t.data() + h0 * N + t0);
+          gemm_long_k<op_t>(std::min(BLOCK_HT, H - h0), std::min(BLOCK_T, N - t0), Kc, ld_wt, VNNI ? BLOCK_T : ld_dz,
+                            N, true, weight_t.data() + h0 * ld_wt, B, d_hidden_t.data() + h0 * N + t0);
         }
         release_tiles<op_t>();
       });
+      clock("d_hidden");
     }
 
     // (B) d_weight[slice] = d_z^T hidden: [BLOCK_V, BLOCK_H] tiles, written once; vocabulary-block-major
@@ -500,10 +567,10 @@ void backward_impl(const BackwardArgs& a) {
           const int64_t h0 = hb * BLOCK_H, cols = std::min(BLOCK_H, H - h0);
           const int64_t r0 = vb * BLOCK_V, vrows = std::min(BLOCK_V, nv - r0);
           if constexpr (VNNI) {
-            gemm<op_t>(vrows, cols, Np, ld_dz, BLOCK_H, BLOCK_H, false, dz_t.data() + r0 * ld_dz,
-                       hidden_b + hb * Np * BLOCK_H, tile);
+            gemm_long_k<op_t>(vrows, cols, Np, ld_dz, BLOCK_H, BLOCK_H, false, dz_t.data() + r0 * ld_dz,
+                              hidden_b + hb * Np * BLOCK_H, tile);
           } else {
-            gemm<op_t>(vrows, cols, N, ld_dz, H, BLOCK_H, false, dz_t.data() + r0 * ld_dz, hidden_b + h0, tile);
+            gemm_long_k<op_t>(vrows, cols, N, ld_dz, H, BLOCK_H, false, dz_t.data() + r0 * ld_dz, hidden_b + h0, tile);
           }
           for (int64_t v = 0; v < vrows; ++v) {
             scalar_t* dst = d_weight + (v0 + r0 + v) * H + h0;
@@ -512,12 +579,14 @@ void backward_impl(const BackwardArgs& a) {
         }
         release_tiles<op_t>();
       });
+      clock("d_weight");
     }
     if (need_b)
       for (int t = 0; t < num_threads; ++t)
         for (int64_t v = 0; v < nv; ++v) d_bias[v0 + v] += d_bias_partial[t * Vs + v];
   }
 
+  clock("d_bias");
   if (need_h) {  // d_hidden = (d_hidden^T)^T, rounded once to the input dtype
     auto* out = static_cast<scalar_t*>(a.d_hidden);
     at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t b0, int64_t b1) {
@@ -535,6 +604,7 @@ void backward_impl(const BackwardArgs& a) {
     auto* out = static_cast<scalar_t*>(a.d_bias);
     for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(d_bias[v]);
   }
+  clock("output");
 }
 
 template <typename scalar_t, typename op_t>
