@@ -42,7 +42,7 @@ from typing import Sequence
 
 from nash_fast import build as build_rules
 from nash_fast.checkpoint import write_json_atomic
-from nash_fast.config import _opt, _parse_bool
+from nash_fast.config import _opt, _parse_bool, join_problems
 
 METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "pairs": "inpo", "osp": "spce"}
 PAIR_LOSSES = ("inpo", "ipo", "dpo", "spce")
@@ -130,35 +130,40 @@ class SelfPlayConfig:
         return defaults.get(name)
 
     def validate(self) -> "SelfPlayConfig":
+        """Every problem with the options at once, in one ValueError naming each option."""
+        problems = []
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices is not None and value is not None and value not in choices:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
+                problems.append(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
         if self.num_samples < 2:
-            raise ValueError(f"--num-samples (K) must be >= 2: the dataset rules compare responses; "
-                             f"got {self.num_samples}")
+            problems.append(f"--num-samples (K) must be >= 2: the dataset rules compare responses; got {self.num_samples}")
         for name in ("iterations", "num_prompts", "max_new_tokens", "eval_prompts", "eval_samples", "max_tokens",
                      "tensor_parallel_size", "generation_batch_size", "judge_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not self.temperature >= 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+            problems.append(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if problems and any(p.startswith(("--method", "--loss")) for p in problems):
+            raise ValueError(join_problems(problems))  # the checks below read the method and the loss
         loss = self.resolved("loss")
         if self.method == "sppo" and loss != "sppo" and self.sppo_mode != "pair":
-            raise ValueError(f"--loss {loss} needs pairs: use --sppo-mode pair with --method sppo")
+            problems.append(f"--loss {loss} needs pairs: use --sppo-mode pair with --method sppo")
         if self.method != "sppo" and loss == "sppo":
-            raise ValueError(f"--loss sppo needs win rates: use --method sppo (got --method {self.method})")
+            problems.append(f"--loss sppo needs win rates: use --method sppo (got --method {self.method})")
         reads = {"sppo": ("eta",), "inpo": ("eta", "tau"), "ipo": ("beta",), "dpo": ("beta",), "spce": ("beta",)}[loss]
         for name in ("eta", "tau", "beta"):
             if getattr(self, name) is not None and name not in reads:
-                raise ValueError(f"--{name} is not used by --loss {loss} (it reads {', '.join(reads)})")
+                problems.append(f"--{name} is not used by --loss {loss} (it reads {', '.join(reads)})")
         if loss == "inpo" and not 0 <= self.resolved("tau") < self.resolved("eta"):
-            raise ValueError(f"--tau must satisfy 0 <= tau < eta for INPO, got tau={self.resolved('tau')}, "
-                             f"eta={self.resolved('eta')}")
+            problems.append(f"--tau must satisfy 0 <= tau < eta for INPO, got tau={self.resolved('tau')}, "
+                            f"eta={self.resolved('eta')}")
+        if problems:
+            raise ValueError(join_problems(problems))
         return self
 
 
