@@ -825,6 +825,9 @@ def _train_step(run: Run) -> dict:
     else:
         state.consecutive_bad += 1
         state.skipped_steps += 1
+    # A step belongs to the epoch of its first micro-batch: the last step of a run may reach past the last
+    # epoch's end (total_steps rounds up to whole steps), its first micro-batch never does.
+    epoch = run.stream.locate(state.position)[0]
     state.step += 1
     state.position += per_step
     tokens = int(sums[-4])
@@ -838,7 +841,7 @@ def _train_step(run: Run) -> dict:
             record[key] = value if math.isfinite(value) else None
     record.update(
         lr=lr, tokens=tokens, tokens_per_s=tokens / elapsed if elapsed > 0 else None, grad_norm=grad_norm,
-        padding_fraction=float(sums[-3]) / count, epoch=run.stream.locate(state.position)[0],
+        padding_fraction=float(sums[-3]) / count, epoch=epoch,
         step_time_s=elapsed, skipped=not applied,
     )
     if not applied:

@@ -126,6 +126,27 @@ def test_loss_goes_down_on_a_fixed_batch(small_data, loss):
     assert values[-1] < 0.95 * values[0], values
 
 
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_metrics_epoch_is_the_epoch_the_step_trains_on(tmp_path, small_data, grad_accum):
+    """metrics.jsonl's epoch of step s is the epoch of its first micro-batch: a 2-epoch run shows epochs 0 and 1
+    only (the last step may run past the end of epoch 1: steps are whole), and with one micro-batch per step
+    epoch e holds exactly as many steps as epoch e has token-budget batches."""
+    from nash_fast.data import TokenBudgetBatchSampler, example_sequence_lengths
+
+    cfg = parse_config(run_args(small_data, tmp_path, "--num-epochs", "2", "--grad-accum", str(grad_accum),
+                                "--save-steps", "0"))
+    trainer.train(cfg)
+    epochs = [r["epoch"] for r in read_metrics(tmp_path)]
+    examples = trainer.tokenize(cfg, trainer.load_tokenizer(cfg), trainer.load_records(cfg))
+    lengths = [example_sequence_lengths(e, i) for i, e in enumerate(examples)]
+    stream = trainer.BatchStream(TokenBudgetBatchSampler(lengths, cfg.max_tokens, shuffle=True, seed=cfg.seed))
+    batches = [len(stream.epoch_batches(e)) for e in (0, 1)]
+    assert len(epochs) == -(-sum(batches) // grad_accum) and sorted(set(epochs)) == [0, 1]
+    assert epochs == [stream.locate(grad_accum * s)[0] for s in range(len(epochs))]
+    if grad_accum == 1:
+        assert epochs == [0] * batches[0] + [1] * batches[1]
+
+
 # ------------------------------------------------------------------------------------------------ resume
 
 def test_resume_equals_straight_run_and_sigterm_saves(tmp_path, small_data, monkeypatch):
