@@ -401,8 +401,35 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
         return Dist()
     import deepspeed
 
+    if not launched():
+        _init_world_of_one()
     deepspeed.init_distributed()  # nccl on GPUs, gloo on CPU (DeepSpeed's accelerator picks)
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# What torchrun, the deepspeed launcher, accelerate (RANK ...) and MPI launchers (OMPI_*, PMI_*) put in the environment.
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+
+
+def launched() -> bool:
+    """True when a launcher started this process (it then owns rank discovery)."""
+    return any(name in os.environ for name in _LAUNCHER_VARIABLES)
+
+
+def _init_world_of_one() -> None:
+    """A plain `python -m nash_fast.train --zero-stage N`: this process is the whole world.
+
+    Without launcher variables deepspeed.init_distributed() would try MPI discovery (mpi4py). Instead the
+    process group is created here, in-process (a HashStore: no port, no network), with the backend DeepSpeed's
+    accelerator names, and the variables a one-process launch would set are filled in (DeepSpeed's engine reads
+    LOCAL_RANK)."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+    if not torch.distributed.is_initialized():
+        from deepspeed.accelerator import get_accelerator
+
+        torch.distributed.init_process_group(get_accelerator().communication_backend_name(),
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 def select_device(cfg: TrainConfig, dist: Dist) -> torch.device:

@@ -401,6 +401,35 @@ def test_deepspeed_zero2_two_processes_equal_one_process(tmp_path, small_data):
     assert_same_weights(final_weights(tmp_path / "plain"), final_weights(tmp_path / "one"), atol=1e-5)
 
 
+def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, small_data):
+    """`python -m nash_fast.train --zero-stage 2` with no launcher: no MPI discovery (mpi4py is made unimportable
+    here, so discovery would fail), a one-process group set up in-process; a second run in the same process
+    reuses it."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["mpi4py"] = None  # any MPI discovery fails loudly
+        import torch
+        from nash_fast.train import main
+        for out in sys.argv[2:]:
+            main(["--dataset", sys.argv[1], "--output-dir", out, "--zero-stage", "2", "--max-steps", "2",
+                  "--progress-bar", "false", "--plot", "false", "--tensorboard", "false", "--max-tokens", "512"])
+        assert torch.distributed.get_world_size() == 1 and torch.distributed.get_rank() == 0
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in trainer._LAUNCHER_VARIABLES + ("MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", script, small_data, str(tmp_path / "a"), str(tmp_path / "b")],
+                            env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for out in ("a", "b"):
+        rows = read_metrics(tmp_path / out)
+        assert [r["step"] for r in rows] == [1, 2] and not any(r["skipped"] for r in rows)
+        assert (tmp_path / out / "checkpoints" / "step-00000002" / "engine").is_dir()  # the DeepSpeed engine ran
+    assert read_metrics(tmp_path / "a") == [dict(r, tokens_per_s=a["tokens_per_s"], step_time_s=a["step_time_s"])
+                                            for r, a in zip(read_metrics(tmp_path / "b"), read_metrics(tmp_path / "a"))]
+
+
 def test_deepspeed_config_from_flags_and_file(tmp_path):
     built = trainer.deepspeed_config(parse_config(["--zero-stage", "3", "--offload-optimizer", "--offload-param",
                                                    "--grad-accum", "4", "--bf16"]), world_size=8)
