@@ -63,6 +63,7 @@ from nash_fast.checkpoint import (
     write_json_atomic,
 )
 from nash_fast.config import COLUMN_FIELDS, TrainConfig, parse_config, to_dict
+from nash_fast.console import Console, is_terminal, library_bars_only_on_a_terminal
 
 __all__ = ["main", "train", "load_records", "validate_records", "LossPlan", "micro_batch_loss"]
 
@@ -70,8 +71,12 @@ _TEXT_FIELDS = ("prompt", "chosen", "rejected")
 _PROBABILITY_FIELDS = ("preference", "chosen_winrate", "rejected_winrate")
 
 
+CONSOLE = Console()
+
+
 def log(message: str) -> None:
-    print(f"[nash_fast] {message}", flush=True)
+    """A "[nash_fast] ..." line on stdout, printed through the progress bar while one is shown."""
+    CONSOLE.log(message)
 
 
 # =============================================================================================== data
@@ -918,7 +923,8 @@ def train(cfg: TrainConfig) -> dict:
     """Run training per cfg; returns a summary (paths, steps, last metrics)."""
     threads = torch.get_num_threads()
     try:
-        return _train(cfg)
+        with library_bars_only_on_a_terminal():
+            return _train(cfg)
     finally:
         torch.set_num_threads(threads)  # train() may run inside a larger program (selfplay, tests)
 
@@ -995,22 +1001,18 @@ def _train(cfg: TrainConfig) -> dict:
             log(f"resumed from {resume_from} at step {run.state.step}")
     metrics_log = MetricsLog(output_dir, dist.is_main, cfg.tensorboard, run.state.step)
 
-    # 5. loop
-    progress = None
-    if dist.is_main and cfg.progress_bar:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=run.state.step, desc=f"{cfg.loss}", unit="step", dynamic_ncols=True)
+    # 5. loop: a bar on a terminal, plain progress lines in a log (nash_fast.console)
+    console = Console(enabled=dist.is_main)
     record: dict = {}
     stopped_by_signal = False
     try:
-        with _Termination() as termination:
+        with _Termination() as termination, console.progress(total=total_steps, initial=run.state.step,
+                                                              desc=cfg.loss, show=cfg.progress_bar) as progress:
             while run.state.step < total_steps:
                 record = _train_step(run)
                 metrics_log.write(record)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=record.get("loss"), tok_s=round(record["tokens_per_s"] or 0))
+                progress.update(run.state.step, loss=record.get("loss"), tokens=record["tokens"],
+                                tokens_per_s=record["tokens_per_s"])
                 if run.state.consecutive_bad >= cfg.max_consecutive_bad_steps:
                     raise RuntimeError(
                         f"{run.state.consecutive_bad} optimizer steps in a row were skipped for a non-finite loss or "
@@ -1027,8 +1029,6 @@ def _train(cfg: TrainConfig) -> dict:
                 if cfg.save_steps and run.state.step % cfg.save_steps == 0 and run.state.step < total_steps:
                     _save(run)
     finally:
-        if progress is not None:
-            progress.close()
         metrics_log.close()
 
     summary = {"output_dir": str(output_dir), "metrics": str(metrics_log.path), "steps": run.state.step,
@@ -1053,7 +1053,8 @@ def _precompute(cfg, dist, device, dtype, vocab_size, examples, plan) -> None:
     common = dict(cache_dir=cache_dir, augment=plan.augment, average=cfg.average_log_prob,
                   max_tokens=cfg.precompute_max_tokens or 2 * cfg.max_tokens, backend=cfg.logprob_backend,
                   settings=settings, rank=dist.rank, world_size=dist.world_size, barrier=dist.barrier,
-                  progress=cfg.progress_bar, log=log if dist.is_main else (lambda m: None))
+                  # precompute's tqdm bar only on a terminal: in a log file it is one line of carriage returns
+                  progress=cfg.progress_bar and is_terminal(sys.stderr), log=log if dist.is_main else (lambda m: None))
     ref_name = cfg.ref_model or cfg.model
 
     def loader(name):
