@@ -275,3 +275,18 @@ def test_embedded_default_runs_two_iterations_quickly(tmp_path):
     assert [r["iteration"] for r in rows] == [1, 2]
     assert all(0.0 <= r["win_rate_vs_initial"] <= 1.0 for r in rows)
     assert elapsed < 300, elapsed
+
+
+def test_report_figures_label_axes_with_units_and_name_every_line():
+    import xml.etree.ElementTree as ET
+
+    rows = [{"iteration": t, "win_rate_vs_previous": 0.5 + 0.1 * t, "win_rate_vs_initial": 0.5 + 0.2 * t,
+             "mean_response_tokens": 10.0 + t, "generated_response_tokens": 9.0 + t,
+             "seconds": {s: float(t) for s in selfplay.STAGES}} for t in (1, 2)]
+    svg = ET.fromstring(selfplay.svg_report(rows))
+    texts = [e.text for e in svg.iter("{http://www.w3.org/2000/svg}text")]
+    for ylabel in ("P(pi_{t+1} wins) (0 to 1)", "tokens per response", "wall time (s)"):
+        assert ylabel in texts
+    assert texts.count("iteration") == 3
+    for legend in ("vs pi_t", "vs pi_1", "- - 1/2: a tie", "pi_{t+1} held-out", "pi_t samples", *selfplay.STAGES):
+        assert legend in texts, legend
