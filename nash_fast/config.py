@@ -67,8 +67,10 @@ class TrainConfig:
                         "dataset's column names, e.g. 'prompt=question,chosen=good,rejected=bad'.")
     max_length: int | None = _opt(None, "Longest allowed sequence (prompt + response) in tokens; a longer record is an "
                                   "error naming it (nothing is truncated). Default: no limit beyond --max-tokens.")
-    chat_template: str = _opt("auto", "Render prompts with the tokenizer's chat template: auto (when it has one), on, off.",
-                              choices=("auto", "on", "off"))
+    chat_template: str = _opt("auto", "Chat template: auto (the tokenizer's, when it has one; conversational records "
+                              "need one), on (required), off (raw text; standard records only), or a template to use: "
+                              "a .jinja file, a tokenizer directory, or the Jinja text. Standard (string) records are "
+                              "rendered as one user turn and the assistant's answer when a template is used.")
     default_preference: float | None = _opt(None, "P(chosen beats rejected) for records without a 'preference' "
                                             "column (SPPO pairwise / SPCE). 1.0 gives hard labels. Default: the "
                                             "column is required.")
@@ -272,6 +274,10 @@ class TrainConfig:
                 problems.append("--offload-optimizer needs --zero-stage 1, 2 or 3")
         if ok("resume") and self.resume not in ("auto", "latest", "never") and not Path(self.resume).is_dir():
             problem("resume", f"--resume must be auto, latest, never or a checkpoint directory; no directory {self.resume!r}")
+        if ok("chat_template") and self.chat_template not in ("auto", "on", "off") and not (
+                Path(self.chat_template).exists() or "{{" in self.chat_template or "{%" in self.chat_template):
+            problem("chat_template", f"--chat-template must be auto, on, off, a Jinja file, a tokenizer directory or "
+                                     f"Jinja text; got {self.chat_template!r}")
         if ok("output_dir") and not self.output_dir:
             problem("output_dir", "--output-dir must not be empty")
         if ok("columns"):
@@ -282,8 +288,7 @@ class TrainConfig:
         return problems
 
 
-COLUMN_FIELDS = ("prompt", "chosen", "rejected", "preference", "chosen_winrate", "rejected_winrate",
-                 "aug_prompt", "responses", "winrates")
+from nash_fast.data.formats import COLUMN_FIELDS  # noqa: E402  (the fields --columns maps to)
 
 
 def flag(name: str) -> str:

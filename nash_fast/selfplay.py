@@ -56,9 +56,10 @@ class SelfPlayConfig:
     # ---------------------------------------------------------------- policy and prompts
     model: str = _opt("tiny", "Initial policy pi_1: hub name, local directory, or 'tiny' (the project's random-init "
                       "tiny Llama, saved to OUTPUT/policy_1).")
-    prompts: str = _opt("tiny", "Prompts: a .jsonl/.json/.parquet file with a 'prompt' column, or 'tiny' for the "
-                        "shipped nash_fast/data/files/prompts.jsonl.")
-    prompt_column: str = _opt("prompt", "Column holding the prompt text.")
+    prompts: str = _opt("tiny", "Prompts: a .jsonl/.json/.parquet file or a datasets name with a 'prompt' column "
+                        "(TRL's prompt-only format: a string, or a list of {role, content} messages), or 'tiny' "
+                        "for the shipped nash_fast/data/files/prompts.jsonl.")
+    prompt_column: str = _opt("prompt", "Column holding the prompt (text or messages).")
     num_prompts: int | None = _opt(None, "Training prompts per iteration, taken in file order after the held-out ones "
                                    "are set aside (default: all; 64 for --prompts tiny).")
     disjoint_prompts: bool = _opt(False, "Iteration t trains on the t-th block of --num-prompts prompts (as SPPO "
@@ -84,8 +85,9 @@ class SelfPlayConfig:
     temperature: float = _opt(1.0, "Sampling temperature (SPPO: 1.0).")
     top_p: float = _opt(1.0, "Nucleus sampling mass (SPPO: 1.0).")
     max_new_tokens: int | None = _opt(None, "Longest response in tokens (default 512; 24 for --model tiny).")
-    chat_template: str = _opt("auto", "Render prompts with the tokenizer's chat template: auto, on, off.",
-                              choices=("auto", "on", "off"))
+    chat_template: str = _opt("auto", "Chat template for generation and training: auto (the tokenizer's when it has "
+                              "one; conversational prompts need one), on, off, or a template (a .jinja file, a "
+                              "tokenizer directory, or the Jinja text).")
     backend: str = _opt("auto", "Generation backend: auto (vLLM on a GPU when installed), hf, vllm.",
                         choices=("auto", "hf", "vllm"))
     tensor_parallel_size: int = _opt(1, "vLLM tensor parallelism (GPUs per generation engine).")
@@ -148,6 +150,10 @@ class SelfPlayConfig:
             problems.append(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.chat_template not in ("auto", "on", "off") and not (
+                Path(self.chat_template).exists() or "{{" in self.chat_template or "{%" in self.chat_template):
+            problems.append(f"--chat-template must be auto, on, off, a Jinja file, a tokenizer directory or Jinja "
+                            f"text; got {self.chat_template!r}")
         if problems and any(p.startswith(("--method", "--loss")) for p in problems):
             raise ValueError(join_problems(problems))  # the checks below read the method and the loss
         loss = self.resolved("loss")
@@ -186,35 +192,22 @@ def read_jsonl(path: Path) -> list[dict]:
     return load_jsonl(path)
 
 
-def load_prompts(cfg: SelfPlayConfig) -> tuple[list[str], list[str]]:
+def load_prompts(cfg: SelfPlayConfig) -> tuple[list, list]:
     """(training prompts, held-out prompts): distinct prompts in file order; the last --eval-prompts are
-    held out."""
-    if cfg.prompts == "tiny":
-        from nash_fast.data import load_tiny_prompts
+    held out. A prompt is a string or a conversation (a list of {role, content} messages)."""
+    from nash_fast.data import load_tiny_prompts
+    from nash_fast.data.formats import check_prompt, prompt_key
+    from nash_fast.data.loading import load_rows
 
-        rows = load_tiny_prompts()
-    else:
-        path = Path(cfg.prompts)
-        if not path.is_file():
-            raise ValueError(f"--prompts: no such file {cfg.prompts!r}")
-        if path.suffix == ".jsonl":
-            rows = read_jsonl(path)
-        elif path.suffix == ".json":
-            rows = json.loads(path.read_text())
-        elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-        else:
-            raise ValueError(f"--prompts {cfg.prompts}: unsupported file type (use .jsonl, .json or .parquet)")
+    rows = load_rows(cfg.prompts, option="--prompts", tiny=load_tiny_prompts)
     prompts = []
     for index, row in enumerate(rows):
-        value = row.get(cfg.prompt_column) if isinstance(row, dict) else None
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"--prompts {cfg.prompts}: row {index}: column {cfg.prompt_column!r} must be a non-empty "
-                             f"string, got {value!r:.60}")
-        prompts.append(value)
-    unique = list(dict.fromkeys(prompts))  # a prompt in both sets would leak the held-out evaluation
+        where = f"--prompts {cfg.prompts}: row {index}: column {cfg.prompt_column!r}"
+        prompts.append(check_prompt(row.get(cfg.prompt_column) if isinstance(row, dict) else None, where))
+    by_key = {}
+    for prompt in prompts:  # a prompt in both sets would leak the held-out evaluation
+        by_key.setdefault(prompt_key(prompt), prompt)
+    unique = list(by_key.values())
     if len(unique) < len(prompts):
         log(f"--prompts: {len(prompts) - len(unique)} repeated prompts counted once ({len(unique)} distinct)")
     prompts = unique
@@ -349,7 +342,7 @@ def sample(run: Run, policy: str, prompts: list[str], *, num_samples: int, seed:
         subprocess.run(command, check=True)
         return [row["responses"] for row in read_jsonl(work / "responses.jsonl")]
     return generate_responses(
-        policy, prompts, backend="hf", use_chat_template={"auto": None, "on": True, "off": False}[cfg.chat_template],
+        policy, prompts, backend="hf", chat_template=cfg.chat_template,
         batch_size=cfg.generation_batch_size, **options)
 
 

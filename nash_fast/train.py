@@ -7,9 +7,10 @@
 
 Every option is a field of nash_fast.config.TrainConfig (see --help). The run, top to bottom:
 
-1. Data: rows from a jsonl/json/parquet file or a datasets name, columns renamed by --columns, the
-   schema checked (errors name the row and column) before any model is loaded, then tokenized
-   (nash_fast.data: chat template or raw text; nothing truncated).
+1. Data (nash_fast.data): rows from a jsonl/json/parquet file or a datasets name (loading.py), columns renamed
+   by --columns, each row's format decided and checked (formats.py: TRL's standard / conversational,
+   explicit / implicit prompt, SPPO groups; errors name the row and column) before any model is loaded,
+   then tokenized (records.py: chat template or raw text; nothing truncated).
 2. Precompute (nash_fast.precompute): reference log-probs of every sequence (INPO: also the previous
    iterate's; Sr-DPO/Sr-IPO: also the reference's on the augmented query p + x), forward-only, cached
    on disk by model and data fingerprint. The frozen models are released before training.
@@ -62,14 +63,10 @@ from nash_fast.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from nash_fast.config import COLUMN_FIELDS, TrainConfig, parse_config, to_dict
+from nash_fast.config import TrainConfig, parse_config, to_dict
 from nash_fast.console import Console, is_terminal, library_bars_only_on_a_terminal
 
 __all__ = ["main", "train", "load_records", "validate_records", "LossPlan", "micro_batch_loss"]
-
-_TEXT_FIELDS = ("prompt", "chosen", "rejected")
-_PROBABILITY_FIELDS = ("preference", "chosen_winrate", "rejected_winrate")
-
 
 CONSOLE = Console()
 
@@ -82,128 +79,22 @@ def log(message: str) -> None:
 # =============================================================================================== data
 
 def load_rows(cfg: TrainConfig) -> list[dict]:
-    """Raw rows of --dataset (no model, no tokenizer)."""
-    name = cfg.dataset
-    if name == "tiny":
-        from nash_fast.data import load_tiny_preferences
+    """Raw rows of --dataset (no model, no tokenizer): nash_fast.data.loading."""
+    from nash_fast.data.loading import load_rows as load
 
-        return load_tiny_preferences()
-    path = Path(name)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            from nash_fast.data import load_jsonl
-
-            return load_jsonl(path)
-        if suffix == ".json":
-            with open(path) as f:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"--dataset {name}: not valid JSON ({error})") from None
-            if isinstance(data, dict) and isinstance(data.get(cfg.dataset_split), list):
-                data = data[cfg.dataset_split]
-            if not isinstance(data, list):
-                raise ValueError(f"--dataset {name}: expected a JSON list of records (or {{split: [records]}})")
-            return data
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        raise ValueError(f"--dataset {name}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
-    import datasets
-
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if cfg.dataset_split not in loaded:
-                raise ValueError(f"--dataset-split {cfg.dataset_split!r} not in {sorted(loaded)}")
-            loaded = loaded[cfg.dataset_split]
-    else:
-        try:
-            loaded = datasets.load_dataset(name, cfg.dataset_config, split=cfg.dataset_split)
-        except Exception as error:
-            raise ValueError(f"--dataset {name!r}: not a file and could not be loaded with datasets ({error})") from error
-    return loaded.to_list()
+    return load(cfg.dataset, split=cfg.dataset_split, config=cfg.dataset_config)
 
 
 def validate_records(rows: Sequence[Any], cfg: TrainConfig) -> list[dict]:
-    """Rename columns (--columns) to the trainer's fields and check the schema the loss needs.
+    """Rename columns (--columns), decide each row's format and check what the loss needs
+    (nash_fast.data.formats: TRL's standard / conversational, explicit / implicit prompt, SPPO groups).
 
-    Errors name the row and the dataset's column. Returns the records with canonical field names
-    (other columns are kept unchanged).
-    """
-    mapping = cfg.column_mapping()
-    column = {f: mapping.get(f, f) for f in COLUMN_FIELDS}
-    if not rows:
-        raise ValueError(f"--dataset {cfg.dataset}: no rows")
-    groups = isinstance(rows[0], dict) and column["responses"] in rows[0]
-    if groups and cfg.loss != "sppo":
-        raise ValueError(
-            f"--dataset has a {column['responses']!r} column (K-response groups): only --loss sppo (its all-responses "
-            f"form) trains on groups; --loss {cfg.loss} needs chosen/rejected pairs"
-        )
-    records = []
-    for index, row in enumerate(rows):
-        where = f"--dataset {cfg.dataset}: row {index}"
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a mapping of column: value, got {type(row).__name__}")
-        renamed_away = {column[f] for f in COLUMN_FIELDS if column[f] != f}
-        record = {k: v for k, v in row.items() if k not in renamed_away}
-        for f in COLUMN_FIELDS:
-            if column[f] in row:
-                record[f] = row[column[f]]
-            elif f in record and column[f] != f:
-                del record[f]  # a column named like a field but not the one mapped to it
-        needed_text = ("prompt", "responses") if groups else _TEXT_FIELDS
-        for f in needed_text:
-            if f not in record:
-                raise ValueError(f"{where}: missing column {column[f]!r} (field {f!r}); map it with --columns {f}=COLUMN")
-        if (column["responses"] in row) != groups:
-            raise ValueError(f"{where}: mixes pair rows and K-response rows ({column['responses']!r} column)")
-        for f in ("prompt",) if groups else _TEXT_FIELDS:
-            value = record[f]
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{where}: column {column[f]!r} (field {f!r}) must be a non-empty string, got {value!r:.60}")
-        if groups:
-            responses = record["responses"]
-            if not isinstance(responses, list) or not responses or not all(isinstance(r, str) and r.strip() for r in responses):
-                raise ValueError(f"{where}: column {column['responses']!r} must be a non-empty list of non-empty strings")
-            winrates = record.get("winrates")
-            if winrates is None:
-                raise ValueError(f"{where}: missing column {column['winrates']!r} (field 'winrates'): SPPO's "
-                                 "all-responses form needs each response's P(y > pi_t)")
-            if not isinstance(winrates, list) or len(winrates) != len(responses):
-                raise ValueError(f"{where}: column {column['winrates']!r} must list one win rate per response")
-            for k, w in enumerate(winrates):
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
-                    raise ValueError(f"{where}: column {column['winrates']!r}[{k}] must be a probability in [0, 1], got {w!r}")
-        else:
-            for f in _PROBABILITY_FIELDS:
-                value = record.get(f)
-                if value is None:
-                    record.pop(f, None)
-                    continue
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                    raise ValueError(f"{where}: column {column[f]!r} (field {f!r}) must be a probability in [0, 1], got {value!r}")
-            if cfg.loss in ("sppo", "spce") and "preference" not in record:
-                if cfg.default_preference is None:
-                    raise ValueError(
-                        f"{where}: missing column {column['preference']!r} (field 'preference', P(chosen beats rejected)) "
-                        f"needed by --loss {cfg.loss}; map it with --columns preference=COLUMN or set --default-preference "
-                        "(1.0 for hard labels)"
-                    )
-                record["preference"] = cfg.default_preference
-            if cfg.loss in ("sr_dpo", "sr_ipo"):
-                aug = record.get("aug_prompt")
-                if aug is None:
-                    record["aug_prompt"] = cfg.aug_prompt
-                elif not isinstance(aug, str) or not aug.strip():
-                    raise ValueError(f"{where}: column {column['aug_prompt']!r} (field 'aug_prompt') must be a non-empty string")
-            else:
-                record.pop("aug_prompt", None)
-        records.append(record)
-    return records
+    Errors name the row and the dataset's column. Returns the records in explicit form with canonical field
+    names (other columns are kept unchanged)."""
+    from nash_fast.data.formats import validate_records as validate
+
+    return validate(rows, columns=cfg.column_mapping(), loss=cfg.loss, default_preference=cfg.default_preference,
+                    aug_prompt=cfg.aug_prompt, source=f"--dataset {cfg.dataset}")
 
 
 def load_records(cfg: TrainConfig) -> list[dict]:
@@ -214,8 +105,16 @@ def load_records(cfg: TrainConfig) -> list[dict]:
 def tokenize(cfg: TrainConfig, tokenizer, records: list[dict]) -> list[dict]:
     from nash_fast.data import tokenize_records
 
-    use_chat_template = {"auto": None, "on": True, "off": False}[cfg.chat_template]
-    examples = tokenize_records(tokenizer, records, use_chat_template=use_chat_template, max_length=cfg.max_length)
+    from nash_fast.data import apply_chat_template_option
+
+    use_chat_template = apply_chat_template_option(tokenizer, cfg.chat_template)  # a given template is installed
+    try:
+        examples = tokenize_records(tokenizer, records, use_chat_template=use_chat_template, max_length=cfg.max_length)
+    except ValueError as error:  # "record i: ..." is row i of --dataset
+        message = str(error)
+        if message.startswith("record "):
+            message = f"--dataset {cfg.dataset}: row {message[len('record '):]}"
+        raise ValueError(message) from None
     # Only the fields the collator and losses read travel with the examples.
     keep = ("prompt_ids", "chosen_ids", "rejected_ids", "aug_prompt_ids", "responses_ids", "responses_winrate", "preference")
     return [{k: e[k] for k in keep if k in e} for e in examples]

@@ -290,3 +290,27 @@ def test_report_figures_label_axes_with_units_and_name_every_line():
     assert texts.count("iteration") == 3
     for legend in ("vs pi_t", "vs pi_1", "- - 1/2: a tie", "pi_{t+1} held-out", "pi_t samples", *selfplay.STAGES):
         assert legend in texts, legend
+
+
+def test_conversational_prompt_files(tmp_path):
+    """TRL's conversational prompt-only rows ({"prompt": [messages]}, a system message included) go through
+    generation (the chat template renders them), judging and training; the dataset is conversational."""
+    from nash_fast.data import load_tiny_prompts
+    from nash_fast.judges import OfflineJudge
+
+    questions = list(dict.fromkeys(r["prompt"] for r in load_tiny_prompts()))[:10]
+    conversations = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}] for q in questions]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in conversations + conversations[:2]))
+    cfg = small_config(tmp_path, prompts=str(path))
+    train, held_out = selfplay.load_prompts(cfg)
+    assert train + held_out == conversations  # repeats counted once, order kept
+    (row,) = selfplay.selfplay(cfg)
+    assert 0.0 <= row["win_rate_vs_initial"] <= 1.0
+    root = tmp_path / "run" / "iter_1"
+    dataset = [json.loads(line) for line in (root / "dataset.jsonl").read_text().splitlines()]
+    assert dataset and all(r["prompt"] in conversations for r in dataset)
+    assert all(r["responses"][k][0]["role"] == "assistant" for r in dataset for k in range(2))
+    # the offline judge reads the conversation's question: the same judgment as for the plain prompt
+    judge = OfflineJudge()
+    assert judge.quality(conversations[0], "x") == judge.quality(questions[0], "x")

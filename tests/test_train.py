@@ -316,6 +316,91 @@ def test_column_mapping_parquet_and_default_preference(tmp_path, small_data):
     assert len(read_metrics(tmp_path / "out")) == 2
 
 
+# ------------------------------------------------------------------------------------------------ data formats
+
+SYSTEM = {"role": "system", "content": "Answer in one line."}
+EARLIER = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]  # a multi-turn prompt
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _forms(records):
+    """The same pairs written in TRL's four ways (and SPPO groups in two)."""
+    user = lambda r: [SYSTEM, *EARLIER, {"role": "user", "content": r["prompt"]}]  # noqa: E731
+    turn = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    standard = [dict(prompt=r["prompt"], chosen=" A: " + r["chosen"], rejected=" B: " + r["rejected"],
+                     preference=r["preference"]) for r in records]
+    return {
+        "standard_explicit": standard,
+        "standard_implicit": [dict(chosen=r["prompt"] + r["chosen"], rejected=r["prompt"] + r["rejected"],
+                                   preference=r["preference"]) for r in standard],
+        "conversational_explicit": [dict(prompt=user(r), chosen=turn(r["chosen"]), rejected=turn(r["rejected"]),
+                                         preference=r["preference"]) for r in records],
+        "conversational_implicit": [dict(chosen=user(r) + turn(r["chosen"]), rejected=user(r) + turn(r["rejected"]),
+                                         preference=r["preference"]) for r in records],
+        "groups_explicit": [dict(prompt=user(r), responses=[turn(r["chosen"]), turn(r["rejected"])],
+                                 winrates=[r["chosen_winrate"], r["rejected_winrate"]]) for r in records],
+        "groups_implicit": [dict(responses=[user(r) + turn(r["chosen"]), user(r) + turn(r["rejected"])],
+                                 winrates=[r["chosen_winrate"], r["rejected_winrate"]]) for r in records],
+    }
+
+
+@pytest.mark.parametrize("style", ["standard", "conversational", "groups"])
+def test_explicit_and_implicit_prompts_train_to_identical_losses(tmp_path, style):
+    """TRL's formats: the same data with the prompt explicit and implicit (the shared start of chosen and
+    rejected, TRL's extract_prompt), with a system message and a multi-turn prompt when conversational, trains
+    to identical losses (the records tokenize identically)."""
+    forms = _forms(load_tiny_preferences()[:8])
+    runs = {}
+    for prompt in ("explicit", "implicit"):
+        name = f"{style}_{prompt}"
+        trainer.train(parse_config(run_args(_write(tmp_path / f"{name}.jsonl", forms[name]), tmp_path / name,
+                                            "--max-steps", "2", "--save-steps", "0")))
+        runs[prompt] = read_metrics(tmp_path / name)
+    keys = ("loss", "logratio") if style == "groups" else ("loss", "chosen_logratio", "rejected_logratio", "reward_margin")
+    for a, b in zip(runs["explicit"], runs["implicit"], strict=True):
+        assert [a[k] for k in keys + ("tokens",)] == [b[k] for k in keys + ("tokens",)]
+        assert all(isinstance(a[k], float) for k in keys)
+
+
+def test_conversational_data_needs_a_chat_template_named_in_the_error(tmp_path, monkeypatch):
+    """A tokenizer without a chat template refuses conversational data (naming --chat-template) before any model
+    loads; --chat-template FILE gives it one, and the saved tokenizer keeps it."""
+    from nash_fast.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    template = tokenizer.chat_template
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "bare")
+    (tmp_path / "template.jinja").write_text(template)
+    data = _write(tmp_path / "conv.jsonl", _forms(load_tiny_preferences()[:4])["conversational_implicit"])
+    real_load_model = trainer.load_model
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(trainer, "load_model", no_models)
+    with pytest.raises(ValueError, match=r"--dataset .*: row 0: a conversational record .*needs a chat template.*"
+                                         r"--chat-template"):
+        trainer.train(parse_config(run_args(data, tmp_path / "a", "--tokenizer", str(tmp_path / "bare"))))
+    with pytest.raises(ValueError, match=r"row 0: a conversational record .*--chat-template off"):
+        trainer.train(parse_config(run_args(data, tmp_path / "b", "--chat-template", "off")))
+    with pytest.raises(ValueError, match=r"--dataset .*: row 1: field 'prompt' is a list of messages but chosen and "
+                                         r"rejected are strings.*accepted formats"):
+        rows = _forms(load_tiny_preferences()[:2])["conversational_explicit"]
+        rows[1] = dict(rows[1], chosen="text", rejected="other")
+        trainer.train(parse_config(run_args(_write(tmp_path / "mixed.jsonl", rows), tmp_path / "c")))
+    monkeypatch.setattr(trainer, "load_model", real_load_model)
+    trainer.train(parse_config(run_args(data, tmp_path / "d", "--tokenizer", str(tmp_path / "bare"), "--max-steps", "1",
+                                        "--chat-template", str(tmp_path / "template.jinja"))))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "d" / "final").chat_template == template
+
+
 # ------------------------------------------------------------------------------------------------ DeepSpeed
 
 DS_WORKER = textwrap.dedent(
