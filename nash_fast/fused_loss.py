@@ -628,8 +628,9 @@ def _mean_logits(hidden, weight, bias, cu_seqlens, order):
     hidden = hidden.detach()
     means = []
     for role in (CHOSEN, REJECTED):
-        if cu_seqlens is None:
-            rows = hidden[order[role].to(hidden.device)]
+        if cu_seqlens is None:  # the role's rows are contiguous: a view, no copy
+            first, num = int(order[role][0]), order[role].numel()
+            rows = hidden[first:first + num]
             total, count = rows.sum(dim=(0, 1), dtype=torch.float32), rows.shape[0] * rows.shape[1]
         else:
             flat = hidden.reshape(-1, hidden.shape[-1])
