@@ -21,7 +21,7 @@ Chat template. Conversational records always go through the tokenizer's chat tem
 one is a ValueError naming --chat-template); standard records do when the tokenizer has one (use_chat_template
 None) or when asked (True), their prompt becoming a user turn and their response the assistant's turn, and
 are raw text otherwise (the prompt with the tokenizer's special tokens, e.g. BOS; the response followed by
-EOS). The prompt is the conversation rendered with the generation prompt (add_generation_prompt=True); the
+EOS unless it ends with it, as TRL adds it). The prompt is the conversation rendered with the generation prompt (add_generation_prompt=True); the
 response is the rest of the rendered conversation prompt + response, so the template's end-of-turn tokens
 are scored. The prompt/response token boundary is therefore exactly where the generation prompt ends. A
 template that renders the prompt differently once a response follows (so the prompt is not a prefix of the
@@ -173,8 +173,8 @@ def _tokenize_prompt_and_responses(tokenizer, prompt, responses: list, *, index:
         out = []
         for response in responses:
             ids = _encode(tokenizer, response, add_special_tokens=False)
-            if append_eos and tokenizer.eos_token_id is not None:
-                ids.append(tokenizer.eos_token_id)
+            if append_eos and tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+                ids.append(tokenizer.eos_token_id)  # unless the text ends with it already (TRL's rule)
             out.append(ids)
         return prompt_ids, out
     prompt_messages = _messages(prompt, "user")
