@@ -757,8 +757,10 @@ class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
         self._default_winrate = default_winrate
         self.loss_type, self.compiled, self.chunk_size, self.discopop_tau = loss_type, compiled, chunk_size, discopop_tau
 
-    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, LigerAux]:
-        loss, metrics = super().forward(*args, **kwargs)
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
+                **options) -> tuple[torch.Tensor, LigerAux]:
+        """Liger's call (its argument names too); `options` are FusedLinearPreferenceLoss.forward's keywords."""
+        loss, metrics = super().forward(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, **options)
         if "chosen_logps" not in metrics:  # SPPO's all-responses form has no pairs: no Liger tuple to give
             raise ValueError("FusedLinearDPOLoss returns Liger's per-pair outputs; SPPO's all-responses form "
                              "is FusedLinearPreferenceLoss('sppo')'s")

@@ -804,6 +804,24 @@ def test_liger_arguments_that_are_refused_say_why():
     with pytest.raises(ValueError, match=r"needs ref_chosen_logps \(or ref_input and ref_weight\)"):
         dpo(*call[:4])
     assert FusedLinearDPOLoss(compiled=False, chunk_size=4).loss == "dpo"  # accepted: no effect on the result
+    # LigerFusedLinearDPOLoss averages no log-probs by default (liger-kernel 0.8.5); neither do we
+    assert FusedLinearDPOLoss().average_log_prob is False and FusedLinearPreferenceLoss("dpo").average_log_prob is False
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed (bench extra)")
+def test_constructor_and_call_signatures_are_ligers():
+    import inspect
+
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    from nash_fast import FusedLinearDPOLoss
+
+    def parameters(function):
+        return [(p.name, p.default) for p in inspect.signature(function).parameters.values()
+                if p.kind is not p.VAR_KEYWORD and p.name != "self"]
+
+    assert parameters(FusedLinearDPOLoss.__init__) == parameters(LigerFusedLinearDPOLoss.__init__)
+    assert parameters(FusedLinearDPOLoss.forward) == parameters(LigerFusedLinearDPOLoss.forward)
 
 
 REF_B3 = dict(ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3))
