@@ -336,7 +336,15 @@ def _parse_float(text: str) -> float:
 
 
 def _parse_int(text: str) -> int:
-    return int(text.strip())
+    """An integer as people write it: 1000, 1_000, and 1e3 or 1000.0 (a number with an integer value); 2.5 is
+    refused."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        value = _parse_float(text)
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ValueError(f"not an integer: {text!r}") from None
 
 
 _parse_float.__name__, _parse_int.__name__ = "float", "int"  # argparse's "invalid float value: ..." messages

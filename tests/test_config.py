@@ -121,17 +121,18 @@ def test_column_mapping():
 def test_yaml_numbers_are_read_as_people_write_them(tmp_path):
     """PyYAML alone reads 5e-7 as the string '5e-7' (YAML 1.1 wants a dot); options go through the flags' parsers."""
     text = ("lr: 5e-7\noptimizer_eps: 1E-8\nwarmup_ratio: .05\nweight_decay: 0\nmax_tokens: 2_048\n"
-            "warmup_steps: none\nbf16: on\nloss: dpo\nbeta: 1e-1\ncolumns: {prompt: question, chosen: good}\n")
+            "warmup_steps: none\nbf16: on\nloss: dpo\nbeta: 1e-1\ncolumns: {prompt: question, chosen: good}\n"
+            "save_steps: 1e3\nmax_steps: 2000.0\n")
     cfg = parse_config(["--config", write_yaml(tmp_path, text)])
     assert (cfg.lr, cfg.optimizer_eps, cfg.warmup_ratio, cfg.weight_decay, cfg.max_tokens) == (5e-7, 1e-8, 0.05, 0.0, 2048)
-    assert (cfg.warmup_steps, cfg.bf16, cfg.beta) == (None, True, 0.1)
+    assert (cfg.warmup_steps, cfg.bf16, cfg.beta, cfg.save_steps, cfg.max_steps) == (None, True, 0.1, 1000, 2000)
     assert cfg.column_mapping() == {"prompt": "question", "chosen": "good"}
     assert isinstance(cfg.lr, float) and isinstance(cfg.max_tokens, int)
 
 
 _TEXTS = {
     bool: ["true", "False", "yes", "no", "on", "off", "1", "0", "maybe", "none"],
-    int: ["7", "1_000", "0", "-3", "2.5", "1e3", "true", "none", "~", "null", ""],
+    int: ["7", "1_000", "0", "-3", "2.5", "1e3", "4.0", "1e400", "true", "none", "~", "null", ""],
     float: ["5e-7", "5.0e-7", "1E-3", ".5", "3", "1_000.5", "-2", ".inf", "nan", "abc", "none", "~", "true"],
     str: ["tiny", "none", "5e-7", "yes", "~", "null", "a b"],
 }
