@@ -12,6 +12,7 @@ nash_fast.data.formats decides what each row is.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 __all__ = ["load_rows"]
@@ -52,6 +53,19 @@ def load_rows(name: str, *, split: str = "train", config: str | None = None, opt
         raise ValueError(f"{option}: no such file {name!r}")  # not a datasets name: do not ask the hub
     import datasets
 
+    from nash_fast.console import is_terminal
+
+    quiet = not is_terminal(sys.stderr) and not datasets.are_progress_bars_disabled()
+    if quiet:  # in a log file a bar is one line of carriage returns
+        datasets.disable_progress_bars()
+    try:
+        return _load_with_datasets(datasets, path, name, split, config, option)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _load_with_datasets(datasets, path: Path, name: str, split: str, config: str | None, option: str) -> list[dict]:
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
