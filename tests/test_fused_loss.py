@@ -713,7 +713,8 @@ def test_matches_liger_kernel_itself(options):
 @pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_reference_hidden_states_equal_precomputed_reference(name):
     """Packed layout (Sr-*: augmented roles too), Liger layout, and SPPO's all-responses form: the reference from
-    ref_input/ref_weight gives the loss and gradients of its log-probs passed precomputed."""
+    ref_input/ref_weight gives the loss and gradients of its log-probs passed precomputed (bitwise: the same
+    backend computes both)."""
     hyper = dict(eta=4.0, tau=1.0) if name == "inpo" else dict(eta=4.0) if name == "sppo" else dict(beta=0.5)
     if name in AUGMENTED:
         hyper["lam"] = 0.4
@@ -748,13 +749,15 @@ def test_reference_hidden_states_equal_precomputed_reference(name):
                          cu_seqlens=b["cu_seqlens"], winrate=winrate)
         theirs, _ = module(weight, b["hidden"], b["labels"], cu_seqlens=b["cu_seqlens"], winrate=winrate,
                            ref_logps=fused_module.sequence_logprobs(ref_hidden, ref_weight, b["labels"],
-                                                                    cu_seqlens=b["cu_seqlens"], bias=ref_bias))
+                                                                    cu_seqlens=b["cu_seqlens"], bias=ref_bias,
+                                                                    backend="torch"))
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     if name in AUGMENTED:  # Liger layout: the augmented rows' reference from aug_ref_input
         lb = liger(seqs, 16, g, True)
         aug_ref = torch.randn(lb["aug_hidden"].shape, generator=g)
-        row_ref = fused_module.sequence_logprobs(lb["hidden"], ref_weight, lb["labels"], bias=ref_bias)
-        aug_row_ref = fused_module.sequence_logprobs(aug_ref, ref_weight, lb["aug_labels"], bias=ref_bias)
+        row_ref = fused_module.sequence_logprobs(lb["hidden"], ref_weight, lb["labels"], bias=ref_bias, backend="torch")
+        aug_row_ref = fused_module.sequence_logprobs(aug_ref, ref_weight, lb["aug_labels"], bias=ref_bias,
+                                                     backend="torch")
         ours, _ = module(weight, lb["hidden"], lb["labels"], bias, lb["hidden"], ref_weight, ref_bias,  # ref = policy
                          aug_hidden=lb["aug_hidden"], aug_labels=lb["aug_labels"], aug_ref_input=aug_ref)
         theirs, _ = module(weight, lb["hidden"], lb["labels"], bias, aug_hidden=lb["aug_hidden"], aug_labels=lb["aug_labels"],
