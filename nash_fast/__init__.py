@@ -3,6 +3,7 @@
 Public API:
     sequence_logprobs          per-sequence log p(y|x) from final hidden states and the LM-head weight
     FusedLinearPreferenceLoss  one call from hidden states to (loss, metrics) for every loss below
+    FusedLinearDPOLoss         Liger-Kernel's LigerFusedLinearDPOLoss constructor and call on the same op
     losses                     sppo_loss, inpo_loss, ipo_loss, dpo_loss, sr_dpo_loss, sr_ipo_loss, spce_loss
 """
 
@@ -10,7 +11,7 @@ import importlib
 
 from nash_fast.logprobs import sequence_logprobs, token_logprobs
 
-__all__ = ["sequence_logprobs", "token_logprobs", "FusedLinearPreferenceLoss", "losses"]
+__all__ = ["sequence_logprobs", "token_logprobs", "FusedLinearPreferenceLoss", "FusedLinearDPOLoss", "losses"]
 __version__ = "0.1.0"
 
 
@@ -18,6 +19,6 @@ def __getattr__(name):
     # Lazy so `import nash_fast` stays light (no transformers / deepspeed / triton import).
     if name == "losses":
         return importlib.import_module("nash_fast.losses")
-    if name == "FusedLinearPreferenceLoss":
-        return importlib.import_module("nash_fast.fused_loss").FusedLinearPreferenceLoss
+    if name in ("FusedLinearPreferenceLoss", "FusedLinearDPOLoss"):
+        return getattr(importlib.import_module("nash_fast.fused_loss"), name)
     raise AttributeError(f"module 'nash_fast' has no attribute {name!r}")

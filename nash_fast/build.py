@@ -121,9 +121,12 @@ def pairs_plan(K: int) -> Plan:
     return {"pairs": [(i, j, float(p)) for (i, j), p in zip(pairs, probs)]}
 
 
-def bernoulli_draw(seed: int, prompt: str, pair_index: int) -> float:
-    """A uniform [0, 1) number fixed by (seed, prompt, pair index): the records are reproducible."""
-    digest = np.frombuffer(hashlib.sha256(prompt.encode("utf-8")).digest(), dtype=np.uint32)
+def bernoulli_draw(seed: int, prompt, pair_index: int) -> float:
+    """A uniform [0, 1) number fixed by (seed, prompt, pair index): the records are reproducible. A prompt is
+    a string or a conversation (hashed through its canonical JSON)."""
+    from nash_fast.data.formats import prompt_key
+
+    digest = np.frombuffer(hashlib.sha256(prompt_key(prompt).encode("utf-8")).digest(), dtype=np.uint32)
     return float(np.random.default_rng([seed, pair_index, *digest.tolist()]).random())
 
 
@@ -231,7 +234,24 @@ def build_records(method: str, judgments: Sequence[dict], *, sppo_mode: str = "b
     """Training records (nash_fast.data's pair or K-group form) and statistics, from judgments
     (`seed` fixes the "pairs" rule's Bernoulli draws).
 
-    Returns (records, stats) with stats = {"prompts", "records", "skipped": {reason: count}}."""
+    Returns (records, stats) with stats = {"prompts", "records", "skipped": {reason: count}}. A conversational
+    prompt (a list of messages) gets its responses as assistant messages, TRL's conversational format."""
+    records, stats = _build_records(method, judgments, sppo_mode=sppo_mode, seed=seed)
+    return [_conversational(r) if isinstance(r["prompt"], list) else r for r in records], stats
+
+
+def _conversational(record: dict) -> dict:
+    turn = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    out = dict(record)
+    for field in ("chosen", "rejected"):
+        if field in out:
+            out[field] = turn(out[field])
+    if "responses" in out:
+        out["responses"] = [turn(r) for r in out["responses"]]
+    return out
+
+
+def _build_records(method: str, judgments: Sequence[dict], *, sppo_mode: str, seed: int):
     if sppo_mode not in SPPO_MODES:
         raise ValueError(f"sppo_mode must be one of {SPPO_MODES}, got {sppo_mode!r}")
     records, skipped = [], Counter()

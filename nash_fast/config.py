@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 LOSSES = ("sppo", "inpo", "ipo", "dpo", "sr_dpo", "sr_ipo", "spce")
 OPTIMIZERS = ("adamw", "rmsprop")
@@ -67,8 +67,10 @@ class TrainConfig:
                         "dataset's column names, e.g. 'prompt=question,chosen=good,rejected=bad'.")
     max_length: int | None = _opt(None, "Longest allowed sequence (prompt + response) in tokens; a longer record is an "
                                   "error naming it (nothing is truncated). Default: no limit beyond --max-tokens.")
-    chat_template: str = _opt("auto", "Render prompts with the tokenizer's chat template: auto (when it has one), on, off.",
-                              choices=("auto", "on", "off"))
+    chat_template: str = _opt("auto", "Chat template: auto (the tokenizer's, when it has one; conversational records "
+                              "need one), on (required), off (raw text; standard records only), or a template to use: "
+                              "a .jinja file, a tokenizer directory, or the Jinja text. Standard (string) records are "
+                              "rendered as one user turn and the assistant's answer when a template is used.")
     default_preference: float | None = _opt(None, "P(chosen beats rejected) for records without a 'preference' "
                                             "column (SPPO pairwise / SPCE). 1.0 gives hard labels. Default: the "
                                             "column is required.")
@@ -170,32 +172,56 @@ class TrainConfig:
         return mapping
 
     def validate(self) -> "TrainConfig":
-        """Type and range checks; a ValueError names the option (as its command-line flag)."""
+        """Type, range and consistency checks. Every problem is reported at once, in one ValueError naming
+        each offending option (as its command-line flag)."""
+        problems = self.problems()
+        if problems:
+            raise ValueError(join_problems(problems))
+        return self
+
+    def problems(self, skip: Iterable[str] = ()) -> list[str]:
+        """Every problem with the options, one message each (naming the option); [] when the config is valid.
+
+        Options named in `skip` already have a reported problem (a YAML value that did not parse): checks that
+        read them are left out rather than reported twice."""
+        problems: list[str] = []
+        bad = set(skip)
+
+        def ok(*names: str) -> bool:
+            return not bad.intersection(names)
+
+        def problem(name: str, message: str) -> None:
+            problems.append(message)
+            bad.add(name)
+
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             base, optional = _base_type(f.type)
+            if f.name in bad:
+                continue
             if value is None:
                 if not optional:
-                    raise ValueError(f"{flag(f.name)} must not be empty")
+                    problem(f.name, f"{flag(f.name)} must not be empty")
                 continue
             if base is bool and not isinstance(value, bool):
-                raise ValueError(f"{flag(f.name)} must be true or false, got {value!r}")
-            if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{flag(f.name)} must be an integer, got {value!r}")
-            if base is float:
+                problem(f.name, f"{flag(f.name)} must be true or false, got {value!r}")
+            elif base is int and (isinstance(value, bool) or not isinstance(value, int)):
+                problem(f.name, f"{flag(f.name)} must be an integer, got {value!r}")
+            elif base is float:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ValueError(f"{flag(f.name)} must be a finite number, got {value!r}")
-                setattr(self, f.name, float(value))
-            if base is str and not isinstance(value, str):
-                raise ValueError(f"{flag(f.name)} must be a string, got {value!r}")
+                    problem(f.name, f"{flag(f.name)} must be a finite number, got {value!r}")
+                else:
+                    setattr(self, f.name, float(value))
+            elif base is str and not isinstance(value, str):
+                problem(f.name, f"{flag(f.name)} must be a string, got {value!r}")
             choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise ValueError(f"{flag(f.name)} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            if ok(f.name) and choices is not None and value not in choices:
+                problem(f.name, f"{flag(f.name)} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
         def positive(name, allow_zero=False):
             value = getattr(self, name)
-            if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-                raise ValueError(f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+            if ok(name) and value is not None and (value < 0 or (value == 0 and not allow_zero)):
+                problem(name, f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
         for name in ("lr", "max_tokens", "grad_accum", "max_steps", "num_epochs", "save_total_limit", "cpu_threads",
                      "max_consecutive_bad_steps", "precompute_max_tokens", "max_length", "optimizer_eps",
@@ -204,54 +230,65 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_ratio", "warmup_steps", "max_grad_norm", "save_steps", "tau", "lam"):
             positive(name, allow_zero=True)
         for name in ("adam_beta1", "adam_beta2", "rmsprop_alpha"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{flag(name)} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.warmup_ratio >= 1.0:
-            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.default_preference is not None and not 0.0 <= self.default_preference <= 1.0:
-            raise ValueError(f"--default-preference must be in [0, 1], got {self.default_preference!r}")
+            if ok(name) and not 0.0 <= getattr(self, name) < 1.0:
+                problem(name, f"{flag(name)} must be in [0, 1), got {getattr(self, name)!r}")
+        if ok("warmup_ratio") and self.warmup_ratio >= 1.0:
+            problem("warmup_ratio", f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if ok("default_preference") and self.default_preference is not None and not 0.0 <= self.default_preference <= 1.0:
+            problem("default_preference", f"--default-preference must be in [0, 1], got {self.default_preference!r}")
 
         # Hyperparameters a loss does not read are errors rather than silently ignored.
-        reads = {"sppo": ("beta", "eta"), "inpo": ("eta", "tau"), "ipo": ("beta",), "dpo": ("beta",),
-                 "sr_dpo": ("beta", "lam"), "sr_ipo": ("beta", "lam"), "spce": ("beta",)}[self.loss]
-        for name in ("beta", "eta", "tau", "lam"):
-            if getattr(self, name) is not None and name not in reads:
-                raise ValueError(f"{flag(name)} is not used by --loss {self.loss} (it reads {', '.join(reads)})")
-        if self.loss == "sppo" and self.beta is not None and self.eta is not None:
-            raise ValueError("--beta and --eta both given for --loss sppo; give one (eta = 1 / beta)")
-        if self.loss == "inpo":
-            for name in ("eta", "tau"):
-                if getattr(self, name) is None:
-                    raise ValueError(f"--loss inpo needs {flag(name)}")
-            if not self.tau < self.eta:
-                raise ValueError(f"--tau must be smaller than --eta for --loss inpo, got tau={self.tau}, eta={self.eta}")
-        if self.loss in ("sr_dpo", "sr_ipo") and self.lam is None:
-            raise ValueError(f"--loss {self.loss} needs --lam")
-        if self.prev_model is not None and self.loss != "inpo":
-            raise ValueError(f"--prev-model is only used by --loss inpo, got --loss {self.loss}")
-        if self.loss in ("sr_dpo", "sr_ipo") and not self.aug_prompt.strip():
-            raise ValueError("--aug-prompt must not be empty for Sr-DPO / Sr-IPO")
+        if ok("loss"):
+            reads = {"sppo": ("beta", "eta"), "inpo": ("eta", "tau"), "ipo": ("beta",), "dpo": ("beta",),
+                     "sr_dpo": ("beta", "lam"), "sr_ipo": ("beta", "lam"), "spce": ("beta",)}[self.loss]
+            for name in ("beta", "eta", "tau", "lam"):
+                if ok(name) and getattr(self, name) is not None and name not in reads:
+                    problem(name, f"{flag(name)} is not used by --loss {self.loss} (it reads {', '.join(reads)})")
+            if self.loss == "sppo" and ok("beta", "eta") and self.beta is not None and self.eta is not None:
+                problem("beta", "--beta and --eta both given for --loss sppo; give one (eta = 1 / beta)")
+            if self.loss == "inpo":
+                missing = [name for name in ("eta", "tau") if ok(name) and getattr(self, name) is None]
+                if missing:
+                    problems.append(f"--loss inpo needs {' and '.join(map(flag, missing))}")
+                    bad.update(missing)
+                if ok("eta", "tau") and not self.tau < self.eta:
+                    problem("tau", f"--tau must be smaller than --eta for --loss inpo, got tau={self.tau}, eta={self.eta}")
+            if self.loss in ("sr_dpo", "sr_ipo") and ok("lam") and self.lam is None:
+                problem("lam", f"--loss {self.loss} needs --lam")
+            if ok("prev_model") and self.prev_model is not None and self.loss != "inpo":
+                problem("prev_model", f"--prev-model is only used by --loss inpo, got --loss {self.loss}")
+            if self.loss in ("sr_dpo", "sr_ipo") and ok("aug_prompt") and not self.aug_prompt.strip():
+                problem("aug_prompt", "--aug-prompt must not be empty for Sr-DPO / Sr-IPO")
 
-        if self.deepspeed is not None and self.zero_stage is not None:
-            raise ValueError("give --deepspeed (a config file) or --zero-stage (a built config), not both")
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            raise ValueError(f"--deepspeed: no such file {self.deepspeed!r}")
-        if (self.offload_optimizer or self.offload_param) and self.zero_stage is None:
-            raise ValueError("--offload-optimizer / --offload-param need --zero-stage (or put offload in the --deepspeed file)")
-        if self.offload_param and self.zero_stage != 3:
-            raise ValueError(f"--offload-param needs --zero-stage 3, got {self.zero_stage}")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("--offload-optimizer needs --zero-stage 1, 2 or 3")
-        if self.resume not in ("auto", "latest", "never") and not Path(self.resume).is_dir():
-            raise ValueError(f"--resume must be auto, latest, never or a checkpoint directory; no directory {self.resume!r}")
-        if not self.output_dir:
-            raise ValueError("--output-dir must not be empty")
-        self.column_mapping()
-        return self
+        if ok("deepspeed", "zero_stage") and self.deepspeed is not None and self.zero_stage is not None:
+            problem("deepspeed", "give --deepspeed (a config file) or --zero-stage (a built config), not both")
+        if ok("deepspeed") and self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            problem("deepspeed", f"--deepspeed: no such file {self.deepspeed!r}")
+        if ok("offload_optimizer", "offload_param", "zero_stage"):
+            if (self.offload_optimizer or self.offload_param) and self.zero_stage is None:
+                problems.append("--offload-optimizer / --offload-param need --zero-stage (or put offload in the "
+                                "--deepspeed file)")
+            elif self.offload_param and self.zero_stage != 3:
+                problems.append(f"--offload-param needs --zero-stage 3, got {self.zero_stage}")
+            elif self.offload_optimizer and self.zero_stage == 0:
+                problems.append("--offload-optimizer needs --zero-stage 1, 2 or 3")
+        if ok("resume") and self.resume not in ("auto", "latest", "never") and not Path(self.resume).is_dir():
+            problem("resume", f"--resume must be auto, latest, never or a checkpoint directory; no directory {self.resume!r}")
+        if ok("chat_template") and self.chat_template not in ("auto", "on", "off") and not (
+                Path(self.chat_template).exists() or "{{" in self.chat_template or "{%" in self.chat_template):
+            problem("chat_template", f"--chat-template must be auto, on, off, a Jinja file, a tokenizer directory or "
+                                     f"Jinja text; got {self.chat_template!r}")
+        if ok("output_dir") and not self.output_dir:
+            problem("output_dir", "--output-dir must not be empty")
+        if ok("columns"):
+            try:
+                self.column_mapping()
+            except ValueError as error:
+                problem("columns", str(error))
+        return problems
 
 
-COLUMN_FIELDS = ("prompt", "chosen", "rejected", "preference", "chosen_winrate", "rejected_winrate",
-                 "aug_prompt", "responses", "winrates")
+from nash_fast.data.formats import COLUMN_FIELDS  # noqa: E402  (the fields --columns maps to)
 
 
 def flag(name: str) -> str:
@@ -266,6 +303,17 @@ def _base_type(annotation) -> tuple[type, bool]:
     return {"int": int, "float": float, "str": str, "bool": bool}[base], optional
 
 
+def join_problems(problems: list[str]) -> str:
+    """One line for one or several problems (each names its option)."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems with the options: " + "; ".join(problems)
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+# A value given as a flag and the same text given as a YAML value become the same option value: both go
+# through the converters below (the YAML file is read with every scalar kept as its text).
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -275,13 +323,47 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+_YAML_FLOATS = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+
+
+def _parse_float(text: str) -> float:
+    """A number as people write it: 5e-7, 5.0e-7, 1E-3, .5, 3, 1_000.5 (Python's syntax; YAML 1.1 would read
+    5e-7 as a string) and YAML's .inf / .nan spellings (refused later as not finite, with the option named)."""
+    stripped = text.strip()
+    if stripped.lower() in _YAML_FLOATS:
+        return _YAML_FLOATS[stripped.lower()]
+    return float(stripped)
+
+
+def _parse_int(text: str) -> int:
+    """An integer as people write it: 1000, 1_000, and 1e3 or 1000.0 (a number with an integer value); 2.5 is
+    refused."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        value = _parse_float(text)
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ValueError(f"not an integer: {text!r}") from None
+
+
+_parse_float.__name__, _parse_int.__name__ = "float", "int"  # argparse's "invalid float value: ..." messages
+
+
 def _none_or(convert):
     def parse(text: str):
-        if text.strip().lower() in ("none", "null", ""):
+        if text.strip().lower() in ("none", "null", "~", ""):
             return None
         return convert(text)
     parse.__name__ = convert.__name__
     return parse
+
+
+def option_converter(f: dataclasses.Field):
+    """text -> value of option `f`, shared by the flag and the YAML key."""
+    base, optional = _base_type(f.type)
+    convert = {bool: _parse_bool, int: _parse_int, float: _parse_float, str: str}[base]
+    return _none_or(convert) if optional else convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,11 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*names, dest=f.name, nargs="?", const="latest", metavar="auto|latest|never|PATH",
                                 help=help_text)
         elif base is bool:
-            parser.add_argument(*names, dest=f.name, nargs="?", const=True, type=_parse_bool, metavar="BOOL",
+            parser.add_argument(*names, dest=f.name, nargs="?", const=True, type=option_converter(f), metavar="BOOL",
                                 help=help_text + "; '--" + f.name.replace("_", "-") + "' alone means true")
         else:
-            convert = _none_or(base) if optional else base
-            parser.add_argument(*names, dest=f.name, type=convert, choices=f.metadata.get("choices"),
+            parser.add_argument(*names, dest=f.name, type=option_converter(f), choices=f.metadata.get("choices"),
                                 metavar=base.__name__.upper() if "choices" not in f.metadata else None,
                                 help=help_text)
     # The deepspeed launcher appends --local_rank=N; the trainer reads LOCAL_RANK from the environment.
@@ -319,36 +400,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Options from a YAML mapping; an unknown key is a ValueError naming it."""
+def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
+    """(options, problems) from a YAML mapping of option: value.
+
+    Every scalar is read as its text and converted exactly as the flag's text would be, so `lr: 5e-7`,
+    `warmup_steps: none` and `bf16: on` mean what `--lr 5e-7`, `--warmup-steps none` and `--bf16 on` mean.
+    `columns` may also be a mapping {field: column}. problems maps an option whose value did not convert to a
+    message naming it (the option is then absent from options). A missing file, a non-mapping or an unknown
+    key is a ValueError at once."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config: no such file {str(path)!r}")
     with open(path) as f:
-        data = yaml.safe_load(f)
-    if data is None:
-        return {}
+        try:
+            data = yaml.load(f, Loader=yaml.BaseLoader)  # scalars stay text: converted below like flags
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if data is None or data == "":
+        return {}, {}
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    options = {}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = [key for key in data if str(key).replace("-", "_") not in fields]
+    if unknown:
+        raise ValueError(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))}")
+    options, problems = {}, {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in known:
-            raise ValueError(f"--config {path}: unknown option {key!r}")
-        options[name] = value
-    return options
+        if name == "columns" and isinstance(value, dict):
+            value = ",".join(f"{field}={column}" for field, column in value.items())
+        if not isinstance(value, str):
+            problems[name] = f"{flag(name)} (in --config {path}) must be a single value, got {value!r}"
+            continue
+        try:
+            options[name] = option_converter(fields[name])(value)
+        except (ValueError, argparse.ArgumentTypeError):
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[
+                _base_type(fields[name].type)[0]]
+            problems[name] = f"{flag(name)} (in --config {path}) must be {kind}, got {value!r}"
+    return options, problems
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """defaults < YAML (--config) < flags, validated."""
+    """defaults < YAML (--config) < flags, validated; every problem is reported at once."""
     namespace = vars(build_parser().parse_args(argv))
     namespace.pop("_local_rank", None)
-    options = load_yaml(namespace.pop("config")) if "config" in namespace else {}
+    options, problems = load_yaml(namespace.pop("config")) if "config" in namespace else ({}, {})
     options.update(namespace)
-    return TrainConfig(**options).validate()
+    for name in namespace:  # a flag replaces the YAML value, bad or not
+        problems.pop(name, None)
+    cfg = TrainConfig(**options)
+    found = list(problems.values()) + cfg.problems(skip=problems)
+    if found:
+        raise ValueError(join_problems(found))
+    return cfg
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 One module for every loss of `nash_fast.losses`. The policy's per-sequence log-probs come from
 `nash_fast.sequence_logprobs` (the [tokens x vocab] logits are never materialized); everything the
 policy does not produce with gradient (reference, previous iterate, reference on the augmented
-query, win rates, target preferences) is passed in as precomputed per-pair tensors.
+query, win rates, target preferences) is passed in as precomputed per-pair tensors; the reference
+may instead be computed inside, forward-only, from its hidden states (ref_input, ref_weight, as
+Liger-Kernel takes it).
 
 Two batch layouts:
 
@@ -30,35 +32,52 @@ SPPO takes two forms. Pairwise (SPPO eq. 4.8): ref_chosen_logps, ref_rejected_lo
 winrate [P] = P(y_w > y_l | x), the rejected response getting 1 - P. All responses (SPPO eq. 4.7,
 all K samples kept): pass ref_logps [S] and winrate [S] = P(y > pi_t | x), one per sequence; every
 sequence is one response (role must be None or all 0; pair_index, optional, groups the responses
-of one prompt and only feeds the num_prompts metric); the loss averages over responses.
+of one prompt and only feeds the num_prompts metric); the loss averages over responses. With the
+reference as ref_input instead of ref_logps, the form follows winrate's length: one per sequence
+(all responses) or one per pair.
 
-Switching from Liger-Kernel's LigerFusedLinearDPOLoss:
+Switching from Liger-Kernel's LigerFusedLinearDPOLoss is one import:
 
-    liger = LigerFusedLinearDPOLoss(ignore_index=-100, beta=0.1)
-    loss, aux = liger(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias)
-becomes
-    ours = FusedLinearPreferenceLoss("dpo", beta=0.1, ignore_index=-100)
-    with torch.no_grad():
-        ref = sequence_logprobs(ref_input, ref_weight, target, bias=ref_bias)  # [2B]
-    loss, metrics = ours(lin_weight, _input, target, bias=bias,
-                         ref_chosen_logps=ref[:B], ref_rejected_logps=ref[B:])
+    from nash_fast import FusedLinearDPOLoss as LigerFusedLinearDPOLoss   # was: from liger_kernel.chunked_loss ...
+    loss_fn = LigerFusedLinearDPOLoss(ignore_index=-100, beta=0.1)        # Liger's arguments and defaults
+    loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
+           chosen_rewards, rejected_rewards) = loss_fn(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias)
 
-i.e. the reference enters as precomputed log-probs (from any pass: a separate model, a cached
-dataset column) instead of a reference model's hidden states and weight. Liger's compute_nll_loss
-has no equivalent here (add an SFT term yourself); compiled and chunk_size are replaced by
-`backend`. Liger can average log-probs over tokens: set average_log_prob=True to match that.
-The second return value is a dict of detached metrics instead of Liger's aux tuple.
+FusedLinearDPOLoss returns Liger's very tuple (a LigerAux: also readable by name, with every metric below
+in .metrics). FusedLinearPreferenceLoss itself takes the same positional call (FusedLinearPreferenceLoss("dpo", beta=0.1)
+for the same loss): given ref_input and ref_weight (and ref_bias), the reference log-probs are computed inside,
+forward-only under torch.no_grad(), by the same fused op on the same target, averaged or not like the
+policy's, as Liger does. The reference may instead be passed precomputed (ref_chosen_logps, ...: from a
+cached pass or a dataset column), which is what the trainer does. average_log_prob defaults to False, as in
+LigerFusedLinearDPOLoss (and TRL's DPO trainer, which sets it False). The first element of the result is the
+loss, as Liger's. The second is a dict of detached metrics instead of Liger's tuple; what a Liger user reads
+from the tuple (TRL's DPO trainer reads all of it) is there under TRL's names:
 
-Metrics (detached float tensors, means over pairs): loss (mean per-pair loss, whatever the
-reduction), chosen_logratio (pi_w - ref_w), rejected_logratio (pi_l - ref_l), reward_margin
-(beta (Delta_w - Delta_l) for dpo/ipo/spce/sr_dpo/sr_ipo; Delta_w - Delta_l for sppo and inpo,
-which have no beta), reward_accuracy (fraction with Delta_w > Delta_l), policy_chosen_logps,
-policy_rejected_logps, num_pairs, num_tokens (scored tokens of the gradient pass), and for Sr-*
-refinement (mean D of Sr-DPO eq. 11). The SPPO all-responses form reports loss, logratio,
+    aux[0] policy chosen log-probs [B]       metrics["chosen_logps"]
+    aux[1] policy rejected log-probs [B]     metrics["rejected_logps"]
+    aux[2] mean of the chosen logits         metrics["mean_chosen_logits"]   (computed without the logits:
+    aux[3] mean of the rejected logits       metrics["mean_rejected_logits"]  see _mean_logits)
+    aux[4] NLL of the chosen tokens          metrics["nll_loss"]  (0 unless FusedLinearDPOLoss(compute_nll_loss=True))
+    aux[5] chosen rewards [B]                metrics["chosen_rewards"]    beta (log pi - log pi_ref)
+    aux[6] rejected rewards [B]              metrics["rejected_rewards"]
+
+Liger's compiled and chunk_size are replaced by `backend` (FusedLinearDPOLoss accepts and ignores them).
+
+Metrics (detached float tensors): means over pairs: loss (mean per-pair preference loss, whatever the
+reduction, without the NLL term), chosen_logratio (pi_w - ref_w), rejected_logratio (pi_l - ref_l),
+reward_margin (beta (Delta_w - Delta_l) for dpo/ipo/spce/sr_dpo/sr_ipo and for sppo given beta; Delta_w -
+Delta_l for sppo given eta and inpo, which have no beta), reward_accuracy (fraction with Delta_w > Delta_l),
+policy_chosen_logps, policy_rejected_logps; counts num_pairs, num_tokens (scored tokens of the gradient
+pass); per pair [P]: chosen_logps, rejected_logps, chosen_rewards, rejected_rewards (beta Delta, or Delta
+without a beta); scalars mean_chosen_logits, mean_rejected_logits (before any soft-cap; in the Liger layout
+over every position of the rows, padding included, as Liger; packed: over the sequences' tokens), nll_loss;
+for Sr-* refinement (mean D of Sr-DPO eq. 11). The SPPO all-responses form reports loss, logratio,
 policy_logps, num_responses, num_tokens and, with pair_index, num_prompts.
 """
 
 from __future__ import annotations
+
+import collections
 
 import torch
 
@@ -66,7 +85,7 @@ from nash_fast import losses
 from nash_fast.logprobs import sequence_logprobs
 from nash_fast.losses import _hyperparameter
 
-__all__ = ["FusedLinearPreferenceLoss"]
+__all__ = ["FusedLinearPreferenceLoss", "FusedLinearDPOLoss", "LigerAux"]
 
 CHOSEN, REJECTED, AUG_CHOSEN, AUG_REJECTED = 0, 1, 2, 3
 
@@ -97,10 +116,13 @@ _ALL_RESPONSES_INPUTS = ("ref_logps", "winrate")
 _PROBABILITIES = ("winrate", "target_prob")
 
 _LIGER_ONLY = {
-    "compute_nll_loss": "there is no NLL term; add an SFT loss separately",
-    "compiled": "use backend=",
-    "chunk_size": "use backend=; chunking is internal",
-    "use_ref_model": "pass ref_chosen_logps / ref_rejected_logps to forward",
+    "compute_nll_loss": "no NLL term here; FusedLinearDPOLoss(compute_nll_loss=True, alpha=...) has Liger's",
+    "alpha": "the NLL weight of FusedLinearDPOLoss(compute_nll_loss=True, alpha=...)",
+    "compiled": "use backend= (FusedLinearDPOLoss accepts it, with no effect)",
+    "chunk_size": "use backend=; chunking is internal (FusedLinearDPOLoss accepts it, with no effect)",
+    "use_ref_model": "pass ref_input/ref_weight or ref_chosen_logps / ref_rejected_logps to forward; "
+                     "FusedLinearDPOLoss(use_ref_model=False) is reference-free",
+    "loss_type": "name the loss as the first argument, or use FusedLinearDPOLoss(loss_type=...)",
 }
 
 
@@ -181,6 +203,13 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 self.lam = _hyperparameter("lam", lam)
 
         self.loss = loss
+        # Liger compatibility (set by FusedLinearDPOLoss): alpha of the chosen NLL term (None: no term), a
+        # reference-free loss (reference log-probs 0), SPPO's hard win rate when none is passed.
+        self._nll_alpha: float | None = None
+        self._zero_reference = False
+        self._default_winrate: float | None = None
+        self._reward_beta = self.beta if self.beta is not None else (
+            _hyperparameter("beta", beta, positive=True) if loss == "sppo" and beta is not None else None)
         self.average_log_prob = bool(average_log_prob)
         self.ignore_index = ignore_index
         self.softcap = softcap
@@ -208,8 +237,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         weight: torch.Tensor,
         hidden: torch.Tensor,
         labels: torch.Tensor,
-        *,
         bias: torch.Tensor | None = None,
+        ref_input: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        *,
         cu_seqlens: torch.Tensor | None = None,
         role: torch.Tensor | None = None,
         pair_index: torch.Tensor | None = None,
@@ -221,53 +253,105 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         aug_ref_rejected_logps: torch.Tensor | None = None,
         aug_hidden: torch.Tensor | None = None,
         aug_labels: torch.Tensor | None = None,
+        aug_ref_input: torch.Tensor | None = None,
         winrate: torch.Tensor | None = None,
         target_prob: torch.Tensor | None = None,
         ref_logps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns (loss, metrics); loss is a scalar ("mean"/"sum") or [P] ("none")."""
+        """Returns (loss, metrics); loss is a scalar ("mean"/"sum") or [P] ("none").
+
+        The first seven positional arguments are LigerFusedLinearDPOLoss's: (lin_weight, _input, target, bias,
+        ref_input, ref_weight, ref_bias). Given ref_input and ref_weight (and ref_bias), the reference log-probs
+        are computed here, forward-only under torch.no_grad(), by the same fused op on the same labels (for
+        Sr-DPO / Sr-IPO in the Liger layout, aug_ref_input holds the reference's hidden states of the augmented
+        rows); otherwise they are passed precomputed (ref_chosen_logps, ...)."""
+        if not isinstance(hidden, torch.Tensor):
+            raise ValueError(f"hidden must be a tensor, got {type(hidden).__name__}")
+        self._check_reference_arguments(ref_input, ref_weight, ref_bias, aug_ref_input, cu_seqlens,
+                                        ref_chosen_logps, ref_rejected_logps, aug_ref_chosen_logps,
+                                        aug_ref_rejected_logps, ref_logps)
+        num_sequences = _num_sequences(hidden, cu_seqlens)
+        if self.loss == "sppo" and ref_logps is None and (ref_input is not None or self._zero_reference):
+            # No ref_logps to tell SPPO's forms apart: winrate has one entry per sequence in the all-responses
+            # form, one per pair (half as many) in the pairwise form.
+            all_responses = isinstance(winrate, torch.Tensor) and winrate.shape == (num_sequences,)
+        else:
+            all_responses = self.loss == "sppo" and ref_logps is not None
+        reference_sequences = None  # per-sequence reference log-probs computed here from ref_input
+        if ref_input is not None:
+            reference_sequences = self._reference_logps(ref_input, ref_weight, ref_bias, hidden, labels, cu_seqlens)
+        if all_responses and ref_logps is None:
+            ref_logps = (reference_sequences if reference_sequences is not None
+                         else torch.zeros(num_sequences, device=hidden.device))
         precomputed = dict(
             ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
             prev_chosen_logps=prev_chosen_logps, prev_rejected_logps=prev_rejected_logps,
             aug_ref_chosen_logps=aug_ref_chosen_logps, aug_ref_rejected_logps=aug_ref_rejected_logps,
             winrate=winrate, target_prob=target_prob, ref_logps=ref_logps,
         )
-        all_responses = self.loss == "sppo" and ref_logps is not None
         needed = _ALL_RESPONSES_INPUTS if all_responses else _PAIR_INPUTS[self.loss]
+        computed_here = set()
+        if not all_responses and (reference_sequences is not None or self._zero_reference):
+            computed_here = {"ref_chosen_logps", "ref_rejected_logps"} | (
+                {"aug_ref_chosen_logps", "aug_ref_rejected_logps"} if self._uses_augmented else set())
+        if self.loss == "sppo" and not all_responses and winrate is None and self._default_winrate is not None:
+            computed_here.add("winrate")
         for name in needed:
-            if precomputed[name] is None:
-                raise ValueError(f"loss={self.loss!r} needs {name}")
+            if precomputed[name] is None and name not in computed_here:
+                hint = " (or ref_input and ref_weight)" if name.startswith(("ref_", "aug_ref_")) else ""
+                raise ValueError(f"loss={self.loss!r} needs {name}{hint}")
         for name, value in precomputed.items():
             if value is not None and name not in needed:
                 form = " in the all-responses form (ref_logps given)" if all_responses else ""
                 raise ValueError(f"{name} is not used by loss={self.loss!r}{form}")
         if not self._uses_augmented or all_responses:
-            for name, value in (("aug_hidden", aug_hidden), ("aug_labels", aug_labels)):
+            for name, value in (("aug_hidden", aug_hidden), ("aug_labels", aug_labels), ("aug_ref_input", aug_ref_input)):
                 if value is not None:
                     raise ValueError(f"{name} is only used by loss='sr_dpo' / 'sr_ipo'")
-        if not isinstance(hidden, torch.Tensor):
-            raise ValueError(f"hidden must be a tensor, got {type(hidden).__name__}")
 
         if all_responses:
+            if self._nll_alpha is not None:
+                raise ValueError("compute_nll_loss needs chosen responses: SPPO's all-responses form has none")
             return self._all_responses(weight, hidden, labels, bias, cu_seqlens, role, pair_index, ref_logps, winrate)
 
         if cu_seqlens is None:
-            chosen, rejected, aug_chosen, aug_rejected, num_tokens = self._liger_layout(
+            chosen, rejected, aug_chosen, aug_rejected, num_tokens, order = self._liger_layout(
                 weight, hidden, labels, bias, role, pair_index, aug_hidden, aug_labels
             )
         else:
-            for name, value in (("aug_hidden", aug_hidden), ("aug_labels", aug_labels)):
+            for name, value in (("aug_hidden", aug_hidden), ("aug_labels", aug_labels), ("aug_ref_input", aug_ref_input)):
                 if value is not None:
                     raise ValueError(
                         f"{name} is for the Liger layout; packed batches carry augmented sequences as role 2/3"
                     )
-            chosen, rejected, aug_chosen, aug_rejected, num_tokens = self._packed_layout(
+            chosen, rejected, aug_chosen, aug_rejected, num_tokens, order = self._packed_layout(
                 weight, hidden, labels, bias, cu_seqlens, role, pair_index
             )
 
         num_pairs = chosen.shape[0]
+        device = chosen.device
+        if reference_sequences is not None:  # computed above from ref_input: place it per pair
+            precomputed.update(ref_chosen_logps=reference_sequences[order[CHOSEN].to(device)],
+                               ref_rejected_logps=reference_sequences[order[REJECTED].to(device)])
+            if self._uses_augmented:
+                if cu_seqlens is None:
+                    if aug_ref_input is None:
+                        raise ValueError(f"loss={self.loss!r} with ref_input in the Liger layout needs aug_ref_input "
+                                         "[2B, T', H] (the reference's hidden states of the augmented rows)")
+                    augmented = self._reference_logps(aug_ref_input, ref_weight, ref_bias, aug_hidden, aug_labels, None,
+                                                      name="aug_ref_input")
+                else:
+                    augmented = reference_sequences
+                precomputed.update(aug_ref_chosen_logps=augmented[order[AUG_CHOSEN].to(device)],
+                                   aug_ref_rejected_logps=augmented[order[AUG_REJECTED].to(device)])
+        if self._zero_reference:
+            zeros = torch.zeros(num_pairs, device=device)
+            precomputed.update({name: zeros for name in ("ref_chosen_logps", "ref_rejected_logps",
+                                                         "aug_ref_chosen_logps", "aug_ref_rejected_logps")})
+        if "winrate" in computed_here:
+            precomputed["winrate"] = torch.full((num_pairs,), self._default_winrate, device=device)
         given = {
-            name: _per_example(name, precomputed[name], num_pairs, chosen.device, name in _PROBABILITIES)
+            name: _per_example(name, precomputed[name], num_pairs, device, name in _PROBABILITIES)
             for name in needed
         }
         ref_w, ref_l = given["ref_chosen_logps"], given["ref_rejected_logps"]
@@ -290,22 +374,30 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 chosen, rejected, ref_w, ref_l, aug_chosen, aug_rejected,
                 given["aug_ref_chosen_logps"], given["aug_ref_rejected_logps"], beta=self.beta, lam=self.lam,
             )
+        nll = self._chosen_nll(chosen, labels, cu_seqlens, order, hidden) if self._nll_alpha is not None else None
 
         with torch.no_grad():
             delta_w, delta_l = chosen - ref_w, rejected - ref_l
-            margin = delta_w - delta_l
-            if self.beta is not None:
-                margin = self.beta * margin
+            scale = self.reward_scale
+            chosen_logits, rejected_logits = _mean_logits(hidden, weight, bias, cu_seqlens, order)
             metrics = {
                 "loss": per_pair.mean(),
                 "chosen_logratio": delta_w.mean(),
                 "rejected_logratio": delta_l.mean(),
-                "reward_margin": margin.mean(),
+                "reward_margin": (scale * (delta_w - delta_l)).mean(),
                 "reward_accuracy": (delta_w > delta_l).float().mean(),
                 "policy_chosen_logps": chosen.mean(),
                 "policy_rejected_logps": rejected.mean(),
-                "num_pairs": torch.tensor(float(num_pairs), device=chosen.device),
+                "num_pairs": torch.tensor(float(num_pairs), device=device),
                 "num_tokens": num_tokens.float(),
+                # Per pair, and Liger's / TRL's names: what LigerFusedLinearDPOLoss returns in its second element.
+                "chosen_logps": chosen.detach(),
+                "rejected_logps": rejected.detach(),
+                "mean_chosen_logits": chosen_logits,
+                "mean_rejected_logits": rejected_logits,
+                "nll_loss": nll.detach() if nll is not None else torch.zeros((), device=device),
+                "chosen_rewards": scale * delta_w,
+                "rejected_rewards": scale * delta_l,
             }
             if self._uses_augmented:
                 refinement = self.beta * (
@@ -313,7 +405,53 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 )
                 metrics["refinement"] = refinement.mean()
             metrics = {k: v.detach() for k, v in metrics.items()}
-        return self._reduce(per_pair), metrics
+        loss = self._reduce(per_pair)
+        if nll is not None:
+            loss = loss + self._nll_alpha * nll
+        return loss, metrics
+
+    def _check_reference_arguments(self, ref_input, ref_weight, ref_bias, aug_ref_input, cu_seqlens, *precomputed):
+        names = ("ref_chosen_logps", "ref_rejected_logps", "aug_ref_chosen_logps", "aug_ref_rejected_logps", "ref_logps")
+        given = [name for name, value in zip(names, precomputed) if value is not None]
+        computed = [name for name, value in (("ref_input", ref_input), ("ref_weight", ref_weight),
+                                             ("ref_bias", ref_bias), ("aug_ref_input", aug_ref_input)) if value is not None]
+        if self._zero_reference and (given or computed):
+            raise ValueError(f"use_ref_model=False: the reference log-probs are 0; {', '.join(given + computed)} "
+                             "must not be given")
+        if ref_input is None:
+            if computed:
+                raise ValueError(f"{', '.join(computed)} given without ref_input (the reference model's hidden states)")
+            return
+        if ref_weight is None:
+            raise ValueError("ref_input needs ref_weight (the reference model's LM-head weight [V, H])")
+        if given:
+            raise ValueError(f"the reference is given twice: as ref_input/ref_weight and as {', '.join(given)}; "
+                             "pass one of them")
+
+    def _reference_logps(self, ref_input, ref_weight, ref_bias, hidden, labels, cu_seqlens, name="ref_input"):
+        """Per-sequence (or per-row) reference log-probs from the reference model's hidden states and head,
+        forward-only (Liger computes its reference under no_grad the same way), averaged like the policy's."""
+        if not isinstance(ref_input, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(ref_input).__name__}")
+        if not isinstance(hidden, torch.Tensor) or ref_input.shape[:-1] != hidden.shape[:-1]:
+            shape = tuple(hidden.shape[:-1]) if isinstance(hidden, torch.Tensor) else None
+            raise ValueError(f"{name} must hold the reference's hidden states of the same tokens as the policy's, "
+                             f"shape {shape} + (H,), got {tuple(ref_input.shape)}")
+        if cu_seqlens is not None:
+            ref_input, labels, _ = _packed_inputs(ref_input, labels, cu_seqlens)
+        with torch.no_grad():
+            return self._logps(ref_input, ref_weight, labels, ref_bias, cu_seqlens).detach()
+
+    def _chosen_nll(self, chosen, labels, cu_seqlens, order, hidden):
+        """Liger's NLL term: minus the summed log-probs of the chosen responses' tokens over their count."""
+        scored = _scored_per_sequence(labels, cu_seqlens, self.ignore_index, hidden)[order[CHOSEN].to(chosen.device)]
+        sums = chosen * scored if self.average_log_prob else chosen
+        return -sums.sum() / scored.sum().clamp(min=1)
+
+    @property
+    def reward_scale(self) -> float:
+        """beta of the reward beta (log pi - log pi_ref); 1 for losses without one (SPPO given eta, INPO)."""
+        return self._reward_beta if self._reward_beta is not None else 1.0
 
     def _reduce(self, per_example):
         if self.reduction == "mean":
@@ -352,7 +490,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             with torch.no_grad():  # the refinement D is under stop-gradient (Sr-DPO Algorithm 1)
                 augmented = self._logps(aug_hidden, weight, aug_labels, bias)
             aug_chosen, aug_rejected = augmented[:num_pairs], augmented[num_pairs:]
-        return policy[:num_pairs], policy[num_pairs:], aug_chosen, aug_rejected, num_tokens
+        first, second = torch.arange(num_pairs), torch.arange(num_pairs, rows)
+        order = {CHOSEN: first, REJECTED: second, AUG_CHOSEN: first, AUG_REJECTED: second}  # rows of each role
+        return policy[:num_pairs], policy[num_pairs:], aug_chosen, aug_rejected, num_tokens, order
 
     def _packed_layout(self, weight, hidden, labels, bias, cu_seqlens, role, pair_index):
         hidden, labels, lengths = _packed_inputs(hidden, labels, cu_seqlens)
@@ -386,7 +526,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             aug_chosen = augmented[order[AUG_CHOSEN].to(device)]
             aug_rejected = augmented[order[AUG_REJECTED].to(device)]
         chosen, rejected = policy[order[CHOSEN].to(device)], policy[order[REJECTED].to(device)]
-        return chosen, rejected, aug_chosen, aug_rejected, num_tokens
+        return chosen, rejected, aug_chosen, aug_rejected, num_tokens, order
 
     def _all_responses(self, weight, hidden, labels, bias, cu_seqlens, role, pair_index, ref_logps, winrate):
         if cu_seqlens is None:
@@ -458,6 +598,51 @@ def _packed_inputs(hidden, labels, cu_seqlens):
     return hidden, labels, lengths
 
 
+def _num_sequences(hidden, cu_seqlens) -> int | None:
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1:
+        return cu_seqlens.numel() - 1
+    if cu_seqlens is None and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+        return hidden.shape[0]
+    return None
+
+
+def _scored_per_sequence(labels, cu_seqlens, ignore_index, hidden):
+    """Scored (non-ignored) positions of every sequence (packed) or row (Liger layout), as float32."""
+    scored = labels != ignore_index
+    if cu_seqlens is None:
+        return scored.sum(-1).float()
+    scored = scored.reshape(-1).long()
+    cumulative = torch.cat([scored.new_zeros(1), scored.cumsum(0)])
+    cu = cu_seqlens.to(cumulative.device).long()
+    return (cumulative[cu[1:]] - cumulative[cu[:-1]]).float()
+
+
+def _mean_logits(hidden, weight, bias, cu_seqlens, order):
+    """Liger's chosen / rejected logits means without the logits: the mean over positions p and vocabulary v
+    of z_pv = h_p . W_v + b_v is (sum_p h_p) . (sum_v W_v) / (n V) + sum_v b_v / V (before any soft-cap).
+    Liger layout: every position of the B chosen (rejected) rows, padding included, as Liger averages;
+    packed layout: every token of the chosen (rejected) sequences."""
+    vocab = weight.shape[0]
+    column_sum = weight.detach().sum(0, dtype=torch.float32)
+    bias_mean = bias.detach().sum(dtype=torch.float32) / vocab if bias is not None else 0.0
+    hidden = hidden.detach()
+    means = []
+    for role in (CHOSEN, REJECTED):
+        if cu_seqlens is None:  # the role's rows are contiguous: a view, no copy
+            first, num = int(order[role][0]), order[role].numel()
+            rows = hidden[first:first + num]
+            total, count = rows.sum(dim=(0, 1), dtype=torch.float32), rows.shape[0] * rows.shape[1]
+        else:
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            cu = cu_seqlens.detach().cpu().long()
+            member = torch.zeros(cu.numel() - 1, dtype=torch.bool)
+            member[order[role]] = True
+            mask = torch.repeat_interleave(member, cu[1:] - cu[:-1], output_size=flat.shape[0]).to(flat.device)
+            total, count = (mask.to(flat.dtype) @ flat).float(), int(mask.sum())
+        means.append(total @ column_sum.to(total.device) / max(1, count * vocab) + bias_mean)
+    return tuple(torch.as_tensor(m, dtype=torch.float32, device=hidden.device) for m in means)
+
+
 def _sequence_ids(name, ids, num_seqs):
     """Validates a per-sequence integer tensor [S] (role or pair_index) and returns it on the CPU."""
     if ids is None:
@@ -511,3 +696,74 @@ def _per_example(name, value, count, device, probability, what="pairs"):
     if probability and not bool(((value >= 0) & (value <= 1)).all()):
         raise ValueError(f"{name} must hold probabilities in [0, 1] (finite)")
     return value.float()
+
+
+# LigerFusedLinearDPOLoss's loss_type -> (our loss, SPPO's win rate when none is passed).
+_LIGER_LOSS_TYPES = {"sigmoid": ("dpo", None), "sppo_hard": ("sppo", 1.0), "ipo": ("ipo", None)}
+
+
+_LIGER_AUX = ("chosen_logps", "rejected_logps", "mean_chosen_logits", "mean_rejected_logits", "nll_loss",
+              "chosen_rewards", "rejected_rewards")
+
+
+class LigerAux(collections.namedtuple("LigerAux", _LIGER_AUX)):
+    """The second element of LigerFusedLinearDPOLoss's result, in its order (so `loss, (a, b, *rest) = ...`
+    unpacks as with Liger), readable by name; .metrics holds every FusedLinearPreferenceLoss metric."""
+
+    metrics: dict[str, torch.Tensor]
+
+
+class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
+    """LigerFusedLinearDPOLoss's constructor and call, on nash-fast's fused op: the one-import swap
+
+        from nash_fast import FusedLinearDPOLoss as LigerFusedLinearDPOLoss
+
+    Same arguments, same defaults (average_log_prob=False, as Liger's DPO loss), same positional call
+    loss_fn(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias) -> (loss, aux), aux a LigerAux:
+    Liger's 7-tuple (chosen_logps, rejected_logps, mean chosen logits, mean rejected logits, nll_loss,
+    chosen_rewards, rejected_rewards), with the full metrics dict as aux.metrics.
+
+    loss_type: "sigmoid" (DPO), "sppo_hard" (SPPO eq. 4.8 with P = 1 and eta = 1 / beta, TRL's and Liger's
+    formula; pass winrate= for soft win rates), "ipo" (which Liger itself refuses). Liger's other loss types
+    (hinge, exo_pair, nca_pair, robust, bco_pair, apo_zero, apo_down, discopop) and label_smoothing raise
+    ValueError. compute_nll_loss adds alpha x the chosen responses' token-mean NLL (Liger's RPO term, needs
+    reduction "mean"); use_ref_model=False makes the reference log-probs 0. compiled and chunk_size tune Liger's
+    chunked torch.compile path; they are accepted and change nothing (the fused op never holds the logits).
+    Every FusedLinearPreferenceLoss keyword (backend, softcap, reduction, and the forward's precomputed inputs)
+    works as well.
+    """
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
+                 compute_nll_loss: bool = False, compiled: bool = True, use_ref_model: bool = True,
+                 average_log_prob: bool = False, chunk_size: int = 1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, discopop_tau: float = 0.05, **options):
+        if loss_type not in _LIGER_LOSS_TYPES:
+            raise ValueError(f"loss_type={loss_type!r} is not supported; supported: {', '.join(_LIGER_LOSS_TYPES)} "
+                             "(other losses: FusedLinearPreferenceLoss('sppo' | 'inpo' | 'spce' | ...))")
+        if label_smoothing != 0.0:
+            raise ValueError(f"label_smoothing={label_smoothing!r} is not supported (conservative DPO with "
+                             "targets 1 - label_smoothing is FusedLinearPreferenceLoss('spce', ...) with target_prob)")
+        for name, value in (("compute_nll_loss", compute_nll_loss), ("use_ref_model", use_ref_model)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        loss, default_winrate = _LIGER_LOSS_TYPES[loss_type]
+        super().__init__(loss, beta=beta, ignore_index=ignore_index, average_log_prob=average_log_prob, **options)
+        if compute_nll_loss:
+            if self.reduction != "mean":
+                raise ValueError(f"compute_nll_loss adds a token mean to the loss: it needs reduction='mean', "
+                                 f"got {self.reduction!r}")
+            self._nll_alpha = _hyperparameter("alpha", alpha)
+        self._zero_reference = not use_ref_model
+        self._default_winrate = default_winrate
+        self.loss_type, self.compiled, self.chunk_size, self.discopop_tau = loss_type, compiled, chunk_size, discopop_tau
+
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
+                **options) -> tuple[torch.Tensor, LigerAux]:
+        """Liger's call (its argument names too); `options` are FusedLinearPreferenceLoss.forward's keywords."""
+        loss, metrics = super().forward(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, **options)
+        if "chosen_logps" not in metrics:  # SPPO's all-responses form has no pairs: no Liger tuple to give
+            raise ValueError("FusedLinearDPOLoss returns Liger's per-pair outputs; SPPO's all-responses form "
+                             "is FusedLinearPreferenceLoss('sppo')'s")
+        aux = LigerAux(*(metrics[name] for name in _LIGER_AUX))
+        aux.metrics = metrics
+        return loss, aux

@@ -135,15 +135,17 @@ def _vllm_generate(model_path, prompt_ids, seeds, *, temperature, top_p, max_new
     return [o.outputs[0].text for o in outputs]
 
 
-def generate_responses(model, prompts: Sequence[str], *, num_samples: int, temperature: float = 1.0,
+def generate_responses(model, prompts: Sequence[str | list[dict]], *, num_samples: int, temperature: float = 1.0,
                        top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, tokenizer=None,
-                       use_chat_template: bool | None = None, backend: str = "auto",
-                       tensor_parallel_size: int = 1, batch_size: int = 16,
+                       use_chat_template: bool | None = None, chat_template: str | None = None,
+                       backend: str = "auto", tensor_parallel_size: int = 1, batch_size: int = 16,
                        gpu_memory_utilization: float = 0.85) -> list[list[str]]:
-    """K = num_samples responses for each prompt from `model` (a path, or a loaded causal LM for the
-    Hugging Face backend, with `tokenizer`). Returns one list of K strings per prompt."""
+    """K = num_samples responses for each prompt (a string, or a conversation: a list of {role, content}
+    messages) from `model` (a path, or a loaded causal LM for the Hugging Face backend, with `tokenizer`).
+    chat_template is a --chat-template option (auto / on / off / a template) and overrides use_chat_template.
+    Returns one list of K strings per prompt."""
     _check(num_samples, temperature, top_p, max_new_tokens)
-    from nash_fast.data import tokenize_prompt
+    from nash_fast.data import apply_chat_template_option, tokenize_prompt
 
     backend = resolve_backend(backend)
     if isinstance(model, (str, Path)):
@@ -152,6 +154,8 @@ def generate_responses(model, prompts: Sequence[str], *, num_samples: int, tempe
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
     elif tokenizer is None or backend == "vllm":
         raise ValueError("a loaded model needs tokenizer=... and the Hugging Face backend (vLLM loads from a path)")
+    if chat_template is not None:
+        use_chat_template = apply_chat_template_option(tokenizer, chat_template)
     rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
     encoded = [tokenize_prompt(tokenizer, p, use_chat_template=use_chat_template) for p in prompts]
     prompt_ids = [encoded[i] for i, _ in rows]
@@ -173,7 +177,8 @@ def generate_responses(model, prompts: Sequence[str], *, num_samples: int, tempe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Sample K responses per prompt (jsonl with a 'prompt' field).")
+    parser = argparse.ArgumentParser(description="Sample K responses per prompt (jsonl with a 'prompt' field: a "
+                                     "string or a list of {role, content} messages).")
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompts", required=True, help="jsonl file, one {'prompt': ...} per line")
     parser.add_argument("--output", required=True, help="jsonl file: {'prompt', 'responses'} per line")
@@ -182,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--chat-template", default="auto", help="auto, on, off, or a template (a .jinja file, a "
+                        "tokenizer directory, or the Jinja text)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -193,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups = generate_responses(
         args.model, prompts, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend,
-        use_chat_template={"auto": None, "on": True, "off": False}[args.chat_template],
+        chat_template=args.chat_template,
         tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size)
     tmp = Path(args.output).with_suffix(".tmp")
     with open(tmp, "w") as f:

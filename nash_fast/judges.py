@@ -7,7 +7,9 @@
     judge = load_judge("callable:my_module:my_function")
     probs = judge(prompts, responses_a, responses_b)    # float64 numpy [B], P(a_i > b_i | prompt_i)
 
-Every judge goes through Judge.__call__, which refuses a value outside [0, 1] or NaN with a ValueError
+A prompt is a string or a conversation (a list of {role, content} messages): the reward judge scores the
+conversation itself, the LM judges read it as text (nash_fast.data.formats.prompt_text), the offline judge
+its last user message. Every judge goes through Judge.__call__, which refuses a value outside [0, 1] or NaN with a ValueError
 naming the prompt. P(a > b) + P(b > a) = 1 holds exactly for every judge shipped here (the LM judges
 average both presentation orders to cancel position bias), so a K x K preference matrix needs only the
 K (K - 1) / 2 comparisons with i < j (Judge.preference_matrix).
@@ -23,6 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from nash_fast.data.formats import prompt_text
 
 # OSP (Figure 6) asks for a one-sentence comparison and then "A" or "B"; the logit read-out needs the
 # choice token right after the prompt, so the instruction ends where the answer letter goes.
@@ -135,7 +139,9 @@ class OfflineJudge(Judge):
         self.scale, self.cycle = float(scale), float(cycle)
         self.answers = _shipped_answers() if answers is None else dict(answers)
 
-    def quality(self, prompt: str, response: str) -> float:
+    def quality(self, prompt, response: str) -> float:
+        if isinstance(prompt, list):  # a conversation: its last user message is the question
+            prompt = next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), prompt_text(prompt))
         answer = self.answers.get(prompt, prompt)
         if not answer:
             return 0.0
@@ -227,8 +233,8 @@ class PairwiseLMJudge(Judge):
         model, tokenizer = _load_causal_lm(path, device, dtype)
         return cls(model, tokenizer, **kwargs)
 
-    def judge_prompt_ids(self, prompt: str, first: str, second: str) -> list[int]:
-        text = self.template.format(prompt=prompt, first=first, second=second)
+    def judge_prompt_ids(self, prompt, first: str, second: str) -> list[int]:
+        text = self.template.format(prompt=prompt_text(prompt), first=first, second=second)
         if self.use_chat_template:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
@@ -293,13 +299,16 @@ class RewardModelJudge(Judge):
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).eval()
         return cls(model.to(device) if device else model, tokenizer, **kwargs)
 
-    def conversation_ids(self, prompt: str, response: str) -> list[int]:
+    def conversation_ids(self, prompt, response: str) -> list[int]:
+        """The reward model's input: the conversation (a string prompt is one user turn) and the response as the
+        assistant's turn, through its chat template; without one, prompt text and response joined by a blank line."""
         if self.use_chat_template:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+                messages + [{"role": "assistant", "content": response}], tokenize=False
             )
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(prompt + "\n\n" + response, add_special_tokens=True)["input_ids"])
+        return list(self.tokenizer(prompt_text(prompt) + "\n\n" + response, add_special_tokens=True)["input_ids"])
 
     @torch.no_grad()
     def rewards(self, prompts, responses) -> torch.Tensor:

@@ -42,7 +42,7 @@ from typing import Sequence
 
 from nash_fast import build as build_rules
 from nash_fast.checkpoint import write_json_atomic
-from nash_fast.config import _opt, _parse_bool
+from nash_fast.config import _opt, _parse_bool, join_problems
 
 METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "pairs": "inpo", "osp": "spce"}
 PAIR_LOSSES = ("inpo", "ipo", "dpo", "spce")
@@ -56,9 +56,10 @@ class SelfPlayConfig:
     # ---------------------------------------------------------------- policy and prompts
     model: str = _opt("tiny", "Initial policy pi_1: hub name, local directory, or 'tiny' (the project's random-init "
                       "tiny Llama, saved to OUTPUT/policy_1).")
-    prompts: str = _opt("tiny", "Prompts: a .jsonl/.json/.parquet file with a 'prompt' column, or 'tiny' for the "
-                        "shipped nash_fast/data/files/prompts.jsonl.")
-    prompt_column: str = _opt("prompt", "Column holding the prompt text.")
+    prompts: str = _opt("tiny", "Prompts: a .jsonl/.json/.parquet file or a datasets name with a 'prompt' column "
+                        "(TRL's prompt-only format: a string, or a list of {role, content} messages), or 'tiny' "
+                        "for the shipped nash_fast/data/files/prompts.jsonl.")
+    prompt_column: str = _opt("prompt", "Column holding the prompt (text or messages).")
     num_prompts: int | None = _opt(None, "Training prompts per iteration, taken in file order after the held-out ones "
                                    "are set aside (default: all; 64 for --prompts tiny).")
     disjoint_prompts: bool = _opt(False, "Iteration t trains on the t-th block of --num-prompts prompts (as SPPO "
@@ -84,8 +85,9 @@ class SelfPlayConfig:
     temperature: float = _opt(1.0, "Sampling temperature (SPPO: 1.0).")
     top_p: float = _opt(1.0, "Nucleus sampling mass (SPPO: 1.0).")
     max_new_tokens: int | None = _opt(None, "Longest response in tokens (default 512; 24 for --model tiny).")
-    chat_template: str = _opt("auto", "Render prompts with the tokenizer's chat template: auto, on, off.",
-                              choices=("auto", "on", "off"))
+    chat_template: str = _opt("auto", "Chat template for generation and training: auto (the tokenizer's when it has "
+                              "one; conversational prompts need one), on, off, or a template (a .jinja file, a "
+                              "tokenizer directory, or the Jinja text).")
     backend: str = _opt("auto", "Generation backend: auto (vLLM on a GPU when installed), hf, vllm.",
                         choices=("auto", "hf", "vllm"))
     tensor_parallel_size: int = _opt(1, "vLLM tensor parallelism (GPUs per generation engine).")
@@ -130,35 +132,44 @@ class SelfPlayConfig:
         return defaults.get(name)
 
     def validate(self) -> "SelfPlayConfig":
+        """Every problem with the options at once, in one ValueError naming each option."""
+        problems = []
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices is not None and value is not None and value not in choices:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
+                problems.append(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
         if self.num_samples < 2:
-            raise ValueError(f"--num-samples (K) must be >= 2: the dataset rules compare responses; "
-                             f"got {self.num_samples}")
+            problems.append(f"--num-samples (K) must be >= 2: the dataset rules compare responses; got {self.num_samples}")
         for name in ("iterations", "num_prompts", "max_new_tokens", "eval_prompts", "eval_samples", "max_tokens",
                      "tensor_parallel_size", "generation_batch_size", "judge_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not self.temperature >= 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+            problems.append(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.chat_template not in ("auto", "on", "off") and not (
+                Path(self.chat_template).exists() or "{{" in self.chat_template or "{%" in self.chat_template):
+            problems.append(f"--chat-template must be auto, on, off, a Jinja file, a tokenizer directory or Jinja "
+                            f"text; got {self.chat_template!r}")
+        if problems and any(p.startswith(("--method", "--loss")) for p in problems):
+            raise ValueError(join_problems(problems))  # the checks below read the method and the loss
         loss = self.resolved("loss")
         if self.method == "sppo" and loss != "sppo" and self.sppo_mode != "pair":
-            raise ValueError(f"--loss {loss} needs pairs: use --sppo-mode pair with --method sppo")
+            problems.append(f"--loss {loss} needs pairs: use --sppo-mode pair with --method sppo")
         if self.method != "sppo" and loss == "sppo":
-            raise ValueError(f"--loss sppo needs win rates: use --method sppo (got --method {self.method})")
+            problems.append(f"--loss sppo needs win rates: use --method sppo (got --method {self.method})")
         reads = {"sppo": ("eta",), "inpo": ("eta", "tau"), "ipo": ("beta",), "dpo": ("beta",), "spce": ("beta",)}[loss]
         for name in ("eta", "tau", "beta"):
             if getattr(self, name) is not None and name not in reads:
-                raise ValueError(f"--{name} is not used by --loss {loss} (it reads {', '.join(reads)})")
+                problems.append(f"--{name} is not used by --loss {loss} (it reads {', '.join(reads)})")
         if loss == "inpo" and not 0 <= self.resolved("tau") < self.resolved("eta"):
-            raise ValueError(f"--tau must satisfy 0 <= tau < eta for INPO, got tau={self.resolved('tau')}, "
-                             f"eta={self.resolved('eta')}")
+            problems.append(f"--tau must satisfy 0 <= tau < eta for INPO, got tau={self.resolved('tau')}, "
+                            f"eta={self.resolved('eta')}")
+        if problems:
+            raise ValueError(join_problems(problems))
         return self
 
 
@@ -181,35 +192,22 @@ def read_jsonl(path: Path) -> list[dict]:
     return load_jsonl(path)
 
 
-def load_prompts(cfg: SelfPlayConfig) -> tuple[list[str], list[str]]:
+def load_prompts(cfg: SelfPlayConfig) -> tuple[list, list]:
     """(training prompts, held-out prompts): distinct prompts in file order; the last --eval-prompts are
-    held out."""
-    if cfg.prompts == "tiny":
-        from nash_fast.data import load_tiny_prompts
+    held out. A prompt is a string or a conversation (a list of {role, content} messages)."""
+    from nash_fast.data import load_tiny_prompts
+    from nash_fast.data.formats import check_prompt, prompt_key
+    from nash_fast.data.loading import load_rows
 
-        rows = load_tiny_prompts()
-    else:
-        path = Path(cfg.prompts)
-        if not path.is_file():
-            raise ValueError(f"--prompts: no such file {cfg.prompts!r}")
-        if path.suffix == ".jsonl":
-            rows = read_jsonl(path)
-        elif path.suffix == ".json":
-            rows = json.loads(path.read_text())
-        elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-        else:
-            raise ValueError(f"--prompts {cfg.prompts}: unsupported file type (use .jsonl, .json or .parquet)")
+    rows = load_rows(cfg.prompts, option="--prompts", tiny=load_tiny_prompts)
     prompts = []
     for index, row in enumerate(rows):
-        value = row.get(cfg.prompt_column) if isinstance(row, dict) else None
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"--prompts {cfg.prompts}: row {index}: column {cfg.prompt_column!r} must be a non-empty "
-                             f"string, got {value!r:.60}")
-        prompts.append(value)
-    unique = list(dict.fromkeys(prompts))  # a prompt in both sets would leak the held-out evaluation
+        where = f"--prompts {cfg.prompts}: row {index}: column {cfg.prompt_column!r}"
+        prompts.append(check_prompt(row.get(cfg.prompt_column) if isinstance(row, dict) else None, where))
+    by_key = {}
+    for prompt in prompts:  # a prompt in both sets would leak the held-out evaluation
+        by_key.setdefault(prompt_key(prompt), prompt)
+    unique = list(by_key.values())
     if len(unique) < len(prompts):
         log(f"--prompts: {len(prompts) - len(unique)} repeated prompts counted once ({len(unique)} distinct)")
     prompts = unique
@@ -344,7 +342,7 @@ def sample(run: Run, policy: str, prompts: list[str], *, num_samples: int, seed:
         subprocess.run(command, check=True)
         return [row["responses"] for row in read_jsonl(work / "responses.jsonl")]
     return generate_responses(
-        policy, prompts, backend="hf", use_chat_template={"auto": None, "on": True, "off": False}[cfg.chat_template],
+        policy, prompts, backend="hf", chat_template=cfg.chat_template,
         batch_size=cfg.generation_batch_size, **options)
 
 
@@ -514,9 +512,12 @@ def write_report(run: Run, iterations: int) -> list[dict]:
     return rows
 
 
-def _svg_panel(x0: float, title: str, xs: list[int], series: dict[str, list], colors: list[str],
-               y_range: tuple[float, float] | None = None, reference: float | None = None) -> str:
+def _svg_panel(x0: float, title: str, ylabel: str, xs: list[int], series: dict[str, list], colors: list[str],
+               y_range: tuple[float, float] | None = None, reference: tuple[float, str] | None = None) -> str:
+    """One panel: title, x axis "iteration", y axis `ylabel` (quantity and unit), a legend naming every series
+    and the dashed reference line (value, name); values per iteration are drawn as they are, nothing is smoothed."""
     width, height, pad = 300.0, 220.0, 40.0
+    reference, reference_name = reference if reference is not None else (None, None)
     values = [v for ys in series.values() for v in ys if v is not None] + ([reference] if reference is not None else [])
     lo, hi = y_range if y_range else (min(values, default=0.0), max(values, default=1.0))
     if hi - lo < 1e-9:
@@ -529,7 +530,9 @@ def _svg_panel(x0: float, title: str, xs: list[int], series: dict[str, list], co
            f'<line x1="{x0 + pad}" y1="{pad}" x2="{x0 + pad}" y2="{height - pad}" stroke="black"/>',
            f'<text x="{x0 + pad - 4}" y="{py(lo) + 4}" text-anchor="end" font-size="10">{lo:.3g}</text>',
            f'<text x="{x0 + pad - 4}" y="{py(hi) + 4}" text-anchor="end" font-size="10">{hi:.3g}</text>',
-           f'<text x="{x0 + width / 2}" y="{height - 8}" text-anchor="middle" font-size="11">iteration</text>']
+           f'<text x="{x0 + width / 2}" y="{height - 8}" text-anchor="middle" font-size="11">iteration</text>',
+           f'<text x="{x0 + 12}" y="{height / 2}" text-anchor="middle" font-size="11" '
+           f'transform="rotate(-90 {x0 + 12} {height / 2})">{ylabel}</text>']
     for x in xs:
         out.append(f'<text x="{px(x)}" y="{height - pad + 14}" text-anchor="middle" font-size="10">{x}</text>')
     if reference is not None:
@@ -542,6 +545,9 @@ def _svg_panel(x0: float, title: str, xs: list[int], series: dict[str, list], co
                        + " ".join(f"{a:.1f},{b:.1f}" for a, b in points) + '"/>')
             out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in points]
         out.append(f'<text x="{x0 + pad + 6}" y="{pad + 12 * k + 2}" font-size="10" fill="{color}">{name}</text>')
+    if reference is not None:
+        out.append(f'<text x="{x0 + pad + 6}" y="{pad + 12 * len(series) + 2}" font-size="10" fill="gray">'
+                   f'- - {reference_name}</text>')
     return "\n".join(out)
 
 
@@ -550,13 +556,15 @@ def svg_report(rows: list[dict]) -> str:
     xs = [r["iteration"] for r in rows]
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
     panels = [
-        _svg_panel(0, "win rate of pi_{t+1}", xs, {"vs pi_t": [r["win_rate_vs_previous"] for r in rows],
-                                                   "vs pi_1": [r["win_rate_vs_initial"] for r in rows]},
-                   colors, y_range=(0.0, 1.0), reference=0.5),
-        _svg_panel(300, "mean response tokens", xs, {"pi_{t+1} held-out": [r["mean_response_tokens"] for r in rows],
-                                                     "pi_t samples": [r["generated_response_tokens"] for r in rows]},
+        _svg_panel(0, "win rate of pi_{t+1}", "P(pi_{t+1} wins) (0 to 1)", xs,
+                   {"vs pi_t": [r["win_rate_vs_previous"] for r in rows],
+                    "vs pi_1": [r["win_rate_vs_initial"] for r in rows]},
+                   colors, y_range=(0.0, 1.0), reference=(0.5, "1/2: a tie")),
+        _svg_panel(300, "mean response length", "tokens per response", xs,
+                   {"pi_{t+1} held-out": [r["mean_response_tokens"] for r in rows],
+                    "pi_t samples": [r["generated_response_tokens"] for r in rows]}, colors),
+        _svg_panel(600, "time per stage", "wall time (s)", xs, {s: [r["seconds"].get(s) for r in rows] for s in STAGES},
                    colors),
-        _svg_panel(600, "seconds per stage", xs, {s: [r["seconds"].get(s) for r in rows] for s in STAGES}, colors),
     ]
     return ('<svg xmlns="http://www.w3.org/2000/svg" width="900" height="220" font-family="sans-serif">\n'
             '<rect width="900" height="220" fill="white"/>\n' + "\n".join(panels) + "\n</svg>\n")

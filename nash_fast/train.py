@@ -7,9 +7,10 @@
 
 Every option is a field of nash_fast.config.TrainConfig (see --help). The run, top to bottom:
 
-1. Data: rows from a jsonl/json/parquet file or a datasets name, columns renamed by --columns, the
-   schema checked (errors name the row and column) before any model is loaded, then tokenized
-   (nash_fast.data: chat template or raw text; nothing truncated).
+1. Data (nash_fast.data): rows from a jsonl/json/parquet file or a datasets name (loading.py), columns renamed
+   by --columns, each row's format decided and checked (formats.py: TRL's standard / conversational,
+   explicit / implicit prompt, SPPO groups; errors name the row and column) before any model is loaded,
+   then tokenized (records.py: chat template or raw text; nothing truncated).
 2. Precompute (nash_fast.precompute): reference log-probs of every sequence (INPO: also the previous
    iterate's; Sr-DPO/Sr-IPO: also the reference's on the augmented query p + x), forward-only, cached
    on disk by model and data fingerprint. The frozen models are released before training.
@@ -62,143 +63,38 @@ from nash_fast.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from nash_fast.config import COLUMN_FIELDS, TrainConfig, parse_config, to_dict
+from nash_fast.config import TrainConfig, parse_config, to_dict
+from nash_fast.console import Console, is_terminal, library_bars_only_on_a_terminal
 
 __all__ = ["main", "train", "load_records", "validate_records", "LossPlan", "micro_batch_loss"]
 
-_TEXT_FIELDS = ("prompt", "chosen", "rejected")
-_PROBABILITY_FIELDS = ("preference", "chosen_winrate", "rejected_winrate")
+CONSOLE = Console()
 
 
 def log(message: str) -> None:
-    print(f"[nash_fast] {message}", flush=True)
+    """A "[nash_fast] ..." line on stdout, printed through the progress bar while one is shown."""
+    CONSOLE.log(message)
 
 
 # =============================================================================================== data
 
 def load_rows(cfg: TrainConfig) -> list[dict]:
-    """Raw rows of --dataset (no model, no tokenizer)."""
-    name = cfg.dataset
-    if name == "tiny":
-        from nash_fast.data import load_tiny_preferences
+    """Raw rows of --dataset (no model, no tokenizer): nash_fast.data.loading."""
+    from nash_fast.data.loading import load_rows as load
 
-        return load_tiny_preferences()
-    path = Path(name)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            from nash_fast.data import load_jsonl
-
-            return load_jsonl(path)
-        if suffix == ".json":
-            with open(path) as f:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"--dataset {name}: not valid JSON ({error})") from None
-            if isinstance(data, dict) and isinstance(data.get(cfg.dataset_split), list):
-                data = data[cfg.dataset_split]
-            if not isinstance(data, list):
-                raise ValueError(f"--dataset {name}: expected a JSON list of records (or {{split: [records]}})")
-            return data
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        raise ValueError(f"--dataset {name}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
-    import datasets
-
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if cfg.dataset_split not in loaded:
-                raise ValueError(f"--dataset-split {cfg.dataset_split!r} not in {sorted(loaded)}")
-            loaded = loaded[cfg.dataset_split]
-    else:
-        try:
-            loaded = datasets.load_dataset(name, cfg.dataset_config, split=cfg.dataset_split)
-        except Exception as error:
-            raise ValueError(f"--dataset {name!r}: not a file and could not be loaded with datasets ({error})") from error
-    return loaded.to_list()
+    return load(cfg.dataset, split=cfg.dataset_split, config=cfg.dataset_config)
 
 
 def validate_records(rows: Sequence[Any], cfg: TrainConfig) -> list[dict]:
-    """Rename columns (--columns) to the trainer's fields and check the schema the loss needs.
+    """Rename columns (--columns), decide each row's format and check what the loss needs
+    (nash_fast.data.formats: TRL's standard / conversational, explicit / implicit prompt, SPPO groups).
 
-    Errors name the row and the dataset's column. Returns the records with canonical field names
-    (other columns are kept unchanged).
-    """
-    mapping = cfg.column_mapping()
-    column = {f: mapping.get(f, f) for f in COLUMN_FIELDS}
-    if not rows:
-        raise ValueError(f"--dataset {cfg.dataset}: no rows")
-    groups = isinstance(rows[0], dict) and column["responses"] in rows[0]
-    if groups and cfg.loss != "sppo":
-        raise ValueError(
-            f"--dataset has a {column['responses']!r} column (K-response groups): only --loss sppo (its all-responses "
-            f"form) trains on groups; --loss {cfg.loss} needs chosen/rejected pairs"
-        )
-    records = []
-    for index, row in enumerate(rows):
-        where = f"--dataset {cfg.dataset}: row {index}"
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a mapping of column: value, got {type(row).__name__}")
-        renamed_away = {column[f] for f in COLUMN_FIELDS if column[f] != f}
-        record = {k: v for k, v in row.items() if k not in renamed_away}
-        for f in COLUMN_FIELDS:
-            if column[f] in row:
-                record[f] = row[column[f]]
-            elif f in record and column[f] != f:
-                del record[f]  # a column named like a field but not the one mapped to it
-        needed_text = ("prompt", "responses") if groups else _TEXT_FIELDS
-        for f in needed_text:
-            if f not in record:
-                raise ValueError(f"{where}: missing column {column[f]!r} (field {f!r}); map it with --columns {f}=COLUMN")
-        if (column["responses"] in row) != groups:
-            raise ValueError(f"{where}: mixes pair rows and K-response rows ({column['responses']!r} column)")
-        for f in ("prompt",) if groups else _TEXT_FIELDS:
-            value = record[f]
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{where}: column {column[f]!r} (field {f!r}) must be a non-empty string, got {value!r:.60}")
-        if groups:
-            responses = record["responses"]
-            if not isinstance(responses, list) or not responses or not all(isinstance(r, str) and r.strip() for r in responses):
-                raise ValueError(f"{where}: column {column['responses']!r} must be a non-empty list of non-empty strings")
-            winrates = record.get("winrates")
-            if winrates is None:
-                raise ValueError(f"{where}: missing column {column['winrates']!r} (field 'winrates'): SPPO's "
-                                 "all-responses form needs each response's P(y > pi_t)")
-            if not isinstance(winrates, list) or len(winrates) != len(responses):
-                raise ValueError(f"{where}: column {column['winrates']!r} must list one win rate per response")
-            for k, w in enumerate(winrates):
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
-                    raise ValueError(f"{where}: column {column['winrates']!r}[{k}] must be a probability in [0, 1], got {w!r}")
-        else:
-            for f in _PROBABILITY_FIELDS:
-                value = record.get(f)
-                if value is None:
-                    record.pop(f, None)
-                    continue
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                    raise ValueError(f"{where}: column {column[f]!r} (field {f!r}) must be a probability in [0, 1], got {value!r}")
-            if cfg.loss in ("sppo", "spce") and "preference" not in record:
-                if cfg.default_preference is None:
-                    raise ValueError(
-                        f"{where}: missing column {column['preference']!r} (field 'preference', P(chosen beats rejected)) "
-                        f"needed by --loss {cfg.loss}; map it with --columns preference=COLUMN or set --default-preference "
-                        "(1.0 for hard labels)"
-                    )
-                record["preference"] = cfg.default_preference
-            if cfg.loss in ("sr_dpo", "sr_ipo"):
-                aug = record.get("aug_prompt")
-                if aug is None:
-                    record["aug_prompt"] = cfg.aug_prompt
-                elif not isinstance(aug, str) or not aug.strip():
-                    raise ValueError(f"{where}: column {column['aug_prompt']!r} (field 'aug_prompt') must be a non-empty string")
-            else:
-                record.pop("aug_prompt", None)
-        records.append(record)
-    return records
+    Errors name the row and the dataset's column. Returns the records in explicit form with canonical field
+    names (other columns are kept unchanged)."""
+    from nash_fast.data.formats import validate_records as validate
+
+    return validate(rows, columns=cfg.column_mapping(), loss=cfg.loss, default_preference=cfg.default_preference,
+                    aug_prompt=cfg.aug_prompt, source=f"--dataset {cfg.dataset}")
 
 
 def load_records(cfg: TrainConfig) -> list[dict]:
@@ -209,8 +105,16 @@ def load_records(cfg: TrainConfig) -> list[dict]:
 def tokenize(cfg: TrainConfig, tokenizer, records: list[dict]) -> list[dict]:
     from nash_fast.data import tokenize_records
 
-    use_chat_template = {"auto": None, "on": True, "off": False}[cfg.chat_template]
-    examples = tokenize_records(tokenizer, records, use_chat_template=use_chat_template, max_length=cfg.max_length)
+    from nash_fast.data import apply_chat_template_option
+
+    use_chat_template = apply_chat_template_option(tokenizer, cfg.chat_template)  # a given template is installed
+    try:
+        examples = tokenize_records(tokenizer, records, use_chat_template=use_chat_template, max_length=cfg.max_length)
+    except ValueError as error:  # "record i: ..." is row i of --dataset
+        message = str(error)
+        if message.startswith("record "):
+            message = f"--dataset {cfg.dataset}: row {message[len('record '):]}"
+        raise ValueError(message) from None
     # Only the fields the collator and losses read travel with the examples.
     keep = ("prompt_ids", "chosen_ids", "rejected_ids", "aug_prompt_ids", "responses_ids", "responses_winrate", "preference")
     return [{k: e[k] for k in keep if k in e} for e in examples]
@@ -401,8 +305,35 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
         return Dist()
     import deepspeed
 
+    if not launched():
+        _init_world_of_one()
     deepspeed.init_distributed()  # nccl on GPUs, gloo on CPU (DeepSpeed's accelerator picks)
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# What torchrun, the deepspeed launcher, accelerate (RANK ...) and MPI launchers (OMPI_*, PMI_*) put in the environment.
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+
+
+def launched() -> bool:
+    """True when a launcher started this process (it then owns rank discovery)."""
+    return any(name in os.environ for name in _LAUNCHER_VARIABLES)
+
+
+def _init_world_of_one() -> None:
+    """A plain `python -m nash_fast.train --zero-stage N`: this process is the whole world.
+
+    Without launcher variables deepspeed.init_distributed() would try MPI discovery (mpi4py). Instead the
+    process group is created here, in-process (a HashStore: no port, no network), with the backend DeepSpeed's
+    accelerator names, and the variables a one-process launch would set are filled in (DeepSpeed's engine reads
+    LOCAL_RANK)."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+    if not torch.distributed.is_initialized():
+        from deepspeed.accelerator import get_accelerator
+
+        torch.distributed.init_process_group(get_accelerator().communication_backend_name(),
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 def select_device(cfg: TrainConfig, dist: Dist) -> torch.device:
@@ -825,6 +756,9 @@ def _train_step(run: Run) -> dict:
     else:
         state.consecutive_bad += 1
         state.skipped_steps += 1
+    # A step belongs to the epoch of its first micro-batch: the last step of a run may reach past the last
+    # epoch's end (total_steps rounds up to whole steps), its first micro-batch never does.
+    epoch = run.stream.locate(state.position)[0]
     state.step += 1
     state.position += per_step
     tokens = int(sums[-4])
@@ -838,7 +772,7 @@ def _train_step(run: Run) -> dict:
             record[key] = value if math.isfinite(value) else None
     record.update(
         lr=lr, tokens=tokens, tokens_per_s=tokens / elapsed if elapsed > 0 else None, grad_norm=grad_norm,
-        padding_fraction=float(sums[-3]) / count, epoch=run.stream.locate(state.position)[0],
+        padding_fraction=float(sums[-3]) / count, epoch=epoch,
         step_time_s=elapsed, skipped=not applied,
     )
     if not applied:
@@ -888,7 +822,8 @@ def train(cfg: TrainConfig) -> dict:
     """Run training per cfg; returns a summary (paths, steps, last metrics)."""
     threads = torch.get_num_threads()
     try:
-        return _train(cfg)
+        with library_bars_only_on_a_terminal():
+            return _train(cfg)
     finally:
         torch.set_num_threads(threads)  # train() may run inside a larger program (selfplay, tests)
 
@@ -965,22 +900,18 @@ def _train(cfg: TrainConfig) -> dict:
             log(f"resumed from {resume_from} at step {run.state.step}")
     metrics_log = MetricsLog(output_dir, dist.is_main, cfg.tensorboard, run.state.step)
 
-    # 5. loop
-    progress = None
-    if dist.is_main and cfg.progress_bar:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=run.state.step, desc=f"{cfg.loss}", unit="step", dynamic_ncols=True)
+    # 5. loop: a bar on a terminal, plain progress lines in a log (nash_fast.console)
+    console = Console(enabled=dist.is_main)
     record: dict = {}
     stopped_by_signal = False
     try:
-        with _Termination() as termination:
+        with _Termination() as termination, console.progress(total=total_steps, initial=run.state.step,
+                                                              desc=cfg.loss, show=cfg.progress_bar) as progress:
             while run.state.step < total_steps:
                 record = _train_step(run)
                 metrics_log.write(record)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=record.get("loss"), tok_s=round(record["tokens_per_s"] or 0))
+                progress.update(run.state.step, loss=record.get("loss"), tokens=record["tokens"],
+                                tokens_per_s=record["tokens_per_s"])
                 if run.state.consecutive_bad >= cfg.max_consecutive_bad_steps:
                     raise RuntimeError(
                         f"{run.state.consecutive_bad} optimizer steps in a row were skipped for a non-finite loss or "
@@ -997,8 +928,6 @@ def _train(cfg: TrainConfig) -> dict:
                 if cfg.save_steps and run.state.step % cfg.save_steps == 0 and run.state.step < total_steps:
                     _save(run)
     finally:
-        if progress is not None:
-            progress.close()
         metrics_log.close()
 
     summary = {"output_dir": str(output_dir), "metrics": str(metrics_log.path), "steps": run.state.step,
@@ -1023,7 +952,8 @@ def _precompute(cfg, dist, device, dtype, vocab_size, examples, plan) -> None:
     common = dict(cache_dir=cache_dir, augment=plan.augment, average=cfg.average_log_prob,
                   max_tokens=cfg.precompute_max_tokens or 2 * cfg.max_tokens, backend=cfg.logprob_backend,
                   settings=settings, rank=dist.rank, world_size=dist.world_size, barrier=dist.barrier,
-                  progress=cfg.progress_bar, log=log if dist.is_main else (lambda m: None))
+                  # precompute's tqdm bar only on a terminal: in a log file it is one line of carriage returns
+                  progress=cfg.progress_bar and is_terminal(sys.stderr), log=log if dist.is_main else (lambda m: None))
     ref_name = cfg.ref_model or cfg.model
 
     def loader(name):

@@ -114,3 +114,102 @@ def test_column_mapping():
     assert cfg.column_mapping() == {"prompt": "question", "chosen": "good", "rejected": "bad"}
     with pytest.raises(ValueError, match="mapped twice"):
         parse_config(["--columns", "prompt=a,prompt=b"])
+
+
+# ------------------------------------------------------------------------------------------------ YAML = flags
+
+def test_yaml_numbers_are_read_as_people_write_them(tmp_path):
+    """PyYAML alone reads 5e-7 as the string '5e-7' (YAML 1.1 wants a dot); options go through the flags' parsers."""
+    text = ("lr: 5e-7\noptimizer_eps: 1E-8\nwarmup_ratio: .05\nweight_decay: 0\nmax_tokens: 2_048\n"
+            "warmup_steps: none\nbf16: on\nloss: dpo\nbeta: 1e-1\ncolumns: {prompt: question, chosen: good}\n"
+            "save_steps: 1e3\nmax_steps: 2000.0\n")
+    cfg = parse_config(["--config", write_yaml(tmp_path, text)])
+    assert (cfg.lr, cfg.optimizer_eps, cfg.warmup_ratio, cfg.weight_decay, cfg.max_tokens) == (5e-7, 1e-8, 0.05, 0.0, 2048)
+    assert (cfg.warmup_steps, cfg.bf16, cfg.beta, cfg.save_steps, cfg.max_steps) == (None, True, 0.1, 1000, 2000)
+    assert cfg.column_mapping() == {"prompt": "question", "chosen": "good"}
+    assert isinstance(cfg.lr, float) and isinstance(cfg.max_tokens, int)
+
+
+_TEXTS = {
+    bool: ["true", "False", "yes", "no", "on", "off", "1", "0", "maybe", "none"],
+    int: ["7", "1_000", "0", "-3", "2.5", "1e3", "4.0", "1e400", "true", "none", "~", "null", ""],
+    float: ["5e-7", "5.0e-7", "1E-3", ".5", "3", "1_000.5", "-2", ".inf", "nan", "abc", "none", "~", "true"],
+    str: ["tiny", "none", "5e-7", "yes", "~", "null", "a b"],
+}
+
+
+def _flag_value(name, text):
+    """The option's value from the flag alone (argparse's conversion), or 'error'."""
+    try:
+        namespace = vars(build_parser().parse_args([f"{flag(name)}={text}"]))
+    except SystemExit:
+        return "error"
+    return namespace[name]
+
+
+def _same(a, b):
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
+@pytest.mark.parametrize("field", [f for f in dataclasses.fields(TrainConfig) if "choices" not in f.metadata],
+                         ids=lambda f: f.name)
+def test_yaml_values_and_flags_parse_the_same_way(tmp_path, capsys, field):
+    """For every option and every text a user may write: the flag and the YAML key give the same value, or
+    both refuse it (the YAML one with a ValueError naming the option)."""
+    from nash_fast.config import _base_type, load_yaml
+
+    base, _ = _base_type(field.type)
+    for text in _TEXTS[base]:
+        expected = _flag_value(field.name, text)
+        options, problems = load_yaml(write_yaml(tmp_path, f"{field.name}: {text}\n" if text else f"{field.name}:\n"))
+        got = "error" if field.name in problems else options[field.name]
+        assert _same(got, expected), (field.name, text, got, expected)
+        if got == "error":
+            assert problems[field.name].startswith(flag(field.name)), problems
+    capsys.readouterr()  # argparse's usage messages
+
+
+@pytest.mark.parametrize("field", [f for f in dataclasses.fields(TrainConfig) if "choices" in f.metadata],
+                         ids=lambda f: f.name)
+def test_yaml_and_flag_choices_agree(tmp_path, capsys, field):
+    from nash_fast.config import load_yaml
+
+    for choice in field.metadata["choices"]:
+        options, problems = load_yaml(write_yaml(tmp_path, f"{field.name}: {choice}\n"))
+        assert not problems and options[field.name] == _flag_value(field.name, str(choice)) == choice
+        assert not [p for p in TrainConfig(**options).problems() if p.startswith(flag(field.name) + " must")]
+    with pytest.raises(SystemExit):
+        parse_config([f"{flag(field.name)}=not-a-choice"])
+    with pytest.raises(ValueError, match=flag(field.name)):
+        parse_config(["--config", write_yaml(tmp_path, f"{field.name}: not-a-choice\n")])
+    capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------------------------ all at once
+
+def test_every_missing_or_conflicting_option_is_reported_at_once(tmp_path):
+    with pytest.raises(ValueError) as error:
+        parse_config(["--loss", "inpo"])
+    assert "--loss inpo needs --eta and --tau" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        parse_config(["--loss", "inpo", "--beta", "0.1", "--lr", "-1", "--offload-param", "--prev-model", "x",
+                      "--columns", "question=prompt"])
+    message = str(error.value)
+    assert message.startswith("5 problems with the options: ") and "\n" not in message
+    for option in ("--eta and --tau", "--beta is not used by --loss inpo", "--lr must be > 0", "--offload-param",
+                   "--columns"):
+        assert option in message, message
+    # YAML values that do not parse are reported with the flags' problems; a flag replaces a bad YAML value.
+    path = write_yaml(tmp_path, "lr: abc\nmax_steps: 2.5\nloss: ipo\n")
+    with pytest.raises(ValueError) as error:
+        parse_config(["--config", path, "--max-tokens", "0", "--tau", "0.1"])
+    message = str(error.value)
+    assert message.startswith("4 problems"), message
+    for option in ("--lr (in --config", "--max-steps (in --config", "--max-tokens must be > 0", "--tau is not used"):
+        assert option in message, message
+    assert parse_config(["--config", path, "--lr", "1e-3", "--max-steps", "3"]).lr == 1e-3
+    # The API: TrainConfig.validate() and .problems() see the same list.
+    cfg = TrainConfig(loss="sr_dpo", max_tokens=0)
+    assert len(cfg.problems()) == 2
+    with pytest.raises(ValueError, match=r"2 problems.*--max-tokens.*--lam"):
+        cfg.validate()

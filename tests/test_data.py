@@ -42,6 +42,9 @@ def test_raw_text_pair_appends_eos():
     assert TOKENIZER.decode(example["prompt_ids"]) == PAIR["prompt"]
     assert example["chosen_ids"][-1] == TOKENIZER.eos_token_id
     assert TOKENIZER.decode(example["chosen_ids"][:-1]) == PAIR["chosen"]
+    # a response that already ends with EOS (TRL adds it only then) gets no second one
+    ended = tokenize_pair(TOKENIZER, dict(PAIR, chosen=PAIR["chosen"] + TOKENIZER.eos_token), use_chat_template=False)
+    assert ended["chosen_ids"] == example["chosen_ids"]
 
 
 def test_k_response_record_keeps_winrates_in_order():

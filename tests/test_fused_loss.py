@@ -9,6 +9,7 @@ gradients are compared at rtol 1e-4 with an absolute floor of 1e-4 x the referen
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -284,6 +285,8 @@ def test_liger_and_packed_layouts_agree(name):
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
     assert m1.keys() == m2.keys()
     for k in m1:
+        if k in ("mean_chosen_logits", "mean_rejected_logits"):
+            continue  # Liger's logits means count the padding positions of the [2B, T] layout (checked below)
         torch.testing.assert_close(m1[k], m2[k], rtol=1e-5, atol=1e-5)
 
 
@@ -578,3 +581,250 @@ def test_bad_liger_layout_is_named():
            **aug, **REF1)
     with pytest.raises(ValueError, match=r"ref_chosen_logps must have shape \[1\]"):
         dpo(weight, torch.zeros(2, 4, 8), labels[:2], ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(1))
+
+
+# ----------------------------------------------------------------------------- Liger's call
+
+def liger_reference(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, *, beta=0.1, loss_type="sigmoid",
+                    average_log_prob=False, compute_nll_loss=False, alpha=1.0, use_ref_model=True):
+    """LigerFusedLinearDPOLoss (liger-kernel 0.8.5, chunked_loss/fused_linear_preference.py and dpo_loss.py) written
+    out in float64 with the logits materialized: (loss, its 7-tuple)."""
+    B = target.shape[0] // 2
+
+    def logps(hidden, weight, b):
+        logits = hidden.double() @ weight.double().T + (0 if b is None else b.double())
+        mask = target != IGNORE
+        per_token = torch.log_softmax(logits, -1).gather(-1, torch.where(mask, target, 0)[..., None])[..., 0]
+        summed = (per_token * mask).sum(-1)
+        return (summed / mask.sum(-1) if average_log_prob else summed), logits, per_token, mask
+
+    policy, logits, per_token, mask = logps(_input, lin_weight, bias)
+    with torch.no_grad():
+        ref = logps(ref_input, ref_weight, ref_bias)[0] if use_ref_model else torch.zeros_like(policy)
+    a, b = policy[:B] - ref[:B], policy[B:] - ref[B:]
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * (a - b)).sum() / B
+    else:  # sppo_hard
+        loss = ((a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2).sum() / B
+    nll = -(per_token[:B] * mask[:B]).sum() / mask[:B].sum() if compute_nll_loss else torch.zeros((), dtype=torch.float64)
+    loss = loss + alpha * nll
+    mean_logits = logits[:B].sum() / logits[:B].numel(), logits[B:].sum() / logits[B:].numel()
+    return loss, (policy[:B], policy[B:], *mean_logits, nll, beta * a, beta * b)
+
+
+def liger_problem(seed, B=3, T=6, H=8, V=13, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, V, (2 * B, T), generator=g)
+    for row in range(2 * B):  # a prompt, a response, padding
+        start = int(torch.randint(0, T - 1, (), generator=g))
+        end = int(torch.randint(start + 1, T + 1, (), generator=g))
+        target[row, :start] = IGNORE
+        target[row, end:] = IGNORE
+    make = lambda *shape: torch.randn(*shape, generator=g) * 0.5  # noqa: E731
+    return dict(lin_weight=make(V, H), _input=make(2 * B, T, H), target=target, bias=make(V) if bias else None,
+                ref_input=make(2 * B, T, H), ref_weight=make(V, H), ref_bias=make(V) if bias else None)
+
+
+LIGER_CASES = [dict(), dict(average_log_prob=True), dict(compute_nll_loss=True, alpha=0.5), dict(loss_type="sppo_hard"),
+               dict(use_ref_model=False), dict(beta=0.7, average_log_prob=True, compute_nll_loss=True)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("options", LIGER_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_liger_positional_call_and_outputs(options, bias):
+    """FusedLinearDPOLoss(**Liger's arguments)(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias) gives
+    Liger's loss, gradients and 7-tuple; FusedLinearPreferenceLoss takes the same positional call."""
+    problem = liger_problem(3, bias=bias)
+    expected_loss, expected_aux = liger_reference(**problem, **options)
+    leaves = {k: problem[k].clone().requires_grad_() for k in ("lin_weight", "_input", "bias") if problem[k] is not None}
+    args = [leaves.get(k, problem[k]) for k in ("lin_weight", "_input", "target", "bias", "ref_input", "ref_weight", "ref_bias")]
+    if options.get("use_ref_model") is False:
+        args[4:] = [None, None, None]
+    from nash_fast import FusedLinearDPOLoss
+
+    loss, aux = FusedLinearDPOLoss(**options, backend="torch")(*args)
+    assert_close(loss, expected_loss, "loss")
+    assert isinstance(aux, tuple) and len(aux) == 7
+    chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss, *rewards = aux  # as TRL unpacks
+    for what, ours, ref in zip(fused_module._LIGER_AUX, aux, expected_aux):
+        assert_close(ours, ref, what)
+        assert torch.equal(getattr(aux, what), ours) and torch.equal(aux.metrics[what], ours)
+    loss.backward()
+    leaves64 = {}
+    for name, leaf in leaves.items():  # float64 gradients of the same reference
+        leaves64[name] = problem[name].double().requires_grad_()
+    loss64, _ = liger_reference(**{**problem, **leaves64}, **options)
+    loss64.backward()
+    for name, leaf in leaves.items():
+        assert_close(leaf.grad, leaves64[name].grad, f"d {name}")
+    if "loss_type" not in options and "use_ref_model" not in options and "compute_nll_loss" not in options:
+        plain = FusedLinearPreferenceLoss("dpo", beta=options.get("beta", 0.1), backend="torch",
+                                          average_log_prob=options.get("average_log_prob", False))
+        loss2, metrics = plain(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        assert_close(loss2, expected_loss, "FusedLinearPreferenceLoss positional call")
+        for what, ref in zip(fused_module._LIGER_AUX, expected_aux):
+            assert_close(metrics[what], ref, what)
+
+
+def test_liger_reference_pass_is_forward_only_through_the_fused_op(monkeypatch):
+    calls = []
+    real = fused_module.sequence_logprobs
+
+    def spy(hidden, weight, labels, **kwargs):
+        calls.append((hidden, weight, torch.is_grad_enabled()))
+        return real(hidden, weight, labels, **kwargs)
+
+    monkeypatch.setattr(fused_module, "sequence_logprobs", spy)
+    p = liger_problem(5)
+    ref_input = p["ref_input"].requires_grad_()
+    ref_weight = p["ref_weight"].requires_grad_()
+    loss, _ = FusedLinearPreferenceLoss("dpo", backend="torch")(p["lin_weight"].requires_grad_(), p["_input"],
+                                                                p["target"], None, ref_input, ref_weight)
+    assert [(h is ref_input, w is ref_weight, grad) for h, w, grad in calls] == [(True, True, False), (False, False, True)]
+    loss.backward()
+    assert ref_input.grad is None and ref_weight.grad is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed (bench extra)")
+@pytest.mark.parametrize("options", LIGER_CASES[:5], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_matches_liger_kernel_itself(options):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    from nash_fast import FusedLinearDPOLoss
+
+    problem = liger_problem(11, bias=True)
+    args = [problem[k] for k in ("lin_weight", "_input", "target", "bias", "ref_input", "ref_weight", "ref_bias")]
+    if options.get("use_ref_model") is False:
+        args[4:] = [None, None, None]
+    results = []
+    for cls in (LigerFusedLinearDPOLoss, FusedLinearDPOLoss):
+        leaves = [a.clone().requires_grad_() if i in (0, 1) else a for i, a in enumerate(args)]
+        loss, aux = cls(**options, compiled=False)(*leaves)
+        loss.backward()
+        results.append((loss.detach(), [a.detach() for a in aux], leaves[0].grad, leaves[1].grad))
+    (l1, a1, w1, h1), (l2, a2, w2, h2) = results
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    for x, y in zip(a2, a1, strict=True):
+        torch.testing.assert_close(x.reshape(y.shape), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(h2, h1, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+def test_reference_hidden_states_equal_precomputed_reference(name):
+    """Packed layout (Sr-*: augmented roles too), Liger layout, and SPPO's all-responses form: the reference from
+    ref_input/ref_weight gives the loss and gradients of its log-probs passed precomputed (bitwise: the same
+    backend computes both)."""
+    hyper = dict(eta=4.0, tau=1.0) if name == "inpo" else dict(eta=4.0) if name == "sppo" else dict(beta=0.5)
+    if name in AUGMENTED:
+        hyper["lam"] = 0.4
+    seqs, weight, bias, g = make_problem(9, 3, 16, 31, augmented=name in AUGMENTED, bias=True)
+    module = FusedLinearPreferenceLoss(name, **hyper, backend="torch")
+    ref_weight, ref_bias = torch.randn_like(weight), torch.randn_like(bias)
+    extra = dict(winrate=torch.rand(3, generator=g)) if name == "sppo" else dict(target_prob=torch.rand(3, generator=g)) \
+        if name == "spce" else dict(prev_chosen_logps=torch.randn(3, generator=g), prev_rejected_logps=torch.randn(3, generator=g)) \
+        if name == "inpo" else {}
+    b = packed(seqs, g)
+    ref_hidden = torch.randn(b["hidden"].shape, generator=g)
+    ref = fused_module.sequence_logprobs(ref_hidden, ref_weight, b["labels"], cu_seqlens=b["cu_seqlens"], bias=ref_bias,
+                                         backend="torch")
+    per_pair = {r: torch.empty(3) for r in range(4)}
+    for s, (role, pair) in enumerate(zip(b["role"].tolist(), b["pair_index"].tolist())):
+        per_pair[role][pair] = ref[s]
+    precomputed = dict(ref_chosen_logps=per_pair[0], ref_rejected_logps=per_pair[1])
+    if name in AUGMENTED:
+        precomputed.update(aug_ref_chosen_logps=per_pair[2], aug_ref_rejected_logps=per_pair[3])
+    layout = dict(cu_seqlens=b["cu_seqlens"], role=b["role"], pair_index=b["pair_index"])
+    results = []
+    for reference in (dict(ref_input=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias), precomputed):
+        w = weight.clone().requires_grad_()
+        loss, metrics = module(w, b["hidden"], b["labels"], bias, **reference, **layout, **extra)
+        loss.backward()
+        results.append((loss, w.grad, metrics["chosen_rewards"]))
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    if name == "sppo":  # all responses: winrate has one entry per sequence
+        winrate = torch.rand(len(seqs), generator=g)
+        ours, _ = module(weight, b["hidden"], b["labels"], None, ref_hidden, ref_weight, ref_bias,
+                         cu_seqlens=b["cu_seqlens"], winrate=winrate)
+        theirs, _ = module(weight, b["hidden"], b["labels"], cu_seqlens=b["cu_seqlens"], winrate=winrate,
+                           ref_logps=fused_module.sequence_logprobs(ref_hidden, ref_weight, b["labels"],
+                                                                    cu_seqlens=b["cu_seqlens"], bias=ref_bias,
+                                                                    backend="torch"))
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    if name in AUGMENTED:  # Liger layout: the augmented rows' reference from aug_ref_input
+        lb = liger(seqs, 16, g, True)
+        aug_ref = torch.randn(lb["aug_hidden"].shape, generator=g)
+        row_ref = fused_module.sequence_logprobs(lb["hidden"], ref_weight, lb["labels"], bias=ref_bias, backend="torch")
+        aug_row_ref = fused_module.sequence_logprobs(aug_ref, ref_weight, lb["aug_labels"], bias=ref_bias,
+                                                     backend="torch")
+        ours, _ = module(weight, lb["hidden"], lb["labels"], bias, lb["hidden"], ref_weight, ref_bias,  # ref = policy
+                         aug_hidden=lb["aug_hidden"], aug_labels=lb["aug_labels"], aug_ref_input=aug_ref)
+        theirs, _ = module(weight, lb["hidden"], lb["labels"], bias, aug_hidden=lb["aug_hidden"], aug_labels=lb["aug_labels"],
+                           ref_chosen_logps=row_ref[:3], ref_rejected_logps=row_ref[3:],
+                           aug_ref_chosen_logps=aug_row_ref[:3], aug_ref_rejected_logps=aug_row_ref[3:])
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="needs aug_ref_input"):
+            module(weight, lb["hidden"], lb["labels"], bias, lb["hidden"], ref_weight, aug_hidden=lb["aug_hidden"],
+                   aug_labels=lb["aug_labels"])
+
+
+def test_mean_logits_in_the_packed_layout():
+    seqs, weight, bias, g = make_problem(4, 2, 8, 11, augmented=False, bias=True)
+    b = packed(seqs, g)
+    _, metrics = FusedLinearPreferenceLoss("dpo", backend="torch")(weight, b["hidden"], b["labels"], bias, **REF2,
+                                                                  cu_seqlens=b["cu_seqlens"], role=b["role"],
+                                                                  pair_index=b["pair_index"])
+    logits = (b["hidden"].double() @ weight.double().T + bias.double())
+    cu = b["cu_seqlens"].tolist()
+    for role, key in ((0, "mean_chosen_logits"), (1, "mean_rejected_logits")):
+        rows = torch.cat([logits[cu[s]:cu[s + 1]] for s in range(len(cu) - 1) if b["role"][s] == role])
+        assert_close(metrics[key], rows.mean(), key)
+
+
+def test_liger_arguments_that_are_refused_say_why():
+    from nash_fast import FusedLinearDPOLoss
+
+    p = liger_problem(1)
+    call = [p[k] for k in ("lin_weight", "_input", "target", "bias", "ref_input", "ref_weight", "ref_bias")]
+    with pytest.raises(ValueError, match="loss_type='hinge' is not supported; supported: sigmoid, sppo_hard, ipo"):
+        FusedLinearDPOLoss(loss_type="hinge")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        FusedLinearDPOLoss(label_smoothing=0.1)
+    with pytest.raises(ValueError, match="compute_nll_loss.*reduction='mean'"):
+        FusedLinearDPOLoss(compute_nll_loss=True, reduction="none")
+    with pytest.raises(ValueError, match="use_ref_model=False.*ref_input"):
+        FusedLinearDPOLoss(use_ref_model=False)(*call)
+    dpo = FusedLinearPreferenceLoss("dpo", backend="torch")
+    with pytest.raises(ValueError, match="ref_input needs ref_weight"):
+        dpo(*call[:5])
+    with pytest.raises(ValueError, match="ref_weight given without ref_input"):
+        dpo(*call[:4], None, p["ref_weight"], **REF_B3)
+    with pytest.raises(ValueError, match="reference is given twice"):
+        dpo(*call, **REF_B3)
+    with pytest.raises(ValueError, match=r"ref_input must hold .* shape \(6, 6\)"):
+        dpo(*call[:4], p["ref_input"][:, :5], p["ref_weight"])
+    with pytest.raises(ValueError, match=r"needs ref_chosen_logps \(or ref_input and ref_weight\)"):
+        dpo(*call[:4])
+    assert FusedLinearDPOLoss(compiled=False, chunk_size=4).loss == "dpo"  # accepted: no effect on the result
+    # LigerFusedLinearDPOLoss averages no log-probs by default (liger-kernel 0.8.5); neither do we
+    assert FusedLinearDPOLoss().average_log_prob is False and FusedLinearPreferenceLoss("dpo").average_log_prob is False
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed (bench extra)")
+def test_constructor_and_call_signatures_are_ligers():
+    import inspect
+
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    from nash_fast import FusedLinearDPOLoss
+
+    def parameters(function):
+        return [(p.name, p.default) for p in inspect.signature(function).parameters.values()
+                if p.kind is not p.VAR_KEYWORD and p.name != "self"]
+
+    assert parameters(FusedLinearDPOLoss.__init__) == parameters(LigerFusedLinearDPOLoss.__init__)
+    assert parameters(FusedLinearDPOLoss.forward) == parameters(LigerFusedLinearDPOLoss.forward)
+
+
+REF_B3 = dict(ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3))

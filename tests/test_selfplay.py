@@ -275,3 +275,42 @@ def test_embedded_default_runs_two_iterations_quickly(tmp_path):
     assert [r["iteration"] for r in rows] == [1, 2]
     assert all(0.0 <= r["win_rate_vs_initial"] <= 1.0 for r in rows)
     assert elapsed < 300, elapsed
+
+
+def test_report_figures_label_axes_with_units_and_name_every_line():
+    import xml.etree.ElementTree as ET
+
+    rows = [{"iteration": t, "win_rate_vs_previous": 0.5 + 0.1 * t, "win_rate_vs_initial": 0.5 + 0.2 * t,
+             "mean_response_tokens": 10.0 + t, "generated_response_tokens": 9.0 + t,
+             "seconds": {s: float(t) for s in selfplay.STAGES}} for t in (1, 2)]
+    svg = ET.fromstring(selfplay.svg_report(rows))
+    texts = [e.text for e in svg.iter("{http://www.w3.org/2000/svg}text")]
+    for ylabel in ("P(pi_{t+1} wins) (0 to 1)", "tokens per response", "wall time (s)"):
+        assert ylabel in texts
+    assert texts.count("iteration") == 3
+    for legend in ("vs pi_t", "vs pi_1", "- - 1/2: a tie", "pi_{t+1} held-out", "pi_t samples", *selfplay.STAGES):
+        assert legend in texts, legend
+
+
+def test_conversational_prompt_files(tmp_path):
+    """TRL's conversational prompt-only rows ({"prompt": [messages]}, a system message included) go through
+    generation (the chat template renders them), judging and training; the dataset is conversational."""
+    from nash_fast.data import load_tiny_prompts
+    from nash_fast.judges import OfflineJudge
+
+    questions = list(dict.fromkeys(r["prompt"] for r in load_tiny_prompts()))[:10]
+    conversations = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}] for q in questions]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in conversations + conversations[:2]))
+    cfg = small_config(tmp_path, prompts=str(path))
+    train, held_out = selfplay.load_prompts(cfg)
+    assert train + held_out == conversations  # repeats counted once, order kept
+    (row,) = selfplay.selfplay(cfg)
+    assert 0.0 <= row["win_rate_vs_initial"] <= 1.0
+    root = tmp_path / "run" / "iter_1"
+    dataset = [json.loads(line) for line in (root / "dataset.jsonl").read_text().splitlines()]
+    assert dataset and all(r["prompt"] in conversations for r in dataset)
+    assert all(r["responses"][k][0]["role"] == "assistant" for r in dataset for k in range(2))
+    # the offline judge reads the conversation's question: the same judgment as for the plain prompt
+    judge = OfflineJudge()
+    assert judge.quality(conversations[0], "x") == judge.quality(questions[0], "x")

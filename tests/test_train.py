@@ -126,6 +126,27 @@ def test_loss_goes_down_on_a_fixed_batch(small_data, loss):
     assert values[-1] < 0.95 * values[0], values
 
 
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_metrics_epoch_is_the_epoch_the_step_trains_on(tmp_path, small_data, grad_accum):
+    """metrics.jsonl's epoch of step s is the epoch of its first micro-batch: a 2-epoch run shows epochs 0 and 1
+    only (the last step may run past the end of epoch 1: steps are whole), and with one micro-batch per step
+    epoch e holds exactly as many steps as epoch e has token-budget batches."""
+    from nash_fast.data import TokenBudgetBatchSampler, example_sequence_lengths
+
+    cfg = parse_config(run_args(small_data, tmp_path, "--num-epochs", "2", "--grad-accum", str(grad_accum),
+                                "--save-steps", "0"))
+    trainer.train(cfg)
+    epochs = [r["epoch"] for r in read_metrics(tmp_path)]
+    examples = trainer.tokenize(cfg, trainer.load_tokenizer(cfg), trainer.load_records(cfg))
+    lengths = [example_sequence_lengths(e, i) for i, e in enumerate(examples)]
+    stream = trainer.BatchStream(TokenBudgetBatchSampler(lengths, cfg.max_tokens, shuffle=True, seed=cfg.seed))
+    batches = [len(stream.epoch_batches(e)) for e in (0, 1)]
+    assert len(epochs) == -(-sum(batches) // grad_accum) and sorted(set(epochs)) == [0, 1]
+    assert epochs == [stream.locate(grad_accum * s)[0] for s in range(len(epochs))]
+    if grad_accum == 1:
+        assert epochs == [0] * batches[0] + [1] * batches[1]
+
+
 # ------------------------------------------------------------------------------------------------ resume
 
 def test_resume_equals_straight_run_and_sigterm_saves(tmp_path, small_data, monkeypatch):
@@ -295,6 +316,91 @@ def test_column_mapping_parquet_and_default_preference(tmp_path, small_data):
     assert len(read_metrics(tmp_path / "out")) == 2
 
 
+# ------------------------------------------------------------------------------------------------ data formats
+
+SYSTEM = {"role": "system", "content": "Answer in one line."}
+EARLIER = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]  # a multi-turn prompt
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _forms(records):
+    """The same pairs written in TRL's four ways (and SPPO groups in two)."""
+    user = lambda r: [SYSTEM, *EARLIER, {"role": "user", "content": r["prompt"]}]  # noqa: E731
+    turn = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    standard = [dict(prompt=r["prompt"], chosen=" A: " + r["chosen"], rejected=" B: " + r["rejected"],
+                     preference=r["preference"]) for r in records]
+    return {
+        "standard_explicit": standard,
+        "standard_implicit": [dict(chosen=r["prompt"] + r["chosen"], rejected=r["prompt"] + r["rejected"],
+                                   preference=r["preference"]) for r in standard],
+        "conversational_explicit": [dict(prompt=user(r), chosen=turn(r["chosen"]), rejected=turn(r["rejected"]),
+                                         preference=r["preference"]) for r in records],
+        "conversational_implicit": [dict(chosen=user(r) + turn(r["chosen"]), rejected=user(r) + turn(r["rejected"]),
+                                         preference=r["preference"]) for r in records],
+        "groups_explicit": [dict(prompt=user(r), responses=[turn(r["chosen"]), turn(r["rejected"])],
+                                 winrates=[r["chosen_winrate"], r["rejected_winrate"]]) for r in records],
+        "groups_implicit": [dict(responses=[user(r) + turn(r["chosen"]), user(r) + turn(r["rejected"])],
+                                 winrates=[r["chosen_winrate"], r["rejected_winrate"]]) for r in records],
+    }
+
+
+@pytest.mark.parametrize("style", ["standard", "conversational", "groups"])
+def test_explicit_and_implicit_prompts_train_to_identical_losses(tmp_path, style):
+    """TRL's formats: the same data with the prompt explicit and implicit (the shared start of chosen and
+    rejected, TRL's extract_prompt), with a system message and a multi-turn prompt when conversational, trains
+    to identical losses (the records tokenize identically)."""
+    forms = _forms(load_tiny_preferences()[:8])
+    runs = {}
+    for prompt in ("explicit", "implicit"):
+        name = f"{style}_{prompt}"
+        trainer.train(parse_config(run_args(_write(tmp_path / f"{name}.jsonl", forms[name]), tmp_path / name,
+                                            "--max-steps", "2", "--save-steps", "0")))
+        runs[prompt] = read_metrics(tmp_path / name)
+    keys = ("loss", "logratio") if style == "groups" else ("loss", "chosen_logratio", "rejected_logratio", "reward_margin")
+    for a, b in zip(runs["explicit"], runs["implicit"], strict=True):
+        assert [a[k] for k in keys + ("tokens",)] == [b[k] for k in keys + ("tokens",)]
+        assert all(isinstance(a[k], float) for k in keys)
+
+
+def test_conversational_data_needs_a_chat_template_named_in_the_error(tmp_path, monkeypatch):
+    """A tokenizer without a chat template refuses conversational data (naming --chat-template) before any model
+    loads; --chat-template FILE gives it one, and the saved tokenizer keeps it."""
+    from nash_fast.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    template = tokenizer.chat_template
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "bare")
+    (tmp_path / "template.jinja").write_text(template)
+    data = _write(tmp_path / "conv.jsonl", _forms(load_tiny_preferences()[:4])["conversational_implicit"])
+    real_load_model = trainer.load_model
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(trainer, "load_model", no_models)
+    with pytest.raises(ValueError, match=r"--dataset .*: row 0: a conversational record .*needs a chat template.*"
+                                         r"--chat-template"):
+        trainer.train(parse_config(run_args(data, tmp_path / "a", "--tokenizer", str(tmp_path / "bare"))))
+    with pytest.raises(ValueError, match=r"row 0: a conversational record .*--chat-template off"):
+        trainer.train(parse_config(run_args(data, tmp_path / "b", "--chat-template", "off")))
+    with pytest.raises(ValueError, match=r"--dataset .*: row 1: field 'prompt' is a list of messages but chosen and "
+                                         r"rejected are strings.*accepted formats"):
+        rows = _forms(load_tiny_preferences()[:2])["conversational_explicit"]
+        rows[1] = dict(rows[1], chosen="text", rejected="other")
+        trainer.train(parse_config(run_args(_write(tmp_path / "mixed.jsonl", rows), tmp_path / "c")))
+    monkeypatch.setattr(trainer, "load_model", real_load_model)
+    trainer.train(parse_config(run_args(data, tmp_path / "d", "--tokenizer", str(tmp_path / "bare"), "--max-steps", "1",
+                                        "--chat-template", str(tmp_path / "template.jinja"))))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "d" / "final").chat_template == template
+
+
 # ------------------------------------------------------------------------------------------------ DeepSpeed
 
 DS_WORKER = textwrap.dedent(
@@ -378,6 +484,35 @@ def test_deepspeed_zero2_two_processes_equal_one_process(tmp_path, small_data):
     for a, b in zip(plain, one):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert_same_weights(final_weights(tmp_path / "plain"), final_weights(tmp_path / "one"), atol=1e-5)
+
+
+def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, small_data):
+    """`python -m nash_fast.train --zero-stage 2` with no launcher: no MPI discovery (mpi4py is made unimportable
+    here, so discovery would fail), a one-process group set up in-process; a second run in the same process
+    reuses it."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["mpi4py"] = None  # any MPI discovery fails loudly
+        import torch
+        from nash_fast.train import main
+        for out in sys.argv[2:]:
+            main(["--dataset", sys.argv[1], "--output-dir", out, "--zero-stage", "2", "--max-steps", "2",
+                  "--progress-bar", "false", "--plot", "false", "--tensorboard", "false", "--max-tokens", "512"])
+        assert torch.distributed.get_world_size() == 1 and torch.distributed.get_rank() == 0
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in trainer._LAUNCHER_VARIABLES + ("MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", script, small_data, str(tmp_path / "a"), str(tmp_path / "b")],
+                            env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for out in ("a", "b"):
+        rows = read_metrics(tmp_path / out)
+        assert [r["step"] for r in rows] == [1, 2] and not any(r["skipped"] for r in rows)
+        assert (tmp_path / out / "checkpoints" / "step-00000002" / "engine").is_dir()  # the DeepSpeed engine ran
+    assert read_metrics(tmp_path / "a") == [dict(r, tokens_per_s=a["tokens_per_s"], step_time_s=a["step_time_s"])
+                                            for r, a in zip(read_metrics(tmp_path / "b"), read_metrics(tmp_path / "a"))]
 
 
 def test_deepspeed_config_from_flags_and_file(tmp_path):

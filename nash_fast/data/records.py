@@ -1,30 +1,38 @@
 """Preference records -> token ids.
 
-Two record forms (plain dicts, e.g. rows of a jsonl file or a `datasets.Dataset`):
+Records are the rows nash_fast.data.formats accepts (TRL's standard and conversational preference formats,
+explicit or implicit prompt, and SPPO's K-response groups); each is first brought to its explicit form:
 
-  pair     {"prompt": str, "chosen": str, "rejected": str,
+  pair     {"prompt", "chosen", "rejected",
             optional "preference": P(chosen beats rejected) in [0, 1],
             optional "chosen_winrate", "rejected_winrate": P(response beats the current policy) in [0, 1],
             optional "aug_prompt": str}           (the p of Sr-DPO's prompt-augmented query p + x)
-  K-group  {"prompt": str, "responses": [str, ...], optional "winrates": [float, ...] (one per response)}
+  K-group  {"prompt", "responses": [...], optional "winrates": [float, ...] (one per response)}
             (SPPO's all-responses form: every sampled response with its estimated win rate)
+
+where a prompt / response is a string (standard) or a list of {role, content} messages (conversational).
 
 Tokenized examples (what PackedPreferenceCollator consumes):
 
   pair     {"prompt_ids", "chosen_ids", "rejected_ids"[, "aug_prompt_ids"], "preference", "chosen_winrate", ...}
   K-group  {"prompt_ids", "responses_ids": [[...], ...][, "responses_winrate": [...]]}
 
-Prompt and responses go through the tokenizer's chat template when it has one (the prompt as a user turn with
-the generation prompt appended; the response is the rest of the rendered conversation, so the template's
-end-of-turn tokens are scored), raw text otherwise (prompt with the tokenizer's special tokens, e.g. BOS; the
-response followed by EOS). The prompt-augmented query is literal token concatenation p + x, as in Sr-DPO's
-reference implementation (Appendix: p + x = torch.cat([p, x])): aug_prompt_ids are the aug_prompt's tokens
-without special tokens.
+Chat template. Conversational records always go through the tokenizer's chat template (a tokenizer without
+one is a ValueError naming --chat-template); standard records do when the tokenizer has one (use_chat_template
+None) or when asked (True), their prompt becoming a user turn and their response the assistant's turn, and
+are raw text otherwise (the prompt with the tokenizer's special tokens, e.g. BOS; the response followed by
+EOS unless it ends with it, as TRL adds it). The prompt is the conversation rendered with the generation prompt (add_generation_prompt=True); the
+response is the rest of the rendered conversation prompt + response, so the template's end-of-turn tokens
+are scored. The prompt/response token boundary is therefore exactly where the generation prompt ends. A
+template that renders the prompt differently once a response follows (so the prompt is not a prefix of the
+conversation) raises ValueError naming the record. apply_chat_template_option() reads --chat-template.
 
-Prompt and response are tokenized separately (as TRL's DPO trainer does), so a BPE merge across the
+The prompt-augmented query is literal token concatenation p + x, as in Sr-DPO's reference implementation
+(Appendix: p + x = torch.cat([p, x])): aug_prompt_ids are the aug_prompt's tokens without special tokens.
+
+Prompt and response are tokenized separately (as TRL's DPO trainer did), so a BPE merge across the
 prompt/response boundary never happens; with a chat template the boundary falls right after the generation
-prompt, where templates end with a newline or a special token. A template that renders the prompt differently
-once an assistant turn follows (so the prompt is not a prefix of the conversation) raises ValueError.
+prompt, where templates end with a newline or a special token.
 
 Nothing is truncated: a record whose tokens exceed max_length raises ValueError naming the record.
 Other keys of a record (e.g. "task", ids) are copied unchanged into the example.
@@ -37,10 +45,10 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-FILES = Path(__file__).resolve().parent / "files"
+from nash_fast.data.formats import PROBABILITY_FIELDS, normalize_record
 
+FILES = Path(__file__).resolve().parent / "files"
 PAIR_TEXT_FIELDS = ("prompt", "chosen", "rejected")
-PROBABILITY_FIELDS = ("preference", "chosen_winrate", "rejected_winrate")
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
@@ -71,17 +79,6 @@ def _where(index: int | None) -> str:
     return "record" if index is None else f"record {index}"
 
 
-def _check_text(record: dict, field: str, index: int | None) -> str:
-    if field not in record:
-        raise ValueError(f"{_where(index)}: missing field {field!r}")
-    value = record[field]
-    if not isinstance(value, str):
-        raise ValueError(f"{_where(index)}: field {field!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{_where(index)}: field {field!r} is empty")
-    return value
-
-
 def _check_probability(value: Any, field: str, index: int | None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{_where(index)}: field {field!r} must be a number in [0, 1], got {value!r}")
@@ -98,40 +95,119 @@ def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def tokenize_prompt(tokenizer, prompt: str, *, use_chat_template: bool | None = None) -> list[int]:
-    """Token ids of the prompt as the model sees it right before the response (chat template + generation prompt)."""
+def apply_chat_template_option(tokenizer, option: str | None) -> bool | None:
+    """--chat-template -> use_chat_template for the functions below, installing a given template.
+
+    "auto" (or None): the tokenizer's template when it has one; "on": required; "off": raw text (standard records
+    only); anything else is a template to install on the tokenizer (so it is saved with the trained model): a
+    Jinja file, a tokenizer directory (its chat template), or the Jinja text itself."""
+    if option in (None, "auto"):
+        return None
+    if option == "off":
+        return False
+    if option == "on":
+        if not _has_chat_template(tokenizer):
+            raise ValueError("--chat-template on: the tokenizer has no chat template; give one with "
+                             "--chat-template FILE.jinja (or a tokenizer directory, or the template text)")
+        return True
+    tokenizer.chat_template = load_chat_template(option)
+    return True
+
+
+def load_chat_template(option: str) -> str:
+    """The Jinja text of --chat-template: a file's contents, a tokenizer directory's chat template, or the
+    option itself when it is Jinja text."""
+    from pathlib import Path
+
+    path = Path(option)
+    if path.is_file():
+        return path.read_text()
+    if path.is_dir():
+        from transformers import AutoTokenizer
+
+        template = getattr(AutoTokenizer.from_pretrained(str(path)), "chat_template", None)
+        if not template:
+            raise ValueError(f"--chat-template {option}: the tokenizer in that directory has no chat template")
+        return template
+    if "{{" in option or "{%" in option:
+        return option
+    raise ValueError(f"--chat-template {option!r}: not auto, on, off, a Jinja file, a tokenizer directory or "
+                     "Jinja template text")
+
+
+def _messages(text, role: str) -> list[dict]:
+    return text if isinstance(text, list) else [{"role": role, "content": text}]
+
+
+def _render(tokenizer, messages: list[dict], index: int | None, **kwargs) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as error:  # jinja2 TemplateError (e.g. a template refusing a system message) and kin
+        raise ValueError(f"{_where(index)}: the chat template fails on this conversation "
+                         f"({type(error).__name__}: {error}); see --chat-template") from None
+
+
+def _use_template(tokenizer, use_chat_template: bool | None, conversational: bool, index: int | None) -> bool:
     if use_chat_template is None:
         use_chat_template = _has_chat_template(tokenizer)
-    if use_chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+    if use_chat_template and not _has_chat_template(tokenizer):
+        raise ValueError(f"{_where(index)}: use_chat_template=True but the tokenizer has no chat template; give one "
+                         "with --chat-template FILE.jinja (API: tokenizer.chat_template = ...)")
+    if conversational and not use_chat_template:
+        if _has_chat_template(tokenizer):
+            raise ValueError(f"{_where(index)}: a conversational record (message lists) is rendered with the chat "
+                             "template, which --chat-template off (use_chat_template=False) turns off")
+        raise ValueError(f"{_where(index)}: a conversational record (message lists) needs a chat template and the "
+                         "tokenizer has none; give one with --chat-template FILE.jinja (or a tokenizer directory, or "
+                         "the template text; API: tokenizer.chat_template = ...)")
+    return use_chat_template
+
+
+def _tokenize_prompt_and_responses(tokenizer, prompt, responses: list, *, index: int | None,
+                                   use_chat_template: bool | None, append_eos: bool) -> tuple[list[int], list[list[int]]]:
+    """(prompt_ids, [response_ids, ...]): the prompt as the model sees it right before a response, and each
+    response continuing it (see the module docstring)."""
+    conversational = isinstance(prompt, list) or any(isinstance(r, list) for r in responses)
+    if not _use_template(tokenizer, use_chat_template, conversational, index):
+        prompt_ids = _encode(tokenizer, prompt, add_special_tokens=True)
+        out = []
+        for response in responses:
+            ids = _encode(tokenizer, response, add_special_tokens=False)
+            if append_eos and tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+                ids.append(tokenizer.eos_token_id)  # unless the text ends with it already (TRL's rule)
+            out.append(ids)
+        return prompt_ids, out
+    prompt_messages = _messages(prompt, "user")
+    prompt_text = _render(tokenizer, prompt_messages, index, add_generation_prompt=True)
+    out = []
+    for response in responses:
+        full_text = _render(tokenizer, prompt_messages + _messages(response, "assistant"), index)
+        if not full_text.startswith(prompt_text):
+            raise ValueError(
+                f"{_where(index)}: the chat template does not render the prompt (with its generation prompt) as a "
+                "prefix of the whole conversation, so the response cannot be separated from it; use another "
+                "template (--chat-template) or, for string records, --chat-template off"
+            )
+        out.append(_encode(tokenizer, full_text[len(prompt_text):], add_special_tokens=False))
+    return _encode(tokenizer, prompt_text, add_special_tokens=False), out
+
+
+def tokenize_prompt(tokenizer, prompt, *, use_chat_template: bool | None = None) -> list[int]:
+    """Token ids of the prompt (a string or a list of messages) as the model sees it right before the response
+    (chat template + generation prompt)."""
+    conversational = isinstance(prompt, list)
+    if _use_template(tokenizer, use_chat_template, conversational, None):
+        text = _render(tokenizer, _messages(prompt, "user"), None, add_generation_prompt=True)
         return _encode(tokenizer, text, add_special_tokens=False)
     return _encode(tokenizer, prompt, add_special_tokens=True)
 
 
 def tokenize_response(
-    tokenizer, prompt: str, response: str, *, use_chat_template: bool | None = None, append_eos: bool = True
+    tokenizer, prompt, response, *, use_chat_template: bool | None = None, append_eos: bool = True
 ) -> list[int]:
     """Token ids of the response continuing tokenize_prompt(prompt) (template end-of-turn / EOS included)."""
-    if use_chat_template is None:
-        use_chat_template = _has_chat_template(tokenizer)
-    if use_chat_template:
-        user = [{"role": "user", "content": prompt}]
-        prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": response}], tokenize=False
-        )
-        if not full_text.startswith(prompt_text):
-            raise ValueError(
-                "the tokenizer's chat template does not render the prompt (with generation prompt) as a prefix of "
-                "the full conversation, so the response cannot be separated; pass use_chat_template=False"
-            )
-        return _encode(tokenizer, full_text[len(prompt_text):], add_special_tokens=False)
-    ids = _encode(tokenizer, response, add_special_tokens=False)
-    if append_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    return _tokenize_prompt_and_responses(tokenizer, prompt, [response], index=None,
+                                          use_chat_template=use_chat_template, append_eos=append_eos)[1][0]
 
 
 def tokenize_pair(
@@ -143,24 +219,24 @@ def tokenize_pair(
     append_eos: bool = True,
     max_length: int | None = None,
 ) -> dict:
-    """One pair record -> {"prompt_ids", "chosen_ids", "rejected_ids"[, "aug_prompt_ids"], <probabilities>, <extras>}.
+    """One pair record (any accepted format) -> {"prompt_ids", "chosen_ids", "rejected_ids"[, "aug_prompt_ids"],
+    <probabilities>, <extras>}.
 
     max_length bounds each full sequence (aug_prompt + prompt + response); longer raises ValueError (no truncation).
     """
-    if not isinstance(record, dict):
-        raise ValueError(f"{_where(index)}: expected a dict, got {type(record).__name__}")
-    prompt, chosen, rejected = (_check_text(record, f, index) for f in PAIR_TEXT_FIELDS)
+    record = normalize_record(record, _where(index))
+    prompt, chosen, rejected = (record[f] for f in PAIR_TEXT_FIELDS)
     example = {k: v for k, v in record.items() if k not in PAIR_TEXT_FIELDS + PROBABILITY_FIELDS + ("aug_prompt",)}
     for field in PROBABILITY_FIELDS:
         if field in record and record[field] is not None:
             example[field] = _check_probability(record[field], field, index)
-    example["prompt_ids"] = tokenize_prompt(tokenizer, prompt, use_chat_template=use_chat_template)
-    for name, text in (("chosen", chosen), ("rejected", rejected)):
-        example[f"{name}_ids"] = tokenize_response(
-            tokenizer, prompt, text, use_chat_template=use_chat_template, append_eos=append_eos
-        )
+    example["prompt_ids"], (example["chosen_ids"], example["rejected_ids"]) = _tokenize_prompt_and_responses(
+        tokenizer, prompt, [chosen, rejected], index=index, use_chat_template=use_chat_template, append_eos=append_eos)
     if record.get("aug_prompt") is not None:
-        example["aug_prompt_ids"] = _encode(tokenizer, _check_text(record, "aug_prompt", index), False)
+        aug = record["aug_prompt"]
+        if not isinstance(aug, str) or not aug.strip():
+            raise ValueError(f"{_where(index)}: field 'aug_prompt' must be a non-empty string")
+        example["aug_prompt_ids"] = _encode(tokenizer, aug, False)
     for field in ("prompt_ids", "chosen_ids", "rejected_ids", "aug_prompt_ids"):
         if field in example and not example[field]:
             raise ValueError(f"{_where(index)}: field {field[:-4]!r} tokenizes to no tokens")
@@ -185,18 +261,13 @@ def tokenize_group(
     append_eos: bool = True,
     max_length: int | None = None,
 ) -> dict:
-    """One K-response record -> {"prompt_ids", "responses_ids"[, "responses_winrate"], <extras>}."""
+    """One K-response record (any accepted format) -> {"prompt_ids", "responses_ids"[, "responses_winrate"], <extras>}."""
     if not isinstance(record, dict):
         raise ValueError(f"{_where(index)}: expected a dict, got {type(record).__name__}")
-    prompt = _check_text(record, "prompt", index)
     if "responses" not in record:
         raise ValueError(f"{_where(index)}: missing field 'responses'")
+    record = normalize_record(record, _where(index))
     responses = record["responses"]
-    if not isinstance(responses, (list, tuple)) or not responses:
-        raise ValueError(f"{_where(index)}: field 'responses' must be a non-empty list of strings")
-    for k, response in enumerate(responses):
-        if not isinstance(response, str) or not response.strip():
-            raise ValueError(f"{_where(index)}: field 'responses'[{k}] must be a non-empty string, got {response!r}")
     example = {k: v for k, v in record.items() if k not in ("prompt", "responses", "winrates")}
     if record.get("winrates") is not None:
         winrates = record["winrates"]
@@ -205,11 +276,8 @@ def tokenize_group(
                 f"{_where(index)}: field 'winrates' must be a list with one number per response ({len(responses)})"
             )
         example["responses_winrate"] = [_check_probability(w, f"winrates[{k}]", index) for k, w in enumerate(winrates)]
-    example["prompt_ids"] = tokenize_prompt(tokenizer, prompt, use_chat_template=use_chat_template)
-    example["responses_ids"] = [
-        tokenize_response(tokenizer, prompt, r, use_chat_template=use_chat_template, append_eos=append_eos)
-        for r in responses
-    ]
+    example["prompt_ids"], example["responses_ids"] = _tokenize_prompt_and_responses(
+        tokenizer, record["prompt"], responses, index=index, use_chat_template=use_chat_template, append_eos=append_eos)
     if not example["prompt_ids"]:
         raise ValueError(f"{_where(index)}: field 'prompt' tokenizes to no tokens")
     for k, ids in enumerate(example["responses_ids"]):
