@@ -82,7 +82,8 @@ import collections
 import torch
 
 from nash_fast import losses
-from nash_fast.logprobs import sequence_logprobs
+from nash_fast.checks import checked_probabilities, checked_sequence_lengths, checked_single_role, pair_order
+from nash_fast.logprobs import BACKENDS, sequence_logprobs
 from nash_fast.losses import _hyperparameter
 
 __all__ = ["FusedLinearPreferenceLoss", "FusedLinearDPOLoss", "LigerAux"]
@@ -173,8 +174,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             raise ValueError(f"{', '.join(unused)} not used by loss={loss!r} (it reads {_HYPERPARAMETERS[loss]})")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if softcap is not None:
             softcap = _hyperparameter("softcap", softcap, positive=True)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -388,7 +389,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 "reward_accuracy": (delta_w > delta_l).float().mean(),
                 "policy_chosen_logps": chosen.mean(),
                 "policy_rejected_logps": rejected.mean(),
-                "num_pairs": torch.tensor(float(num_pairs), device=device),
+                "num_pairs": torch.ones_like(chosen).sum(),  # no host value: P may be known only at run time
                 "num_tokens": num_tokens.float(),
                 # Per pair, and Liger's / TRL's names: what LigerFusedLinearDPOLoss returns in its second element.
                 "chosen_logps": chosen.detach(),
@@ -496,20 +497,12 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
     def _packed_layout(self, weight, hidden, labels, bias, cu_seqlens, role, pair_index):
         hidden, labels, lengths = _packed_inputs(hidden, labels, cu_seqlens)
-        num_seqs = lengths.numel()
+        num_seqs = lengths.shape[0]
         role = _sequence_ids("role", role, num_seqs)
         pair_index = _sequence_ids("pair_index", pair_index, num_seqs)
-        if bool(((role < 0) | (role > AUG_REJECTED)).any()):
-            raise ValueError(
-                f"role values must be 0..3 (chosen, rejected, aug chosen, aug rejected), got {role.unique().tolist()}"
-            )
-        used_roles = (CHOSEN, REJECTED, AUG_CHOSEN, AUG_REJECTED) if self._uses_augmented else (CHOSEN, REJECTED)
-        if not self._uses_augmented and bool((role >= AUG_CHOSEN).any()):
-            raise ValueError(f"role has augmented sequences (2/3) but loss={self.loss!r} does not use them")
-        num_pairs = int((role == CHOSEN).sum())
-        if num_pairs == 0:
-            raise ValueError("role has no chosen sequence (role 0): the batch has no pairs")
-        order = {r: _pair_order(role, pair_index, r, num_pairs) for r in used_roles}
+        used_roles = [CHOSEN, REJECTED, AUG_CHOSEN, AUG_REJECTED] if self._uses_augmented else [CHOSEN, REJECTED]
+        rows = pair_order(role, pair_index, used_roles, self.loss)  # [roles, P]: the checks run inside
+        order = {r: rows[i] for i, r in enumerate(used_roles)}
 
         device = hidden.device
         token_is_aug = torch.repeat_interleave(
@@ -541,11 +534,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             num_seqs = hidden.shape[0]
         else:
             hidden, labels, lengths = _packed_inputs(hidden, labels, cu_seqlens)
-            num_seqs = lengths.numel()
-            if role is not None and bool((_sequence_ids("role", role, num_seqs) != CHOSEN).any()):
-                raise ValueError(
-                    "role must be None or all 0 in SPPO's all-responses form (every sequence is one response)"
-                )
+            num_seqs = lengths.shape[0]
+            if role is not None:
+                role = _sequence_ids("role", role, num_seqs)
             if pair_index is not None:
                 pair_index = _sequence_ids("pair_index", pair_index, num_seqs)
         if num_seqs == 0:
@@ -553,23 +544,27 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         policy = self._logps(hidden, weight, labels, bias, cu_seqlens)
         ref = _per_example("ref_logps", ref_logps, num_seqs, policy.device, False, what="sequences")
         win = _per_example("winrate", winrate, num_seqs, policy.device, True, what="sequences")
+        if role is not None and cu_seqlens is not None:
+            # The check's result is used (times 0), so that a compiler cannot drop the check as dead code.
+            policy = policy + 0 * checked_single_role(role).to(policy.device, policy.dtype).sum()
         per_response = losses.sppo_loss(policy, ref, win, eta=self.eta)
         with torch.no_grad():
             metrics = {
                 "loss": per_response.mean(),
                 "logratio": (policy - ref).mean(),
                 "policy_logps": policy.mean(),
-                "num_responses": torch.tensor(float(num_seqs), device=policy.device),
+                "num_responses": torch.ones_like(policy).sum(),
                 "num_tokens": (labels != self.ignore_index).sum().float(),
             }
             if pair_index is not None:
-                metrics["num_prompts"] = torch.tensor(float(pair_index.unique().numel()), device=policy.device)
+                ids = pair_index.sort().values  # distinct ids, counted without a data-dependent shape
+                metrics["num_prompts"] = (1 + (ids[1:] != ids[:-1]).sum()).float().to(policy.device)
             metrics = {k: v.detach() for k, v in metrics.items()}
         return self._reduce(per_response), metrics
 
 
 def _packed_inputs(hidden, labels, cu_seqlens):
-    """Flattens [1, N, ...] to [N, ...] and returns (hidden, labels, per-sequence lengths on the CPU)."""
+    """Flattens [1, N, ...] to [N, ...] and returns (hidden, labels, checked per-sequence lengths [S])."""
     if hidden.dim() == 3:
         if hidden.shape[0] != 1:
             raise ValueError(f"packed hidden must be [N, H] or [1, N, H], got shape {tuple(hidden.shape)}")
@@ -589,13 +584,7 @@ def _packed_inputs(hidden, labels, cu_seqlens):
         or cu_seqlens.dtype not in (torch.int32, torch.int64)
     ):
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [S + 1], got {cu_seqlens!r:.80}")
-    cu = cu_seqlens.detach().cpu().long()
-    lengths = cu[1:] - cu[:-1]
-    if int(cu[0]) != 0 or int(cu[-1]) != hidden.shape[0] or bool((lengths < 0).any()):
-        raise ValueError(
-            f"cu_seqlens must be non-decreasing from 0 to N = {hidden.shape[0]}, got {cu.tolist()[:8]}..."
-        )
-    return hidden, labels, lengths
+    return hidden, labels, checked_sequence_lengths(cu_seqlens, hidden.shape[0])
 
 
 def _num_sequences(hidden, cu_seqlens) -> int | None:
@@ -628,23 +617,25 @@ def _mean_logits(hidden, weight, bias, cu_seqlens, order):
     hidden = hidden.detach()
     means = []
     for role in (CHOSEN, REJECTED):
-        if cu_seqlens is None:  # the role's rows are contiguous: a view, no copy
-            first, num = int(order[role][0]), order[role].numel()
-            rows = hidden[first:first + num]
-            total, count = rows.sum(dim=(0, 1), dtype=torch.float32), rows.shape[0] * rows.shape[1]
-        else:
+        if cu_seqlens is None:  # the role's rows are contiguous (chosen first): a view, no copy
+            num = order[role].shape[0]
+            rows = hidden[0:num] if role == CHOSEN else hidden[num:2 * num]
+            total = rows.sum(dim=(0, 1), dtype=torch.float32)
+            mean = total @ column_sum.to(total.device) / max(1, rows.shape[0] * rows.shape[1] * vocab)
+        else:  # device ops only (no host sync): the sequences' tokens as a mask
             flat = hidden.reshape(-1, hidden.shape[-1])
-            cu = cu_seqlens.detach().cpu().long()
-            member = torch.zeros(cu.numel() - 1, dtype=torch.bool)
-            member[order[role]] = True
-            mask = torch.repeat_interleave(member, cu[1:] - cu[:-1], output_size=flat.shape[0]).to(flat.device)
-            total, count = (mask.to(flat.dtype) @ flat).float(), int(mask.sum())
-        means.append(total @ column_sum.to(total.device) / max(1, count * vocab) + bias_mean)
+            cu = cu_seqlens.to(flat.device).long()
+            member = torch.zeros(cu.shape[0] - 1, dtype=torch.bool, device=flat.device)
+            member = member.index_fill(0, order[role].to(flat.device), True)
+            mask = torch.repeat_interleave(member, cu[1:] - cu[:-1], output_size=flat.shape[0])
+            total = (mask.to(flat.dtype) @ flat).float()
+            mean = total @ column_sum.to(total.device) / (mask.sum() * vocab).clamp(min=1)
+        means.append(mean + bias_mean)
     return tuple(torch.as_tensor(m, dtype=torch.float32, device=hidden.device) for m in means)
 
 
 def _sequence_ids(name, ids, num_seqs):
-    """Validates a per-sequence integer tensor [S] (role or pair_index) and returns it on the CPU."""
+    """Validates a per-sequence integer tensor's type and shape [S] (role or pair_index); returns it as int64."""
     if ids is None:
         raise ValueError(f"the packed layout needs {name} [S]")
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -653,48 +644,28 @@ def _sequence_ids(name, ids, num_seqs):
         raise ValueError(
             f"{name} must be [S] = [{num_seqs}] (one per sequence of cu_seqlens), got shape {tuple(ids.shape)}"
         )
-    return ids.detach().cpu().long()
-
-
-_ROLE_NAMES = {
-    CHOSEN: "chosen", REJECTED: "rejected", AUG_CHOSEN: "augmented chosen", AUG_REJECTED: "augmented rejected",
-}
-
-
-def _pair_order(role, pair_index, which, num_pairs):
-    """Sequence indices of role `which` for pairs 0..P-1; every pair must have exactly one."""
-    sequences = (role == which).nonzero().squeeze(1)
-    pairs = pair_index[sequences]
-    if bool(((pairs < 0) | (pairs >= num_pairs)).any()):
-        raise ValueError(
-            f"pair_index must be in 0..P-1 with P = {num_pairs} pairs (the count of chosen sequences), "
-            f"got {pairs.tolist()[:8]} for {_ROLE_NAMES[which]} sequences"
-        )
-    counts = torch.bincount(pairs, minlength=num_pairs)
-    if bool((counts != 1).any()):
-        bad = int((counts != 1).nonzero()[0])
-        raise ValueError(
-            f"pair_index: pair {bad} has {int(counts[bad])} {_ROLE_NAMES[which]} sequences (role {which}); "
-            f"every pair needs exactly one"
-        )
-    order = torch.empty(num_pairs, dtype=torch.long)
-    order[pairs] = sequences
-    return order
+    return ids.detach().long()
 
 
 def _per_example(name, value, count, device, probability, what="pairs"):
-    """Checks a precomputed per-pair (or per-sequence) tensor and returns it as float32."""
+    """Checks a precomputed per-pair (or per-sequence) tensor and returns it as float32.
+
+    The count of pairs of a packed batch is known only at run time under torch.compile (from role): there
+    the shape check becomes a run-time assertion (torch._check); in eager it is this ValueError."""
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         got = getattr(value, "dtype", type(value).__name__)
         raise ValueError(f"{name} must be a floating-point tensor, got {got}")
-    if value.shape != (count,):
-        raise ValueError(
-            f"{name} must have shape [{count}] (one per {what[:-1]}: {count} {what}), got {tuple(value.shape)}"
-        )
+    message = f"{name} must have shape [{count}] (one per {what[:-1]}: {count} {what}), got {tuple(value.shape)}"
+    if value.dim() != 1:
+        raise ValueError(message)
+    if torch.compiler.is_compiling():
+        torch._check(value.shape[0] == count)  # Dynamo cannot carry the message closure
+    elif value.shape[0] != count:
+        raise ValueError(message)
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the hidden states are on {device}")
-    if probability and not bool(((value >= 0) & (value <= 1)).all()):
-        raise ValueError(f"{name} must hold probabilities in [0, 1] (finite)")
+    if probability:
+        value = checked_probabilities(value, name)
     return value.float()
 
 

@@ -29,6 +29,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from nash_fast.checks import checked_probabilities
+
 __all__ = [
     "dpo_loss",
     "ipo_loss",
@@ -76,10 +78,8 @@ def _checked(probabilities: tuple[str, ...] = (), **tensors: torch.Tensor) -> li
             raise ValueError(f"{name} has dtype {tensor.dtype} but {first_name} has dtype {first.dtype}")
         if tensor.device != first.device:
             raise ValueError(f"{name} is on {tensor.device} but {first_name} is on {first.device}")
-    for name in probabilities:
-        p = tensors[name]
-        if not bool(((p >= 0) & (p <= 1)).all()):  # NaN fails both comparisons
-            raise ValueError(f"{name} must hold probabilities in [0, 1] (finite), got values outside")
+    for name in probabilities:  # a custom operator: torch.compile traces it without a host sync
+        tensors[name] = checked_probabilities(tensors[name], name)
     dtype = torch.promote_types(first.dtype, torch.float32)
     return [t.to(dtype) for t in tensors.values()]
 

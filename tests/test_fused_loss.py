@@ -828,3 +828,87 @@ def test_constructor_and_call_signatures_are_ligers():
 
 
 REF_B3 = dict(ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def _compile_backends():
+    from nash_fast.logprobs import native_status
+
+    names = ["torch"] + (["native"] if native_status()[0] else [])
+    if importlib.util.find_spec("triton") is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        names.append("triton")
+    return names
+
+
+@pytest.mark.parametrize("backend", _compile_backends())
+@pytest.mark.parametrize("name,layout", [("sppo", "liger"), ("inpo", "packed"), ("sr_ipo", "liger"), ("sr_dpo", "packed"),
+                                         ("spce", "packed"), ("sppo", "all_responses"), ("dpo", "liger_ref_input")])
+def test_compile_fullgraph_equals_eager(name, layout, backend):
+    """torch.compile(fullgraph=True) traces the module with no graph break on every backend: the value checks
+    (probabilities, cu_seqlens, role / pair_index, whose pair count is known only at run time) are custom
+    operators; loss, gradients and every metric equal eager's. aot_eager keeps CI fast (test_logprobs
+    compiles the op with Inductor)."""
+    torch._dynamo.reset()
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    hyper = dict(eta=4.0, tau=1.0) if name == "inpo" else dict(eta=4.0) if name == "sppo" else dict(beta=0.5)
+    if name in AUGMENTED:
+        hyper["lam"] = 0.4
+    seqs, weight, bias, g = make_problem(11, 3, 16, 31, augmented=name in AUGMENTED, bias=True)
+    module = FusedLinearPreferenceLoss(name, **hyper, backend=backend)
+    P = 3
+    if layout == "all_responses":
+        b = packed(seqs, g)
+        kwargs = dict(cu_seqlens=b["cu_seqlens"].to(dev), pair_index=b["pair_index"].to(dev),
+                      role=torch.zeros_like(b["role"]).to(dev),
+                      ref_logps=torch.randn(2 * P, generator=g).to(dev), winrate=torch.rand(2 * P, generator=g).to(dev))
+        hidden, labels = b["hidden"], b["labels"]
+    elif layout == "packed":
+        b = packed(seqs, g)
+        kwargs = dict(cu_seqlens=b["cu_seqlens"].to(dev), role=b["role"].to(dev), pair_index=b["pair_index"].to(dev),
+                      **{k: v.to(dev) for k, v in make_given(name, g, torch.zeros(P), torch.zeros(P)).items()})
+        hidden, labels = b["hidden"], b["labels"]
+    else:
+        b = liger(seqs, 16, g, name in AUGMENTED)
+        hidden, labels = b["hidden"], b["labels"]
+        if layout == "liger_ref_input":
+            kwargs = dict(ref_input=torch.randn(hidden.shape, generator=g).to(dev), ref_weight=weight.to(dev))
+        else:
+            kwargs = {k: v.to(dev) for k, v in make_given(name, g, torch.zeros(P), torch.zeros(P)).items()}
+        if name in AUGMENTED:
+            kwargs.update(aug_hidden=b["aug_hidden"].to(dev), aug_labels=b["aug_labels"].to(dev))
+    hidden, labels, bias = hidden.to(dev), labels.to(dev), bias.to(dev)
+
+    def step(w, h):
+        return module(w, h, labels, bias=bias, **kwargs)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        w, h = weight.to(dev).requires_grad_(), hidden.clone().requires_grad_()
+        loss, metrics = fn(w, h)
+        loss.backward()
+        results.append((loss.detach(), w.grad, h.grad, metrics))
+    (l1, w1, h1, m1), (l2, w2, h2, m2) = results
+    for a, b2 in ((l1, l2), (w1, w2), (h1, h2)):
+        torch.testing.assert_close(a, b2, rtol=1e-6, atol=1e-6)
+    assert m1.keys() == m2.keys()
+    for key in m1:
+        torch.testing.assert_close(m1[key], m2[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_compiled_module_still_checks_values():
+    """Under torch.compile the value checks still run: a win rate outside [0, 1] and a pair without its
+    rejected sequence are refused, as in eager."""
+    torch._dynamo.reset()
+    module = FusedLinearPreferenceLoss("sppo", eta=2.0, backend="torch")
+    seqs, weight, _, g = make_problem(5, 2, 8, 7, augmented=False, bias=False)
+    b = packed(seqs, g)
+    step = torch.compile(lambda w, h, role, p: module(w, h, b["labels"], cu_seqlens=b["cu_seqlens"], role=role,
+                                                     pair_index=b["pair_index"], ref_chosen_logps=torch.zeros(2),
+                                                     ref_rejected_logps=torch.zeros(2), winrate=p)[0],
+                         fullgraph=True, backend="aot_eager")
+    step(weight, b["hidden"], b["role"], torch.full((2,), 0.5))
+    with pytest.raises(Exception, match=r"winrate must hold probabilities in \[0, 1\]"):
+        step(weight, b["hidden"], b["role"], torch.full((2,), 1.5))
+    with pytest.raises(Exception, match="every pair needs exactly one"):
+        step(weight, b["hidden"], torch.zeros_like(b["role"]), torch.full((2,), 0.5))
