@@ -213,17 +213,23 @@ void copy_rows(const scalar_t* W, int64_t rows, int64_t H, int64_t K, op_t* out)
   }
 }
 
-// W[slice]^T as the d_hidden GEMM's A operand: [H, ld] row-major (columns >= nv zero), in 32 x 32 blocks.
+// W[slice]^T as the d_hidden GEMM's A operand: [H, ld] row-major (columns >= nv zero). Same-dtype copies go
+// through ATen's register transposes (32 x 32 16-bit / 16 x 16 fp32 blocks on AVX-512); conversions, element
+// by element in 32 x 32 blocks.
 template <typename scalar_t, typename op_t>
 void transpose_weight_rows(const scalar_t* W, int64_t nv, int64_t H, int64_t ld, op_t* out, int64_t h_begin,
                            int64_t h_end) {
-  constexpr int64_t T = 32;
+  constexpr int64_t T = std::is_same_v<op_t, float> ? 16 : 32;
   for (int64_t h0 = h_begin; h0 < h_end; h0 += T) {
     const int64_t h1 = std::min(h_end, h0 + T);
     for (int64_t v0 = 0; v0 < nv; v0 += T) {
       const int64_t v1 = std::min(nv, v0 + T);
-      for (int64_t h = h0; h < h1; ++h)
-        for (int64_t v = v0; v < v1; ++v) out[h * ld + v] = cast<op_t>(W[v * H + h]);
+      if constexpr (std::is_same_v<scalar_t, op_t>) {
+        at::vec::transpose_mxn<op_t>(W + v0 * H + h0, H, out + h0 * ld + v0, ld, int(v1 - v0), int(h1 - h0));
+      } else {
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t v = v0; v < v1; ++v) out[h * ld + v] = cast<op_t>(W[v * H + h]);
+      }
     }
     for (int64_t h = h0; h < h1; ++h) std::fill(out + h * ld + nv, out + (h + 1) * ld, op_t(0));
   }
@@ -351,6 +357,78 @@ void backward_epilogue(float* tile, const TileContext& c, const float* lse, cons
     }
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// bf16 (round to nearest even) of 16 fp32 lanes, in the upper half of each 32-bit lane.
+inline __m512i bf16_upper(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+}
+
+// The AMX path's epilogue in one pass (bf16 operands, d_bias not needed): d_z^T = g (onehot - exp(s - lse)) cap'
+// goes straight from registers to the slice's row-major buffer (dz_rows: row 0 of the tile, stride ld_dz; the
+// d_weight GEMM's A) and to the token block's vocabulary pairs (dz_pairs: pair row 0 of the tile; the d_hidden
+// GEMM's B); either may be nullptr. Same arithmetic as backward_epilogue.
+void backward_epilogue_bf16(const float* tile, const TileContext& c, const float* lse, const float* grad,
+                            at::BFloat16* dz_rows, int64_t ld_dz, at::BFloat16* dz_pairs) {
+  float fixed[BLOCK_T];
+  int64_t fixed_row[BLOCK_T];
+  for (int64_t t = 0; t < BLOCK_T; ++t) {  // the target entries, from the logits before anything is written
+    const int64_t local = t < c.tokens ? c.labels[t] - c.col0 : -1;
+    fixed_row[t] = (local >= 0 && local < c.vrows) ? local : -1;
+    if (fixed_row[t] < 0) continue;
+    const float s = logit_scalar(tile[local * BLOCK_T + t], c.bias ? c.bias[local] : 0.0f, c.softcap, c.inv_softcap);
+    float cap = 1.0f;
+    if (c.softcap > 0) {
+      const float u = s * c.inv_softcap;
+      cap = 1.0f - u * u;
+    }
+    fixed[t] = (1.0f - std::exp(s - lse[t])) * grad[t] * cap;
+  }
+  fVec shift[TOKEN_VECS], neg_g[TOKEN_VECS];
+  for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+    shift[q] = fVec::loadu(lse + q * LANES);
+    neg_g[q] = fVec(0.0f) - fVec::loadu(grad + q * LANES);
+  }
+  const fVec one(1.0f), inv_cap(c.inv_softcap);
+  auto d_of = [&](int64_t v, int64_t q) {
+    const fVec s = logit(fVec::loadu(tile + v * BLOCK_T + q * LANES), c.bias ? c.bias[v] : 0.0f, c.softcap,
+                         c.inv_softcap);
+    fVec d = vexp(s - shift[q]) * neg_g[q];
+    if (c.softcap > 0) {
+      const fVec t = s * inv_cap;
+      d = d * (one - t * t);
+    }
+    return __m512(d);
+  };
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t v = 0; v < c.vrows; v += 2) {
+    const bool odd = v + 1 < c.vrows;
+    for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+      const __m512i e = bf16_upper(d_of(v, q));
+      const __m512i o = odd ? bf16_upper(d_of(v + 1, q)) : _mm512_setzero_si512();
+      if (dz_rows) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dz_rows + v * ld_dz + q * LANES),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(e, 16)));
+        if (odd)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dz_rows + (v + 1) * ld_dz + q * LANES),
+                              _mm512_cvtepi32_epi16(_mm512_srli_epi32(o, 16)));
+      }
+      if (dz_pairs)
+        _mm512_storeu_si512(reinterpret_cast<void*>(dz_pairs + (v / 2) * BLOCK_T * 2 + q * LANES * 2),
+                            _mm512_or_si512(_mm512_srli_epi32(e, 16), _mm512_and_si512(o, high)));
+    }
+  }
+  for (int64_t t = 0; t < BLOCK_T; ++t) {
+    const int64_t local = fixed_row[t];
+    if (local < 0) continue;
+    const at::BFloat16 d(fixed[t]);
+    if (dz_rows) dz_rows[local * ld_dz + t] = d;
+    if (dz_pairs) dz_pairs[((local / 2) * BLOCK_T + t) * 2 + (local & 1)] = d;
+  }
+}
+#endif
 
 // A tile row of BLOCK_T fp32 values to op_t.
 template <typename op_t>
@@ -526,6 +604,16 @@ void backward_impl(const BackwardArgs& a) {
                      tile);
           const TileContext c{vrows, tokens, v0 + r0, a.bias ? bias.data() + v0 + r0 : nullptr, a.softcap,
                               inv_softcap, a.labels + t0};
+#if defined(CPU_CAPABILITY_AVX512)
+          if constexpr (std::is_same_v<op_t, at::BFloat16>) {
+            if (!need_b) {
+              backward_epilogue_bf16(tile, c, lse.data() + t0, grad.data() + t0,
+                                     dz_t.empty() ? nullptr : dz_t.data() + r0 * ld_dz + t0, ld_dz,
+                                     dz_pairs.empty() ? nullptr : dz_pairs.data() + tb * Vs * BLOCK_T + r0 * BLOCK_T);
+              continue;
+            }
+          }
+#endif
           backward_epilogue(tile, c, lse.data() + t0, grad.data() + t0, my_d_bias ? my_d_bias + r0 : nullptr);
           if (!dz_t.empty())
             for (int64_t v = 0; v < vrows; ++v) store_row<op_t>(tile + v * BLOCK_T, dz_t.data() + (r0 + v) * ld_dz + t0);
