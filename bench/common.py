@@ -90,12 +90,30 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def cpu_description() -> str:
+    """The CPU model, the matrix/vector extensions that matter here, and the threads torch uses."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+                if flags and model:
+                    break
+    except OSError:
+        pass
+    wanted = ("amx_bf16", "amx_fp16", "amx_tile", "avx512_bf16", "avx512_fp16", "avx512f", "avx2")
+    return f"{model} [{' '.join(f for f in wanted if f in flags)}] {torch.get_num_threads()} threads"
+
+
 def environment(device: torch.device) -> dict:
     """The columns every row carries: what ran where, with which library versions, when."""
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
     else:
-        gpu = "cpu:" + (platform.processor() or platform.machine())
+        gpu = "cpu:" + cpu_description()
     now = _dt.datetime.now(_dt.timezone.utc)
     try:
         import triton
