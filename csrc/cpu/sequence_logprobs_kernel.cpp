@@ -553,7 +553,8 @@ void backward_impl(const BackwardArgs& a) {
   const int64_t N_pad = num_token_blocks * BLOCK_T;     // row stride of the d_z^T slice
   const int64_t Np = VNNI ? round_up(N, 2) : N;          // depth of the d_weight GEMM
   const int64_t num_h_blocks = ceil_div(H, BLOCK_H);
-  const int64_t Vs = std::clamp(a.max_chunk_elements / N_pad / BLOCK_V * BLOCK_V, BLOCK_V, round_up(V, BLOCK_V));
+  const int64_t Vs = std::clamp(a.max_chunk_elements / N_pad / BLOCK_V * BLOCK_V, std::min(MIN_BACKWARD_SLICE, round_up(V, BLOCK_V)),
+                                round_up(V, BLOCK_V));
   const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
   Buffer<float> bias(a.bias ? V : 0);
   for (int64_t v = 0; a.bias && v < V; ++v) bias[v] = static_cast<float>(static_cast<const scalar_t*>(a.bias)[v]);
