@@ -36,6 +36,8 @@ constexpr int64_t BLOCK_V = 128;
 constexpr int64_t BLOCK_T = 64;
 constexpr int64_t BLOCK_H = 64;
 constexpr int64_t BLOCK_HT = 128;
+// d_weight units: BLOCK_V vocabulary rows x H_GROUP column blocks of BLOCK_H (fp32 accumulators: 256 KiB).
+constexpr int64_t H_GROUP = 8;
 // Elements added to the row stride of buffers that GEMMs read 16 rows at a time (64 bytes of bf16).
 constexpr int64_t CACHE_LINE_PAD = 32;
 

@@ -33,6 +33,7 @@
 #include <cstdlib>
 #include <string>
 #include <utility>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -64,6 +65,16 @@ struct CacheLineAllocator {
     return static_cast<T*>(p);
   }
   void deallocate(T* p, std::size_t) { std::free(p); }
+  // Buffer<T>(n) leaves the memory uninitialized (every buffer here is written before it is read):
+  // zero-filling tens of MiB per call would cost as much as a packing pass.
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
   template <typename U>
   bool operator==(const CacheLineAllocator<U>&) const { return true; }
   template <typename U>
@@ -214,6 +225,17 @@ inline void store_row_pair(const float* even, const float* odd, op_t* dst) {
 template <typename scalar_t, typename op_t>
 void pack_hidden_for_logits(const scalar_t* hidden, int64_t rows, int64_t H, int64_t K, op_t* out) {
   std::fill(out, out + K * BLOCK_T, op_t(0));
+  if constexpr (std::is_same_v<scalar_t, op_t> && sizeof(op_t) == 2) {
+    if (K == H) {  // VNNI pairs (k, k + 1) are 32-bit words: a [rows, H / 2] -> [H / 2, rows] word transpose
+      at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(hidden), H / 2, reinterpret_cast<float*>(out),
+                                    BLOCK_T, int(rows), int(H / 2));
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<scalar_t, op_t> && std::is_same_v<op_t, float>) {
+    at::vec::transpose_mxn<float>(hidden, H, out, BLOCK_T, int(rows), int(H));
+    return;
+  }
   for (int64_t t = 0; t < rows; ++t)
     for (int64_t k = 0; k < H; ++k) out[b_offset<op_t>(k, t, BLOCK_T)] = cast<op_t>(hidden[t * H + k]);
 }
@@ -223,6 +245,21 @@ template <typename scalar_t, typename op_t>
 void pack_hidden_for_dweight(const scalar_t* hidden, int64_t N, int64_t Np, int64_t H, int64_t h0, op_t* out) {
   const int64_t cols = std::min(BLOCK_H, H - h0);
   std::fill(out, out + Np * BLOCK_H, op_t(0));
+  if constexpr (std::is_same_v<scalar_t, op_t> && sizeof(op_t) == 2) {  // interleave token rows t, t + 1
+    const auto* h16 = reinterpret_cast<const uint16_t*>(hidden);
+    auto* out32 = reinterpret_cast<uint32_t*>(out);
+    for (int64_t t = 0; t < N; t += 2) {
+      const uint16_t* even = h16 + t * H + h0;
+      const uint16_t* odd = t + 1 < N ? even + H : nullptr;
+      uint32_t* dst = out32 + (t / 2) * BLOCK_H;
+      if (odd) {
+        for (int64_t j = 0; j < cols; ++j) dst[j] = uint32_t(even[j]) | (uint32_t(odd[j]) << 16);
+      } else {
+        for (int64_t j = 0; j < cols; ++j) dst[j] = uint32_t(even[j]);
+      }
+    }
+    return;
+  }
   for (int64_t t = 0; t < N; ++t)
     for (int64_t j = 0; j < cols; ++j) out[b_offset<op_t>(t, j, BLOCK_H)] = cast<op_t>(hidden[t * H + h0 + j]);
 }
@@ -583,7 +620,7 @@ void backward_impl(const BackwardArgs& a) {
                          : (!VNNI && std::is_same_v<scalar_t, float>) ? reinterpret_cast<const op_t*>(hidden)
                                                                        : hidden_dweight.data();
 
-  Buffer<float> d_hidden_t(need_h ? H * N : 0, 0.0f);  // d_hidden^T [H, N], fp32 across slices
+  Buffer<float> d_hidden_t(need_h ? H * N : 0);  // d_hidden^T [H, N], fp32 across slices (slice 0 writes it)
   Buffer<float> d_bias(need_b ? V : 0, 0.0f);
   const int num_threads = at::get_num_threads();
   Buffer<float> d_bias_partial(need_b ? num_threads * Vs : 0);
@@ -660,33 +697,40 @@ void backward_impl(const BackwardArgs& a) {
           const int64_t h0 = (u / num_token_blocks) * BLOCK_HT, t0 = (u % num_token_blocks) * BLOCK_T;
           const op_t* B = VNNI ? dz_pairs.data() + t0 * Vs : dz_t.data() + t0;
           gemm_long_k<op_t>(std::min(BLOCK_HT, H - h0), std::min(BLOCK_T, N - t0), Kc, ld_wt, VNNI ? BLOCK_T : ld_dz,
-                            N, true, weight_t.data() + h0 * ld_wt, B, d_hidden_t.data() + h0 * N + t0);
+                            N, v0 > 0, weight_t.data() + h0 * ld_wt, B, d_hidden_t.data() + h0 * N + t0);
         }
         release_tiles<op_t>();
       });
       clock("d_hidden");
     }
 
-    // (B) d_weight[slice] = d_z^T hidden: [BLOCK_V, BLOCK_H] tiles, written once; vocabulary-block-major
-    // so that the d_z^T rows stay in L2 while hidden's column blocks pass.
+    // (B) d_weight[slice] = d_z^T hidden, written once. A unit is BLOCK_V vocabulary rows x H_GROUP column
+    // blocks with fp32 accumulators; the token depth is walked in GEMM_K_CHUNK chunks on the outside, so
+    // each chunk of d_z^T rows is read once from memory and reused from L2 by the unit's column blocks.
     if (need_w) {
       auto* d_weight = static_cast<scalar_t*>(a.d_weight);
-      const int64_t nvb = ceil_div(nv, BLOCK_V);
-      at::parallel_for(0, nvb * num_h_blocks, 1, [&](int64_t u0, int64_t u1) {
-        alignas(64) float tile[BLOCK_V * BLOCK_H];
+      const int64_t nvb = ceil_div(nv, BLOCK_V), groups = ceil_div(num_h_blocks, H_GROUP);
+      const int64_t K_w = VNNI ? Np : N;  // depth of the d_weight GEMM
+      at::parallel_for(0, nvb * groups, 1, [&](int64_t u0, int64_t u1) {
+        Buffer<float> acc(BLOCK_V * H_GROUP * BLOCK_H);
+        constexpr int64_t ld_acc = H_GROUP * BLOCK_H;
         for (int64_t u = u0; u < u1; ++u) {
-          const int64_t vb = u / num_h_blocks, hb = u % num_h_blocks;
-          const int64_t h0 = hb * BLOCK_H, cols = std::min(BLOCK_H, H - h0);
+          const int64_t vb = u / groups, hb0 = (u % groups) * H_GROUP, hb1 = std::min(num_h_blocks, hb0 + H_GROUP);
           const int64_t r0 = vb * BLOCK_V, vrows = std::min(BLOCK_V, nv - r0);
-          if constexpr (VNNI) {
-            gemm_long_k<op_t>(vrows, cols, Np, ld_dz, BLOCK_H, BLOCK_H, false, dz_t.data() + r0 * ld_dz,
-                              hidden_b + hb * Np * BLOCK_H, tile);
-          } else {
-            gemm_long_k<op_t>(vrows, cols, N, ld_dz, H, BLOCK_H, false, dz_t.data() + r0 * ld_dz, hidden_b + h0, tile);
+          for (int64_t k0 = 0; k0 < K_w; k0 += GEMM_K_CHUNK) {
+            const int64_t kc = std::min(GEMM_K_CHUNK, K_w - k0);
+            for (int64_t hb = hb0; hb < hb1; ++hb) {
+              const int64_t h0 = hb * BLOCK_H, cols = std::min(BLOCK_H, H - h0);
+              const op_t* B = VNNI ? hidden_b + hb * Np * BLOCK_H + k0 * BLOCK_H : hidden_b + k0 * H + h0;
+              gemm<op_t>(vrows, cols, kc, ld_dz, VNNI ? BLOCK_H : H, ld_acc, k0 > 0, dz_t.data() + r0 * ld_dz + k0, B,
+                         acc.data() + (hb - hb0) * BLOCK_H);
+            }
           }
+          const int64_t h_begin = hb0 * BLOCK_H, h_end = std::min(H, hb1 * BLOCK_H);
           for (int64_t v = 0; v < vrows; ++v) {
-            scalar_t* dst = d_weight + (v0 + r0 + v) * H + h0;
-            for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<scalar_t>(tile[v * BLOCK_H + j]);
+            scalar_t* dst = d_weight + (v0 + r0 + v) * H;
+            const float* src = acc.data() + v * ld_acc - h_begin;
+            for (int64_t h = h_begin; h < h_end; ++h) dst[h] = static_cast<scalar_t>(src[h]);
           }
         }
         release_tiles<op_t>();
@@ -701,13 +745,22 @@ void backward_impl(const BackwardArgs& a) {
   clock("d_bias");
   if (need_h) {  // d_hidden = (d_hidden^T)^T, rounded once to the input dtype
     auto* out = static_cast<scalar_t*>(a.d_hidden);
-    at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t n0 = b0 * 32; n0 < std::min(N, b1 * 32); n0 += 32) {
-        const int64_t n1 = std::min(N, n0 + 32);
-        for (int64_t h0 = 0; h0 < H; h0 += 32) {
-          const int64_t h1 = std::min(H, h0 + 32);
-          for (int64_t n = n0; n < n1; ++n)
-            for (int64_t h = h0; h < h1; ++h) out[n * H + h] = static_cast<scalar_t>(d_hidden_t[h * N + n]);
+    at::parallel_for(0, ceil_div(N, 16), 1, [&](int64_t b0, int64_t b1) {
+      Buffer<float> rows(16 * H);  // 16 tokens' d_hidden rows in fp32, from a register transpose
+      for (int64_t n0 = b0 * 16; n0 < std::min(N, b1 * 16); n0 += 16) {
+        const int64_t n = std::min<int64_t>(16, N - n0);
+        at::vec::transpose_mxn<float>(d_hidden_t.data() + n0, N, rows.data(), H, int(H), int(n));
+        for (int64_t r = 0; r < n; ++r) {
+          const float* src = rows.data() + r * H;
+          scalar_t* dst = out + (n0 + r) * H;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            std::memcpy(dst, src, H * sizeof(float));
+          } else {
+            int64_t h = 0;
+            for (; h + 2 * LANES <= H; h += 2 * LANES)
+              at::vec::convert_from_float<scalar_t>(fVec::loadu(src + h), fVec::loadu(src + h + LANES)).store(dst + h);
+            for (; h < H; ++h) dst[h] = static_cast<scalar_t>(src[h]);
+          }
         }
       }
     });
