@@ -202,6 +202,10 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 if lam is None:
                     raise ValueError(f"loss={loss!r} needs lam")
                 self.lam = _hyperparameter("lam", lam)
+        # The losses run on float32 log-probs here (sequence_logprobs returns float32): the API's one rule.
+        rule = "sppo_pair" if loss == "sppo" else loss
+        losses.check_hyperparameters(rule, torch.float32, labels={"eta": "eta (= 1 / beta)"} if beta is not None else {},
+                                     **{k: getattr(self, k) for k in losses.HYPERPARAMETERS[rule]})
 
         self.loss = loss
         # Liger compatibility (set by FusedLinearDPOLoss): alpha of the chosen NLL term (None: no term), a

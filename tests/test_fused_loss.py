@@ -144,7 +144,7 @@ def draw_hyper(draw, name):
         return dict(eta=eta, tau=eta * draw(st.floats(0.0, 0.9)))
     hyper = dict(beta=draw(st.floats(0.05, 2.0)))
     if name in AUGMENTED:
-        hyper["lam"] = draw(st.floats(-1.0, 1.0))
+        hyper["lam"] = draw(st.floats(0.0, 1.0))  # lam >= 0 (Sr-DPO eq. 9), one rule with the CLI
     return hyper
 
 

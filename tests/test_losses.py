@@ -108,7 +108,7 @@ def loss_case(draw, name):
     if "tau" in HYPER_NAMES[name]:
         hyper["tau"] = hyper["eta"] * draw(st.floats(0.0, 0.999))
     if "lam" in HYPER_NAMES[name]:
-        hyper["lam"] = draw(st.floats(-2.0, 2.0))
+        hyper["lam"] = draw(st.floats(0.0, 2.0))  # lam >= 0 (Sr-DPO eq. 9), in the API as in the CLI
     return values, hyper
 
 
@@ -339,7 +339,7 @@ BAD_HYPER = {
     "beta": [0.0, -1.0, math.nan, math.inf, True, "0.1", None],
     "eta": [0.0, -2.0, math.nan, math.inf, None],
     "tau": [-0.1, 2.0, 5.0, math.nan, None],  # eta = 2.0 in the valid call: tau must be < eta
-    "lam": [math.nan, math.inf, -math.inf, None, "1"],
+    "lam": [math.nan, math.inf, -math.inf, None, "1", -5.0, -1e-9],
 }
 
 
@@ -359,3 +359,74 @@ def test_hyperparameters_are_keyword_only():
         L.dpo_loss(z, z, z, z, 0.1)
     with pytest.raises(TypeError):
         L.inpo_loss(z, z, z, z, z, z, 1.0, 0.1)
+
+
+# ----------------------------------------------------------------------------- one rule for the API and the CLI
+
+def test_hyperparameters_must_be_finite_in_the_compute_dtype():
+    z32, z64 = torch.zeros(3), torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"beta must be finite in float32 \(\|beta\| <= 3.4e\+38\), got 1e\+300"):
+        L.dpo_loss(z32, z32, z32, z32, beta=1e300)
+    assert torch.isfinite(L.dpo_loss(z64, z64, z64, z64, beta=1e300)).all()  # float64 holds it
+    # IPO's margin 1/(2 beta) squared overflows float32 for beta = 1e-30 (2.5e59 > 3.4e38): refused, not inf.
+    with pytest.raises(ValueError, match=r"beta=1e-30: the ipo loss is not finite in float32 at the reference point"):
+        L.ipo_loss(z32, z32, z32, z32, beta=1e-30)
+    assert torch.isfinite(L.ipo_loss(z64, z64, z64, z64, beta=1e-30)).all()
+    with pytest.raises(ValueError, match=r"beta must be > 0 in float32 \(it rounds to 0 there\)"):
+        L.spce_loss(z32, z32, z32, z32, torch.full((3,), 0.5), beta=1e-50)
+    with pytest.raises(ValueError, match=r"eta=1e\+20: the sppo loss is not finite in float32"):
+        L.sppo_loss(z32, z32, torch.ones(3), eta=1e20)
+    with pytest.raises(ValueError, match=r"lam must be >= 0, got -5.0"):
+        L.sr_dpo_loss(*[z32] * 8, beta=0.1, lam=-5)
+
+
+def test_fused_loss_follows_the_same_rule():
+    from nash_fast import FusedLinearPreferenceLoss
+
+    for kwargs, message in (({"loss": "sr_dpo", "lam": -5.0}, "lam must be >= 0"),
+                            ({"loss": "ipo", "beta": 1e-30}, "not finite in float32"),
+                            ({"loss": "sppo", "beta": 1e-20}, r"eta \(= 1 / beta\)=1e\+20"),
+                            ({"loss": "dpo", "softcap": math.inf}, "softcap must be finite")):
+        with pytest.raises(ValueError, match=message):
+            FusedLinearPreferenceLoss(**kwargs)
+    from nash_fast import sequence_logprobs
+
+    with pytest.raises(ValueError, match="softcap must be a positive finite number"):  # not NaN log-probs
+        sequence_logprobs(torch.zeros(2, 4), torch.zeros(3, 4), torch.tensor([0, 1]), softcap=math.inf)
+
+
+def _accepts(call) -> bool:
+    try:
+        call()
+        return True
+    except ValueError:
+        return False
+
+
+@settings(max_examples=40)
+@given(exponent=st.floats(-48.0, 310.0), loss=st.sampled_from(["dpo", "ipo", "spce", "sr_dpo", "sr_ipo", "sppo", "inpo"]))
+def test_cli_accepts_exactly_what_the_api_accepts(exponent, loss):
+    """For every magnitude 10^e of the loss's scale hyperparameter, parse_config accepts the flag exactly when
+    the API accepts the value on float32 inputs (the trainer's compute dtype), and an accepted value gives a
+    finite loss at the reference point."""
+    from nash_fast.config import parse_config
+
+    value = 10.0 ** exponent if exponent < 308.25 else 1.7e308
+    z = torch.zeros(3)
+    p = torch.full((3,), 0.5)
+    if loss == "sppo":
+        flags, api = ["--eta", repr(value)], lambda: L.sppo_pair_loss(z, z, z, z, p, eta=value)
+    elif loss == "inpo":
+        flags, api = ["--eta", repr(value), "--tau", "0"], lambda: L.inpo_loss(*[z] * 6, eta=value, tau=0.0)
+    elif loss in ("sr_dpo", "sr_ipo"):
+        fn = getattr(L, f"{loss}_loss")
+        flags, api = ["--beta", repr(value), "--lam", "0.5"], lambda: fn(*[z] * 8, beta=value, lam=0.5)
+    elif loss == "spce":
+        flags, api = ["--beta", repr(value)], lambda: L.spce_loss(z, z, z, z, p, beta=value)
+    else:
+        fn = getattr(L, f"{loss}_loss")
+        flags, api = ["--beta", repr(value)], lambda: fn(z, z, z, z, beta=value)
+    cli = _accepts(lambda: parse_config(["--loss", loss, *flags]))
+    assert cli == _accepts(api), (loss, value)
+    if cli:
+        assert torch.isfinite(api()).all()
