@@ -1,35 +1,62 @@
-"""Atomic, crash-safe checkpoint directories: written aside, fsynced, then renamed into place.
+"""Atomic, verified checkpoint directories: written aside, fsynced, digested, then renamed into place.
 
 Layout under a root (the trainer uses OUTPUT_DIR/checkpoints):
 
     step-00000050/            a complete checkpoint (the name appears only once everything is on disk)
         ...files...           whatever the writer put there (model, optimizer, scheduler, RNG, trainer state)
-        complete.json         manifest: step and every file's size, written last
-    .tmp-step-00000060/       a save in progress (or one killed mid-way): never loaded, removed on the next save
+        complete.json         manifest, written last: {"format": 2, "step": N, "files": {name: {"bytes", "sha256"}}}
+    .tmp-step-00000060.<pid>@<host>.<n>/
+                              a save in progress, or one killed mid-way: never loaded; removed by the next save
+                              once its writer is provably dead (nash_fast.rundir)
 
-A save writes everything into the .tmp directory, fsyncs every file and the directory, writes the
-manifest, then os.rename()s the directory to step-N and fsyncs the root. rename is atomic on POSIX
-file systems, so after a kill -9 at any moment the root holds the previous complete checkpoints and
-possibly a stale .tmp directory; latest_checkpoint() also checks each manifest against the files, so
-a checkpoint damaged afterwards (truncated file) is skipped for the previous one rather than loaded.
-Old checkpoints beyond keep_last are deleted only after the new one is in place.
+A save writes everything into the temporary directory, fsyncs every file and the directory, records each
+file's size and SHA-256 in the manifest, then os.rename()s the directory to step-N and fsyncs the root.
+rename is atomic on POSIX file systems, so after a kill -9 at any moment the root holds the previous
+complete checkpoints and possibly a dead temporary. Two checks read the manifest:
+
+    is_complete(dir)         cheap: a format-2 manifest, and every file present with the recorded size
+    verify_checkpoint(dir)   before anything is loaded: every recorded file's SHA-256 matches, and no file
+                             is present that the manifest does not list (CheckpointDamaged names the file)
+
+so a checkpoint damaged after it was written (truncated, bit-flipped, a file added or swapped) is never
+loaded; the trainer falls back to the next older one. Old checkpoints beyond keep_last are deleted only
+after the new one is in place, each renamed to a temporary first, so a kill -9 mid-delete leaves no
+half-deleted step-N behind.
+
+A manifest proves integrity, not authorship: whoever can write the directory can rewrite it. Nothing the
+trainer writes needs unpickling to be read back (torch.load(weights_only=True), JSON); DeepSpeed's engine
+files are loaded under the same weights_only rule (nash_fast.train).
 
 Distributed: every rank calls save_checkpoint (each may write its own files, e.g. DeepSpeed's
-partitioned optimizer states); rank 0 alone renames, writes the manifest and prunes, between barriers.
+partitioned optimizer states) with the same temporary name (owner = rank 0's pid@host); rank 0 alone
+digests, writes the manifest, renames and prunes, between barriers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from nash_fast import rundir
+
 MANIFEST = "complete.json"
+FORMAT = 2  # 1: sizes only (no digests; such checkpoints are not loaded)
 _NAME = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
+_HASH_CHUNK = 1 << 22
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint fails verification; `file` names the offending file (or the manifest)."""
+
+    def __init__(self, directory: Path, file: str, reason: str):
+        self.directory, self.file, self.reason = Path(directory), file, reason
+        super().__init__(f"checkpoint {directory}: {file}: {reason}")
 
 
 def checkpoint_name(step: int) -> str:
@@ -49,6 +76,22 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_many(paths: list[Path]) -> list[str]:
+    """SHA-256 of several files, in parallel (hashlib releases the GIL on large buffers)."""
+    if len(paths) <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def fsync_tree(directory: Path) -> None:
     """fsync every file and directory under `directory` (and itself), so a rename after it is durable."""
     for path in _files(directory):
@@ -59,25 +102,79 @@ def fsync_tree(directory: Path) -> None:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to path.tmp, fsync, rename over path."""
+    """Write JSON to a temporary unique to this process, fsync, rename over path."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = rundir.temporary_path(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        rundir.done(tmp)
+
+
+def _read_manifest(directory: Path) -> dict:
+    """The parsed manifest; CheckpointDamaged if it is missing, unreadable, or not format 2."""
+    path = Path(directory) / MANIFEST
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointDamaged(directory, MANIFEST, "missing (the save never finished)") from None
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointDamaged(directory, MANIFEST, f"unreadable ({type(error).__name__}: {error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointDamaged(directory, MANIFEST, f"not a format-{FORMAT} manifest with SHA-256 digests "
+                                "(written by an older nash-fast, or damaged)")
+    files = manifest.get("files")
+    if (not isinstance(files, dict) or not isinstance(manifest.get("step"), int)
+            or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+                       for e in files.values())):
+        raise CheckpointDamaged(directory, MANIFEST, "malformed (step, files: {name: {bytes, sha256}})")
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointDamaged(directory, MANIFEST, f"lists a file outside the checkpoint: {name!r}")
+    return manifest
 
 
 def is_complete(directory: Path) -> bool:
-    """True when the manifest exists and every file it lists is present with the recorded size."""
-    manifest = Path(directory) / MANIFEST
+    """Cheap check: a format-2 manifest, and every file it lists present with the recorded size."""
     try:
-        with open(manifest) as f:
-            recorded = json.load(f)["files"]
-        return all((Path(directory) / name).stat().st_size == size for name, size in recorded.items())
-    except (OSError, ValueError, KeyError, TypeError):
+        files = _read_manifest(Path(directory))["files"]
+        return all((Path(directory) / name).stat().st_size == entry["bytes"] for name, entry in files.items())
+    except (OSError, CheckpointDamaged):
         return False
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> dict:
+    """Check every file against the manifest's size and SHA-256, and that no unlisted file is present.
+    Returns the manifest; raises CheckpointDamaged naming the first offending file."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    files = manifest["files"]
+    present = {str(p.relative_to(directory)) for p in _files(directory)}
+    for name in sorted(present - set(files)):
+        raise CheckpointDamaged(directory, name, "present but not listed in the manifest")
+    paths = []
+    for name, entry in sorted(files.items()):
+        path = directory / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise CheckpointDamaged(directory, name, "missing") from None
+        if size != entry["bytes"]:
+            raise CheckpointDamaged(directory, name, f"{size} bytes, the manifest recorded {entry['bytes']}")
+        paths.append((name, path, entry["sha256"]))
+    digests = _sha256_many([p for _, p, _ in paths])
+    for (name, _, expected), actual in zip(paths, digests):
+        if actual != expected:
+            raise CheckpointDamaged(directory, name, "SHA-256 does not match the manifest (the file changed after "
+                                    "it was written)")
+    return manifest
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -94,7 +191,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under root, or None. Incomplete ones are skipped (with a warning)."""
+    """The newest complete checkpoint under root (cheap check), or None. Incomplete ones are skipped (with a warning)."""
     for step, path in reversed(list_checkpoints(root)):
         if is_complete(path):
             return path
@@ -103,8 +200,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def checkpoint_step(directory: str | os.PathLike) -> int:
-    with open(Path(directory) / MANIFEST) as f:
-        return int(json.load(f)["step"])
+    return int(_read_manifest(Path(directory))["step"])
 
 
 def save_checkpoint(
@@ -115,42 +211,69 @@ def save_checkpoint(
     keep_last: int | None = None,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
+    owner: str | None = None,
 ) -> Path:
     """Atomically create root/step-N from write(tmp_dir); keep the newest keep_last checkpoints.
 
-    write(tmp_dir) is called on every rank with the same temporary directory. Returns the final path.
+    write(tmp_dir) is called on every rank with the same temporary directory, named after `owner`
+    ("pid@host" of rank 0; default this process). Returns the final path.
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last!r}")
     root = Path(root)
     final = root / checkpoint_name(step)
-    tmp = root / (_TMP_PREFIX + checkpoint_name(step))
+    owner = owner or f"{os.getpid()}@{rundir.hostname()}"
+    tmp = root / f"{_TMP_PREFIX}{final.name}.{owner}.{step}"
     if is_complete(final):
         # Replacing it would open a window with neither the old nor the new one in place.
         raise FileExistsError(f"a complete checkpoint for step {step} already exists: {final}")
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(_TMP_PREFIX + "*"):  # left by a run killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
+        rundir.remove_dead_temporaries(root, locked=False)  # dead writers' leftovers (kill -9 mid-save)
+        if tmp.exists():  # this process's own earlier attempt at this step, which raised
+            rundir.remove_tree(tmp)
+        rundir._live.add(str(tmp))
         tmp.mkdir()
     barrier()
-    write(tmp)
-    barrier()
-    if rank == 0:
-        fsync_tree(tmp)
-        manifest = {"step": step, "files": {str(p.relative_to(tmp)): p.stat().st_size for p in _files(tmp)}}
-        write_json_atomic(tmp / MANIFEST, manifest)
-        _fsync_path(tmp)
-        if final.exists():  # only a damaged one can be here (a complete one was refused above)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_path(root)
-        if keep_last is not None:
-            complete = [path for _, path in list_checkpoints(root) if is_complete(path)]
-            for path in complete[:-keep_last]:
-                shutil.rmtree(path, ignore_errors=True)
+    try:
+        write(tmp)
+        barrier()
+        if rank == 0:
+            fsync_tree(tmp)
+            files = _files(tmp)
+            digests = _sha256_many(files)
+            manifest = {"format": FORMAT, "step": step, "files": {
+                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}}
+            write_json_atomic(tmp / MANIFEST, manifest)
+            _fsync_path(tmp)
+            if final.exists():  # only a damaged one can be here (a complete one was refused above)
+                rundir.remove_tree(final)
+            os.rename(tmp, final)
+            rundir.done(tmp)
+            _fsync_path(root)
+            if keep_last is not None:
+                complete = [path for _, path in list_checkpoints(root) if is_complete(path)]
+                for path in complete[:-keep_last]:
+                    rundir.remove_tree(path)
+    finally:
+        if rank == 0:
+            rundir.done(tmp)  # a failed save leaves a dead temporary, removed by the next save
     barrier()
     return final
+
+
+def remove_incomplete_checkpoints(root: str | os.PathLike, log=None) -> list[Path]:
+    """Delete step-N directories that are not complete (a manifest-less or truncated copy can never be loaded,
+    and nothing writes a step-N in place), and dead temporaries. Call only while holding the run lock."""
+    root = Path(root)
+    removed = rundir.remove_dead_temporaries(root, locked=True, log=log)
+    for _, path in list_checkpoints(root):
+        if not is_complete(path):
+            rundir.remove_tree(path)
+            removed.append(path)
+            if log is not None:
+                log(f"removed incomplete checkpoint {path}")
+    return removed
 
 
 def remove_checkpoints(root: str | os.PathLike) -> None:
@@ -159,4 +282,4 @@ def remove_checkpoints(root: str | os.PathLike) -> None:
     if root.is_dir():
         for path in list(root.iterdir()):
             if _NAME.match(path.name) or path.name.startswith(_TMP_PREFIX):
-                shutil.rmtree(path, ignore_errors=True)
+                rundir.remove_tree(path)

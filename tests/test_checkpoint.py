@@ -133,3 +133,70 @@ def test_kill_9_mid_save_never_leaves_a_bad_latest(tmp_path):
         last_step = step
     complete = [p for _, p in list_checkpoints(root) if is_complete(p)]
     assert 1 <= len(complete) <= 3  # keep_last=2, plus possibly one renamed just before the kill, pre-prune
+
+
+# ------------------------------------------------------------------------------------------------ verification
+
+def _flip_bit(path, bit):
+    data = bytearray(path.read_bytes())
+    data[bit // 8 % len(data)] ^= 1 << (bit % 8)
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_has_a_sha256_per_file_and_verify_names_every_damaged_file(tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    from nash_fast.checkpoint import MANIFEST, CheckpointDamaged, verify_checkpoint
+
+    good = save_checkpoint(tmp_path / "root", 1, writer(1))
+    manifest = json.loads((good / MANIFEST).read_text())
+    assert manifest["format"] == 2 and sorted(manifest["files"]) == ["state.pt", "sub/note.txt"]
+    for name, entry in manifest["files"].items():
+        data = (good / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert verify_checkpoint(good)["step"] == 1
+
+    copies = iter(range(10**6))
+
+    def damaged(name, damage):
+        copy = tmp_path / f"copy-{next(copies)}"
+        shutil.copytree(good, copy)
+        damage(copy / name)
+        with pytest.raises(CheckpointDamaged) as caught:
+            verify_checkpoint(copy)
+        return copy, caught.value
+
+    for name in manifest["files"]:
+        for bit in (0, 7, 1000, 8 * (good / name).stat().st_size - 1):  # first, last and inner bits
+            copy, error = damaged(name, lambda p, bit=bit: _flip_bit(p, bit))
+            assert error.file == name and "SHA-256" in error.reason
+            assert is_complete(copy)  # same size: only the digest sees it
+        copy, error = damaged(name, lambda p: p.write_bytes(p.read_bytes()[:-1]))
+        assert error.file == name and "bytes" in error.reason and not is_complete(copy)
+        copy, error = damaged(name, lambda p: p.unlink())
+        assert error.file == name and error.reason == "missing"
+    # The manifest itself: cut, not UTF-8, not JSON, an older format without digests, a path outside.
+    for damage in (lambda p: p.write_bytes(p.read_bytes()[:20]), lambda p: p.write_bytes(b"\xff\xfe" + p.read_bytes()),
+                   lambda p: p.write_text("[1, 2"),
+                   lambda p: p.write_text(json.dumps({"step": 1, "files": {"state.pt": 8000}})),
+                   lambda p: p.write_text(json.dumps({**manifest, "files": {"../x": {"bytes": 1, "sha256": "0"}}}))):
+        copy, error = damaged(MANIFEST, damage)
+        assert error.file == MANIFEST and not is_complete(copy)
+    # A file the manifest does not list (e.g. a planted rng_rank1.pt) is refused too.
+    copy, error = damaged("extra.pt", lambda p: p.write_bytes(b"payload"))
+    assert error.file == "extra.pt" and "not listed" in error.reason
+
+
+def test_remove_incomplete_checkpoints_keeps_complete_ones(tmp_path):
+    from nash_fast.checkpoint import remove_incomplete_checkpoints
+
+    save_checkpoint(tmp_path, 1, writer(1))
+    save_checkpoint(tmp_path, 2, writer(2))
+    (tmp_path / "step-00000002" / "complete.json").unlink()  # e.g. a kill -9 while an old version pruned it
+    (tmp_path / ".tmp-step-00000003").mkdir()  # a legacy temporary
+    messages = []
+    removed = remove_incomplete_checkpoints(tmp_path, log=messages.append)
+    assert sorted(p.name for p in removed) == [".tmp-step-00000003", "step-00000002"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"] and len(messages) == 2

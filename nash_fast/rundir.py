@@ -1,0 +1,225 @@
+"""One run per output directory: an exclusive lock held for the run's life, and temporaries that say whose they are.
+
+Lock. OUTPUT/.nash_fast.lock is opened and locked with fcntl.flock(LOCK_EX | LOCK_NB) (POSIX lockf where
+the file system has no flock) before the run writes anything there, and held until it ends. The kernel
+releases such a lock when its holder exits in any way, kill -9 and power loss of a client included, so a
+lock whose holder is dead is free by construction: the next run simply acquires it, and says that it
+took over from the pid/host written in the file. The file holds JSON {pid, host, started, command} of
+the current holder; a second run on the same directory fails at once with RunDirectoryLocked naming
+them. The file is never deleted (deleting a lock file another process has open but not yet locked lets
+two processes hold "the" lock on two different inodes); on release its contents are emptied.
+
+Temporaries. Everything written aside and renamed into place gets a name from temporary_path():
+`.tmp-<name>.<pid>@<host>.<n>`, unique per process and call. remove_dead_temporaries() deletes the
+temporaries of a directory that are provably dead, and only those:
+  - ours (pid@host of this machine): dead when that pid no longer runs, or when it is this process and
+    the temporary is not one it is still writing (registered by temporary_path, released by done());
+  - another machine's, or an unnamed legacy one (`.tmp-*`, `*.json.tmp`, `*.pt.tmp<pid>`): only under the
+    directory lock, which proves no other run writes there.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+LOCK_NAME = ".nash_fast.lock"
+_TEMP = re.compile(r"^\.tmp-(?P<name>.+)\.(?P<pid>\d+)@(?P<host>.+)\.(?P<n>\d+)$")
+# Names earlier versions gave their temporaries (no owner in the name).
+_LEGACY_TEMP = re.compile(r"^(\.tmp-.+|.+\.(json|jsonl|pt)\.tmp\d*)$")
+_counter = itertools.count()
+_live: set[str] = set()  # temporaries this process is writing now
+
+
+class RunDirectoryLocked(ValueError):
+    """Another live run holds the output directory (a user error: exit status 2 in the CLIs)."""
+
+
+def hostname() -> str:
+    return socket.gethostname() or "localhost"
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists on this machine (a reused pid counts as alive: never a false 'dead')."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temporary_path(final: str | os.PathLike) -> Path:
+    """A fresh temporary name next to `final`, registered as live until done(path) is called."""
+    final = Path(final)
+    path = final.parent / f".tmp-{final.name}.{os.getpid()}@{hostname()}.{next(_counter)}"
+    _live.add(str(path))
+    return path
+
+
+def done(path: str | os.PathLike) -> None:
+    """The temporary `path` was renamed into place or removed: it is no longer live."""
+    _live.discard(str(path))
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a file or directory so that a crash part-way never leaves a half-deleted directory under its name:
+    a directory is first renamed to a temporary (atomic), then removed."""
+    if path.is_dir() and not path.is_symlink():
+        aside = temporary_path(path)
+        try:
+            os.rename(path, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+        finally:
+            done(aside)  # if the removal was cut short, what is left is a dead temporary
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _is_dead_temporary(path: Path, locked: bool) -> bool:
+    match = _TEMP.match(path.name)
+    if match is not None:
+        pid, host = int(match["pid"]), match["host"]
+        if host == hostname():
+            if pid == os.getpid():
+                return str(path) not in _live
+            return not pid_alive(pid)
+        return locked
+    return locked and bool(_LEGACY_TEMP.match(path.name)) and path.name != LOCK_NAME
+
+
+def remove_dead_temporaries(directory: str | os.PathLike, *, locked: bool, log=None) -> list[Path]:
+    """Remove the provably dead temporaries directly inside `directory` (see the module docstring).
+
+    locked: the caller holds this directory's run lock (or the lock of a directory above it)."""
+    directory = Path(directory)
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for path in entries:
+        if _is_dead_temporary(path, locked):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+            removed.append(path)
+            if log is not None:
+                log(f"removed {path} (left by an interrupted run)")
+    return removed
+
+
+def _lock_fd(fd: int) -> None:
+    """flock, or POSIX lockf where the file system does not support flock; OSError(EWOULDBLOCK) when held."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(65536).decode("utf-8", "replace") or "{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(holder: dict) -> str:
+    if not holder:
+        return "an unknown process"
+    text = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+    if holder.get("started"):
+        text += f" (started {holder['started']}"
+        text += f": {holder['command']})" if holder.get("command") else ")"
+    return text
+
+
+class RunLock:
+    """Exclusive lock on a run directory for a `with` block (or acquire() / release())."""
+
+    def __init__(self, directory: str | os.PathLike, *, option: str = "--output-dir", log=None):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self.option = option
+        self.log = log
+        self.fd: int | None = None
+        self.previous: dict = {}
+
+    def acquire(self) -> "RunLock":
+        if self.fd is not None:
+            raise RuntimeError(f"{self.path} is already held by this object")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                _lock_fd(fd)
+            except OSError as error:
+                os.close(fd)
+                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    holder = _read_holder(self.path)
+                    raise RunDirectoryLocked(
+                        f"{self.option} {self.directory} is in use by another run: {describe_holder(holder)}; wait for "
+                        f"it to finish, stop it, or use another {self.option}") from None
+                raise OSError(error.errno, f"cannot lock {self.path} ({error.strerror}); this file system does not "
+                              "support file locks: use a local directory") from None
+            # The file we locked must still be the one at the path (nothing deletes it, but be sure).
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        self.previous = _read_holder(self.path)
+        holder = {"pid": os.getpid(), "host": hostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.fsync(fd)
+        if self.previous and self.log is not None:
+            self.log(f"{self.option} {self.directory}: took over the lock of {describe_holder(self.previous)}, "
+                     "which is no longer running")
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # the next holder sees a clean hand-over (no "took over" message)
+        except OSError:
+            pass
+        os.close(self.fd)  # closing the only descriptor drops the flock / lockf lock
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

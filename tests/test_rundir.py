@@ -1,0 +1,128 @@
+"""One run per output directory: the lock names its holder, a dead holder's lock is taken over, temporaries carry
+their owner, and only provably dead ones are removed."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from nash_fast import rundir
+from nash_fast.rundir import RunDirectoryLocked, RunLock
+
+REPO = Path(__file__).resolve().parents[1]
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from nash_fast.rundir import RunLock
+    lock = RunLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    sys.stdin.read()  # hold until the test closes stdin (or kills us)
+    """
+)
+
+
+def start_holder(tmp_path, directory):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory)], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(timeout=60)
+    return process.pid
+
+
+def test_second_lock_names_the_holder_and_a_released_lock_is_free(tmp_path):
+    with RunLock(tmp_path / "out"):
+        holder = json.loads((tmp_path / "out" / rundir.LOCK_NAME).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == rundir.hostname()
+        # Another open file description conflicts even within one process (flock semantics).
+        with pytest.raises(RunDirectoryLocked, match=rf"--output-dir .* is in use by another run: pid {os.getpid()} "
+                                                     rf"on host {rundir.hostname()}"):
+            RunLock(tmp_path / "out").acquire()
+    messages = []
+    with RunLock(tmp_path / "out", log=messages.append):
+        pass
+    assert messages == []  # a clean hand-over says nothing
+
+
+def test_lock_held_by_another_process_then_taken_over_after_its_kill_9(tmp_path):
+    holder = start_holder(tmp_path, tmp_path / "out")
+    try:
+        with pytest.raises(RunDirectoryLocked, match=rf"pid {holder.pid} on host"):
+            RunLock(tmp_path / "out").acquire()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    messages = []
+    with RunLock(tmp_path / "out", log=messages.append):
+        assert json.loads((tmp_path / "out" / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert len(messages) == 1 and f"took over the lock of pid {holder.pid}" in messages[0]
+
+
+def test_temporary_names_are_unique_and_carry_the_owner(tmp_path):
+    a, b = rundir.temporary_path(tmp_path / "x.json"), rundir.temporary_path(tmp_path / "x.json")
+    assert a != b and a.parent == tmp_path
+    match = rundir._TEMP.match(a.name)
+    assert match and match["name"] == "x.json" and int(match["pid"]) == os.getpid()
+    assert match["host"] == rundir.hostname()
+    rundir.done(a)
+    rundir.done(b)
+
+
+def test_only_provably_dead_temporaries_are_removed(tmp_path):
+    host, me, parent, gone = rundir.hostname(), os.getpid(), os.getppid(), dead_pid()
+    names = {
+        f".tmp-step-00000004.{gone}@{host}.0": "dead pid here",
+        f".tmp-step-00000005.{parent}@{host}.0": "live pid here",
+        f".tmp-metrics.jsonl.{me}@{host}.7": "ours, not live",
+        f".tmp-step-00000006.{gone}@elsewhere.0": "another machine",
+        ".tmp-step-00000003": "legacy, no owner",
+        "ref-logps-abc.pt.tmp1234": "legacy precompute temporary",
+        "notes.tmp": "a user's file",
+        "model.pt": "a user's file",
+    }
+    for name in names:
+        (tmp_path / name).mkdir() if name.startswith(".tmp-step") else (tmp_path / name).write_text("x")
+    live = rundir.temporary_path(tmp_path / "final")  # ours and still being written
+    live.mkdir()
+    removed = {p.name for p in rundir.remove_dead_temporaries(tmp_path, locked=False)}
+    assert removed == {f".tmp-step-00000004.{gone}@{host}.0", f".tmp-metrics.jsonl.{me}@{host}.7"}
+    removed = {p.name for p in rundir.remove_dead_temporaries(tmp_path, locked=True)}
+    assert removed == {f".tmp-step-00000006.{gone}@elsewhere.0", ".tmp-step-00000003", "ref-logps-abc.pt.tmp1234"}
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {f".tmp-step-00000005.{parent}@{host}.0", "notes.tmp", "model.pt", live.name}
+    rundir.done(live)
+    assert live.name in {p.name for p in rundir.remove_dead_temporaries(tmp_path, locked=False)}
+
+
+def test_remove_tree_never_leaves_a_half_deleted_directory(tmp_path, monkeypatch):
+    """A kill part-way through deleting a directory (simulated: rmtree dies after one file) leaves a dead
+    temporary, never a partial directory under the original name; the next cleanup removes it."""
+    victim = tmp_path / "step-00000002"
+    victim.mkdir()
+    for k in range(3):
+        (victim / f"f{k}").write_text("x")
+    real_rmtree = rundir.shutil.rmtree
+
+    def dies_midway(path, ignore_errors=False):
+        next(Path(path).iterdir()).unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(rundir.shutil, "rmtree", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.remove_tree(victim)
+    monkeypatch.setattr(rundir.shutil, "rmtree", real_rmtree)
+    assert not victim.exists()
+    leftovers = [p for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-step-00000002.")
+    rundir.remove_dead_temporaries(tmp_path, locked=True)
+    assert list(tmp_path.iterdir()) == []
