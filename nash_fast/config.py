@@ -61,7 +61,9 @@ class TrainConfig:
     dataset: str = _opt("tiny", "Preference data: a local .jsonl/.json/.parquet file, a datasets hub name (from the "
                         "local datasets cache), or 'tiny' for the shipped nash_fast/data/files/prefs.jsonl.")
     dataset_config: str | None = _opt(None, "datasets configuration name (hub datasets only).")
-    dataset_split: str = _opt("train", "datasets split to read (hub datasets and files alike).")
+    dataset_split: str | None = _opt(None, "datasets split to read: a hub dataset's or a saved DatasetDict's (default "
+                                     "train), or the key of a .json file of the form {split: [records]}. Files "
+                                     "without splits (.jsonl, .parquet) refuse it.")
     columns: str = _opt("", "Column mapping 'field=column,...' from the trainer's fields (prompt, chosen, rejected, "
                         "preference, chosen_winrate, rejected_winrate, aug_prompt, responses, winrates) to the "
                         "dataset's column names, e.g. 'prompt=question,chosen=good,rejected=bad'.")
@@ -134,6 +136,10 @@ class TrainConfig:
     resume: str = _opt("auto", "auto: continue from the newest complete checkpoint in --output-dir if there is one; "
                        "'--resume' alone or 'latest': same, but it is an error if there is none; a path: that "
                        "checkpoint directory; never: start fresh (deletes --output-dir's old checkpoints).")
+    allow_schedule_change: bool = _opt(False, "Resume a checkpoint although --max-steps / --num-epochs / the warmup "
+                                       "now give a different learning-rate schedule than the one it was trained with "
+                                       "(the remaining steps follow the new schedule; the run is then not the same as a "
+                                       "straight run of the new length). Without it such a resume is refused.")
     max_consecutive_bad_steps: int = _opt(5, "Stop the run after this many optimizer steps in a row skipped for a "
                                           "non-finite loss or gradient.")
     cache_dir: str | None = _opt(None, "Where precomputed reference log-probs are cached (default: "
@@ -234,6 +240,8 @@ class TrainConfig:
                 problem(name, f"{flag(name)} must be in [0, 1), got {getattr(self, name)!r}")
         if ok("warmup_ratio") and self.warmup_ratio >= 1.0:
             problem("warmup_ratio", f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if ok("seed") and not 0 <= self.seed < 2**32:  # numpy and transformers' set_seed take 32-bit seeds
+            problem("seed", f"--seed must be an integer in [0, 2**32 - 1], got {self.seed!r}")
         if ok("default_preference") and self.default_preference is not None and not 0.0 <= self.default_preference <= 1.0:
             problem("default_preference", f"--default-preference must be in [0, 1], got {self.default_preference!r}")
 
@@ -255,6 +263,11 @@ class TrainConfig:
                     problem("tau", f"--tau must be smaller than --eta for --loss inpo, got tau={self.tau}, eta={self.eta}")
             if self.loss in ("sr_dpo", "sr_ipo") and ok("lam") and self.lam is None:
                 problem("lam", f"--loss {self.loss} needs --lam")
+            if ok("beta", "eta", "tau", "lam"):
+                try:
+                    self._check_loss_hyperparameters()
+                except ValueError as error:
+                    problems.append(str(error))
             if ok("prev_model") and self.prev_model is not None and self.loss != "inpo":
                 problem("prev_model", f"--prev-model is only used by --loss inpo, got --loss {self.loss}")
             if self.loss in ("sr_dpo", "sr_ipo") and ok("aug_prompt") and not self.aug_prompt.strip():
@@ -280,12 +293,45 @@ class TrainConfig:
                                      f"Jinja text; got {self.chat_template!r}")
         if ok("output_dir") and not self.output_dir:
             problem("output_dir", "--output-dir must not be empty")
+        from nash_fast.data.loading import check_local_path
+
+        for name in ("model", "tokenizer", "ref_model", "prev_model", "dataset"):
+            if ok(name):
+                try:
+                    check_local_path(flag(name), getattr(self, name))
+                except ValueError as error:
+                    problem(name, str(error))
         if ok("columns"):
             try:
                 self.column_mapping()
             except ValueError as error:
                 problem("columns", str(error))
         return problems
+
+    def _check_loss_hyperparameters(self) -> None:
+        """The API's rule (nash_fast.losses.check_hyperparameters) on the values the trainer will use, in float32
+        (the losses' compute dtype for float32 and bf16 policies alike)."""
+        import torch
+
+        from nash_fast.losses import check_hyperparameters
+
+        labels = {name: flag(name) for name in ("beta", "eta", "tau", "lam")}
+        if self.loss == "sppo":
+            if self.beta is not None:
+                check_hyperparameters("dpo", torch.float32, labels=labels, beta=self.beta)
+                labels["eta"] = "--beta (as eta = 1 / beta)"
+            eta = self.eta if self.eta is not None else 1.0 / (self.beta if self.beta is not None else 0.1)
+            check_hyperparameters("sppo_pair", torch.float32, labels=labels, eta=eta)
+        elif self.loss == "inpo":
+            if self.eta is not None and self.tau is not None:
+                check_hyperparameters("inpo", torch.float32, labels=labels, eta=self.eta, tau=self.tau)
+        else:
+            values = {"beta": self.beta if self.beta is not None else 0.1}
+            if self.loss in ("sr_dpo", "sr_ipo"):
+                if self.lam is None:
+                    return
+                values["lam"] = self.lam
+            check_hyperparameters(self.loss, torch.float32, labels=labels, **values)
 
 
 from nash_fast.data.formats import COLUMN_FIELDS  # noqa: E402  (the fields --columns maps to)
@@ -368,7 +414,9 @@ def option_converter(f: dataclasses.Field):
 
 def build_parser() -> argparse.ArgumentParser:
     """argparse parser generated from TrainConfig; options not given stay absent (so YAML values survive)."""
-    parser = argparse.ArgumentParser(
+    from nash_fast.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="python -m nash_fast.train",
         description="Train a causal LM on preference data with SPPO / INPO / IPO / DPO / Sr-DPO / Sr-IPO / SPCE, "
         "packed batches and the fused loss. Precedence: defaults < --config YAML < flags. With no arguments: "
@@ -397,7 +445,33 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=help_text)
     # The deepspeed launcher appends --local_rank=N; the trainer reads LOCAL_RANK from the environment.
     parser.add_argument("--local_rank", "--local-rank", dest="_local_rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", dest="_debug", action="store_true",
+                        help="Print the full Python traceback of an error (also NASH_FAST_DEBUG=1).")
     return parser
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.BaseLoader):
+        """BaseLoader (every scalar stays text), except that a key given twice in one mapping is an error
+        (PyYAML keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"option {key!r} is given twice (lines {seen[key]} and "
+                            f"{key_node.start_mark.line + 1})", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: BaseLoader reports it
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
@@ -413,11 +487,16 @@ def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config: no such file {str(path)!r}")
-    with open(path) as f:
-        try:
-            data = yaml.load(f, Loader=yaml.BaseLoader)  # scalars stay text: converted below like flags
-        except yaml.YAMLError as error:
-            raise ValueError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"--config {path}: line {line} is not UTF-8 (byte 0x{raw[error.start]:02x})") from None
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())  # scalars stay text: converted below like flags
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from None
     if data is None or data == "":
         return {}, {}
     if not isinstance(data, dict):
@@ -448,6 +527,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """defaults < YAML (--config) < flags, validated; every problem is reported at once."""
     namespace = vars(build_parser().parse_args(argv))
     namespace.pop("_local_rank", None)
+    namespace.pop("_debug", None)  # read by nash_fast.cli.run_cli from the command line
     options, problems = load_yaml(namespace.pop("config")) if "config" in namespace else ({}, {})
     options.update(namespace)
     for name in namespace:  # a flag replaces the YAML value, bad or not

@@ -22,7 +22,8 @@ def test_every_source_gives_the_same_rows(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"test": rows}))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dir"))
-    for name, split in (("a.jsonl", "train"), ("a.json", "train"), ("b.json", "test"), ("a.parquet", "train"),
+    # Files without splits take no split (an explicit one is refused, not ignored: below).
+    for name, split in (("a.jsonl", None), ("a.json", None), ("b.json", "test"), ("a.parquet", None),
                         ("dir", "train")):
         loaded = load_rows(str(tmp_path / name), split=split)
         assert loaded == rows, name
@@ -30,8 +31,12 @@ def test_every_source_gives_the_same_rows(tmp_path):
     assert load_rows("tiny") == load_tiny_preferences()
     with pytest.raises(ValueError, match=r"--dataset .*dir: split 'test' not in \['train'\]"):
         load_rows(str(tmp_path / "dir"), split="test")
-    with pytest.raises(ValueError, match="--prompts: no such file"):  # a missing file is not a hub name
+    with pytest.raises(ValueError, match="--prompts .*missing.jsonl: no such file"):  # a missing file is not a hub name
         load_rows(str(tmp_path / "missing.jsonl"), option="--prompts")
+    for name in ("a.jsonl", "a.parquet", "a.json"):
+        with pytest.raises(ValueError, match=rf"--dataset-split train: .*{name} (is a .* file|holds a JSON list), "
+                                             "which has no splits"):
+            load_rows(str(tmp_path / name), split="train")
     (tmp_path / "a.csv").write_text("x\n")
     with pytest.raises(ValueError, match="unsupported file type '.csv'"):
         load_rows(str(tmp_path / "a.csv"))

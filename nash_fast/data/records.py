@@ -51,17 +51,27 @@ FILES = Path(__file__).resolve().parent / "files"
 PAIR_TEXT_FIELDS = ("prompt", "chosen", "rejected")
 
 
+def read_utf8(path: str | Path) -> str:
+    """The text of a file; bytes that are not UTF-8 raise ValueError naming the file, line and byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 (byte 0x{raw[error.start]:02x} at column {column})") from None
+
+
 def load_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a jsonl file; a malformed line raises ValueError naming the file and line."""
+    """Rows of a jsonl file; a malformed line (not JSON, or not UTF-8) raises ValueError naming the file and line."""
     rows = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_number} is not valid JSON ({e})") from None
+    for line_number, line in enumerate(read_utf8(path).split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e})") from None
     return rows
 
 
