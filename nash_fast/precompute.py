@@ -19,8 +19,21 @@ The cache file is keyed by a fingerprint of
                    dtype, attention implementation).
 Change any of them and the key changes (a miss); rerun with the same ones and it is a hit.
 
-Multi-process (DeepSpeed / torchrun): rank r computes batches r, r + W, ...; the results are all-gathered
-and rank 0 writes the cache.
+Every cache file is verified before use: it is written aside under a temporary name, fsynced and renamed,
+and its size and SHA-256 go into a sidecar FILE.sha256 (JSON) written after it. A file whose sidecar is
+missing or does not match (bit flips, truncation, a swapped file) is not loaded; it is recomputed. Files are
+read with torch.load(weights_only=True).
+
+The pass is resumable: the packed batches (fixed by the data and the token budget) are computed in shards of
+SHARD_BATCHES batches, each written (verified, as above) to NAME-logps-KEY.partial-MAXTOKENS/ as soon as it is
+complete. A stop request (SIGINT / SIGTERM, nash_fast.interrupt) ends the pass after the current batch with
+its completed work on disk (nash_fast.interrupt.Interrupted); a kill -9 loses at most one shard. The next run
+computes only the batches no verified shard holds, in the same batches, so its numbers are those of an
+uninterrupted pass; once all are done the shards are merged into the cache file and removed.
+
+Multi-process (DeepSpeed / torchrun): of the batches still to compute, rank r computes batches r, r + W, ...;
+each shard's results are all-gathered and rank 0 writes it; the stop request is agreed on after every round
+of W batches (the caller's stop() is a collective).
 """
 
 from __future__ import annotations
@@ -33,10 +46,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from nash_fast import rundir
 from nash_fast.data import PackedPreferenceCollator, TokenBudgetBatchSampler, example_sequence_lengths
 from nash_fast.model import packed_sequence_logprobs
 
 CACHE_VERSION = 1
+SHARD_BATCHES = 64  # precompute batches per shard written to disk (rounded up to a multiple of the process count)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _HASH_CHUNK = 1 << 24
 
@@ -75,10 +90,12 @@ def directory_fingerprint(directory: str | os.PathLike, memo_file: str | os.Path
     memo = None
     if memo_file is not None:
         try:
-            with open(memo_file) as f:
-                memo = json.load(f)
+            with open(memo_file, "rb") as f:
+                memo = json.loads(f.read().decode("utf-8"))
         except (OSError, ValueError):
             memo = {}
+        if not isinstance(memo, dict) or not all(isinstance(v, str) for v in memo.values()):
+            memo = {}  # damaged: the hashes are recomputed
     before = dict(memo) if memo is not None else None
     digest = hashlib.sha256()
     for path in sorted(directory.iterdir()):
@@ -87,10 +104,11 @@ def directory_fingerprint(directory: str | os.PathLike, memo_file: str | os.Path
             digest.update(_file_identity(path, memo).encode())
     if memo is not None and memo != before:
         Path(memo_file).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{memo_file}.tmp{os.getpid()}")
+        tmp = rundir.temporary_path(memo_file)
         with open(tmp, "w") as f:
             json.dump(memo, f)
         os.replace(tmp, memo_file)
+        rundir.done(tmp)
     return digest.hexdigest()
 
 
@@ -190,6 +208,101 @@ def dataset_sequence_logprobs(
     return [results[i] for i in range(len(examples))]
 
 
+class CacheDamaged(ValueError):
+    """A cache file that fails verification (reason says why); it is recomputed, never loaded."""
+
+
+def write_verified(path: Path, obj) -> None:
+    """torch.save obj to path atomically, then its size and SHA-256 to path.sha256 (JSON, written second)."""
+    from nash_fast.checkpoint import sha256_file, write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = rundir.temporary_path(path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        record = {"file": path.name, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        rundir.done(tmp)
+    write_json_atomic(_sidecar(path), record)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def read_verified(path: Path):
+    """torch.load(weights_only=True) of a file written by write_verified, after checking its size and SHA-256
+    against the sidecar. CacheDamaged when the sidecar is missing or either does not match."""
+    from nash_fast.checkpoint import sha256_file
+
+    try:
+        record = json.loads(_sidecar(path).read_bytes().decode("utf-8"))
+        expected_bytes, expected_sha = int(record["bytes"]), str(record["sha256"])
+    except FileNotFoundError:
+        raise CacheDamaged(f"{_sidecar(path).name} is missing (written by an older version, or killed in between)") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CacheDamaged(f"{_sidecar(path).name} is unreadable ({type(error).__name__})") from None
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise CacheDamaged(f"{path.name} is missing") from None
+    if size != expected_bytes:
+        raise CacheDamaged(f"{path.name} has {size} bytes, {expected_bytes} were written")
+    if sha256_file(path) != expected_sha:
+        raise CacheDamaged(f"{path.name}: SHA-256 does not match (the file changed after it was written)")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:
+        raise CacheDamaged(f"{path.name} cannot be loaded ({type(error).__name__})") from None
+
+
+def _remove_verified(path: Path) -> None:
+    for p in (path, _sidecar(path)):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _gather(results: dict, world_size: int) -> dict:
+    if world_size == 1:
+        return results
+    import torch.distributed as dist
+
+    gathered: list[dict] = [None] * world_size  # type: ignore[list-item]
+    dist.all_gather_object(gathered, results)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def _read_shards(partial: Path, key: str, batches: list[list[int]], log) -> tuple[dict[int, list[float]], set[int]]:
+    """Results and batch ids of the verified shards in `partial`; damaged ones are deleted (and recomputed)."""
+    results: dict[int, list[float]] = {}
+    done: set[int] = set()
+    if not partial.is_dir():
+        return results, done
+    for path in sorted(partial.glob("shard-*.pt")):
+        try:
+            shard = read_verified(path)
+            ids, rows = shard["batches"], shard["results"]
+            if shard.get("key") != key or not all(isinstance(b, int) and 0 <= b < len(batches) for b in ids):
+                raise CacheDamaged(f"{path.name} belongs to another pass")
+            rows = {int(i): [float(x) for x in v] for i, v in rows.items()}
+            if set(rows) != {i for b in ids for i in batches[b]}:
+                raise CacheDamaged(f"{path.name} does not hold its batches' examples")
+        except (CacheDamaged, KeyError, TypeError, AttributeError, ValueError) as error:
+            log(f"precompute: ignoring shard {path} ({error}); its batches are recomputed")
+            _remove_verified(path)
+            continue
+        results.update(rows)
+        done.update(ids)
+    return results, done
+
+
 def cached_sequence_logprobs(
     name: str,
     model_name: str,
@@ -207,14 +320,26 @@ def cached_sequence_logprobs(
     barrier: Callable[[], None] = lambda: None,
     progress: bool = False,
     log: Callable[[str], None] = lambda message: print(f"[nash_fast] {message}", flush=True),
+    stop: Callable[[], str | None] | None = None,
+    locked: bool = False,
 ) -> tuple[list[list[float]], bool]:
-    """dataset_sequence_logprobs of load_model() over examples, from cache_dir when the fingerprints match.
+    """dataset_sequence_logprobs of load_model() over examples, from cache_dir when the fingerprints match and
+    the cache file verifies; resumed from verified shards of an interrupted pass.
 
     name labels the pass ("ref", "prev"); settings (e.g. dtype, attention implementation) enter the key.
-    Returns (per-example log-probs, hit). On a miss the model is loaded, used and released.
+    stop() -> 'SIGINT' / 'SIGTERM' / None is asked after every round of world_size batches (every rank calls it,
+    so it may be a collective); on a request the pass saves its shard and raises nash_fast.interrupt.Interrupted.
+    locked: the caller holds the run lock of a directory containing cache_dir (dead temporaries of other
+    processes are then removed too). Returns (per-example log-probs, hit). On a miss the model is loaded,
+    used and released.
     """
+    from nash_fast.interrupt import Interrupted
+
+    cache_dir = Path(cache_dir)
+    if rank == 0:
+        rundir.remove_dead_temporaries(cache_dir, locked=locked, log=log)
     model = None
-    memo_file = Path(cache_dir) / "file_hashes.json" if rank == 0 else None
+    memo_file = cache_dir / "file_hashes.json" if rank == 0 else None
     model_key = (model_fingerprint(model_name, None, memo_file=memo_file)
                  if model_name != "tiny" and resolve_model_directory(model_name) else None)
     if model_key is None:  # nothing on disk to hash (tiny, or a model only loadable by code): hash its weights
@@ -232,33 +357,79 @@ def cached_sequence_logprobs(
         sort_keys=True,
     )
     key = hashlib.sha256(key_material.encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"{name}-logps-{key}.pt"
+    path = cache_dir / f"{name}-logps-{key}.pt"
     if path.is_file():
         try:
-            cached = torch.load(path, weights_only=True)
-            if cached.get("key") == key and len(cached["logps"]) == len(examples):
-                if rank == 0:
-                    log(f"precompute {name}: cache hit {path}")
-                return [list(map(float, row)) for row in cached["logps"]], True
-        except Exception as error:  # a damaged cache file is recomputed, not trusted
+            cached = read_verified(path)
+            if cached.get("key") != key or len(cached["logps"]) != len(examples):
+                raise CacheDamaged(f"{path.name} holds another pass's results")
             if rank == 0:
-                log(f"precompute {name}: ignoring unreadable cache {path} ({error})")
+                log(f"precompute {name}: cache hit {path}")
+            return [list(map(float, row)) for row in cached["logps"]], True
+        except (CacheDamaged, KeyError, TypeError, AttributeError) as error:  # recomputed, not trusted
+            if rank == 0:
+                log(f"precompute {name}: not using cache file {path} ({error}); recomputing")
+    lengths = [example_sequence_lengths(e, i, augment=augment) for i, e in enumerate(examples)]
+    batches = TokenBudgetBatchSampler(lengths, max_tokens, shuffle=False).all_batches()
+    partial = cache_dir / f"{name}-logps-{key}.partial-{max_tokens}"
     if rank == 0:
-        log(f"precompute {name}: cache miss, computing log-probs of {len(examples)} examples with {model_name}")
-    if model is None:
-        model = load_model()
-    logps = dataset_sequence_logprobs(
-        model, examples, augment=augment, average=average, max_tokens=max_tokens, backend=backend,
-        rank=rank, world_size=world_size, progress=progress and rank == 0,
-    )
-    del model
+        rundir.remove_dead_temporaries(partial, locked=locked)
+    results, done = _read_shards(partial, key, batches, log if rank == 0 else (lambda m: None))
+    pending = [b for b in range(len(batches)) if b not in done]
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save({"key": key, "key_material": key_material, "logps": logps}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        kept = f" ({len(done)} of {len(batches)} batches kept from an interrupted pass in {partial})" if done else ""
+        log(f"precompute {name}: computing log-probs of {len(examples)} examples with {model_name}{kept}")
+    if pending:
+        if model is None:
+            model = load_model()
+        shard_rounds = max(1, -(-SHARD_BATCHES // world_size))
+        rounds = [pending[i:i + world_size] for i in range(0, len(pending), world_size)]
+        collate = PackedPreferenceCollator(augment=augment)
+        was_training = model.training
+        model.eval()
+        mine: dict[int, list[float]] = {}
+        shard_ids: list[int] = []
+        iterator = rounds
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(rounds, desc=f"precompute {name}", unit="round", leave=False)
+        signal_name = None
+        for number, round_ids in enumerate(iterator, 1):
+            if rank < len(round_ids):
+                batch_indices = batches[round_ids[rank]]
+                with torch.no_grad():
+                    batch = collate([examples[i] for i in batch_indices])
+                    logps = packed_sequence_logprobs(model, batch, average=average, backend=backend).float().cpu()
+                for position, example_index in enumerate(batch_indices):
+                    mine[example_index] = logps[batch["pair_index"] == position].tolist()
+            shard_ids += round_ids
+            signal_name = stop() if stop is not None else None
+            if signal_name or number % shard_rounds == 0 or number == len(rounds):
+                gathered = _gather(mine, world_size)
+                if rank == 0:
+                    write_verified(partial / f"shard-{shard_ids[0]:07d}-{len(shard_ids):05d}.pt",
+                                   {"key": key, "batches": shard_ids, "results": gathered})
+                results.update(gathered)
+                done.update(shard_ids)
+                mine, shard_ids = {}, []
+                barrier()
+            if signal_name:
+                break
+        model.train(was_training)
+        model = None
+        if signal_name:
+            raise Interrupted(signal_name, f"precompute {name}: {len(done)} of {len(batches)} batches done and kept in "
+                              f"{partial}")
+    model = None  # release the frozen model before training loads the policy
+    missing = [i for i in range(len(examples)) if i not in results]
+    if missing:
+        raise RuntimeError(f"precompute produced no log-probs for examples {missing[:8]}")
+    logps = [results[i] for i in range(len(examples))]
+    if rank == 0:
+        write_verified(path, {"key": key, "key_material": key_material, "logps": logps})
+        for leftover in cache_dir.glob(f"{name}-logps-{key}.partial-*"):  # this pass's, or one with other batching
+            rundir.remove_tree(leftover)
     barrier()
     return logps, False
 

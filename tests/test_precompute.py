@@ -131,3 +131,81 @@ def test_fingerprints(tmp_path, tokenizer, examples):
     assert model_fingerprint(str(tmp_path / "a"), memo_file=memo) == model_fingerprint(str(tmp_path / "a")) != first
     assert data_fingerprint(examples, augment=False) != data_fingerprint(examples, augment=True)
     assert data_fingerprint(examples, augment=False) != data_fingerprint(examples[::-1], augment=False)
+
+
+# ------------------------------------------------------------------ verified, resumable cache
+
+def _flip(path, bit):
+    data = bytearray(path.read_bytes())
+    data[bit // 8] ^= 1 << (bit % 8)
+    path.write_bytes(bytes(data))
+
+
+def test_cache_files_are_verified_before_use(tmp_path, tokenizer, examples):
+    """Every cache file carries a SHA-256 sidecar: a flipped bit, a missing sidecar or a file swapped for another
+    cache file all make a miss and a recomputation with the same numbers; nothing unverified is loaded."""
+    from nash_fast.checkpoint import sha256_file
+
+    messages = []
+
+    def run():
+        return cached_sequence_logprobs("ref", "tiny", lambda: build_tiny_model(len(tokenizer), seed=3), examples,
+                                        cache_dir=tmp_path, max_tokens=400, backend="torch", log=messages.append)
+
+    first, hit = run()
+    (path,) = tmp_path.glob("ref-logps-*.pt")
+    sidecar = json.loads(path.with_name(path.name + ".sha256").read_text())
+    assert not hit and sidecar == {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    assert run() == (first, True)
+    for bit in (0, 8 * path.stat().st_size // 2, 8 * path.stat().st_size - 1):
+        _flip(path, bit)
+        messages.clear()
+        assert run() == (first, False)
+        assert any(f"not using cache file {path}" in m and "SHA-256 does not match" in m for m in messages)
+    path.with_name(path.name + ".sha256").unlink()
+    assert run() == (first, False)
+    other = tmp_path / "other"
+    cached_sequence_logprobs("ref", "tiny", lambda: build_tiny_model(len(tokenizer), seed=4), examples,
+                             cache_dir=other, max_tokens=400, backend="torch", log=lambda m: None)
+    shutil_copy = __import__("shutil").copy
+    shutil_copy(next(other.glob("ref-logps-*.pt")), path)  # another valid cache file under this name
+    assert run() == (first, False)
+
+
+def test_interrupted_pass_keeps_its_shards_and_resumes_exactly(tmp_path, tokenizer, examples, monkeypatch):
+    """A stop after two batches writes them as verified shards and raises Interrupted; the rerun computes only
+    the other batches, in the same packing, so its numbers are those of an uninterrupted pass, bit for bit."""
+    import nash_fast.precompute as precompute
+    from nash_fast.interrupt import Interrupted
+
+    model = build_tiny_model(len(tokenizer), seed=3)
+    straight = dataset_sequence_logprobs(model, examples, max_tokens=200, backend="torch")
+    monkeypatch.setattr(precompute, "SHARD_BATCHES", 1)
+    computed = []
+    real = precompute.packed_sequence_logprobs
+
+    def counting(*args, **kwargs):
+        computed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(precompute, "packed_sequence_logprobs", counting)
+    stops = iter([None, "SIGTERM"])
+
+    def run(stop=None):
+        return cached_sequence_logprobs("ref", "tiny", lambda: model, examples, cache_dir=tmp_path, max_tokens=200,
+                                        backend="torch", log=lambda m: None, stop=stop)
+
+    with pytest.raises(Interrupted, match=r"precompute ref: 2 of (\d+) batches done and kept") as stopped:
+        run(stop=lambda: next(stops))
+    total = int(stopped.value.args[0].split(" of ")[1].split()[0])
+    assert total > 2 and stopped.value.signal_name == "SIGTERM"
+    shards = sorted(tmp_path.glob("ref-logps-*.partial-200/shard-*.pt"))
+    assert len(shards) == 2 and all(s.with_name(s.name + ".sha256").is_file() for s in shards)
+    # A damaged shard is not trusted: its batch is computed again.
+    _flip(shards[1], 8 * shards[1].stat().st_size // 2)
+    computed.clear()
+    values, hit = run()
+    assert not hit and len(computed) == total - 1
+    assert values == straight
+    assert not list(tmp_path.glob("*.partial-*"))  # merged into the cache file and removed
+    assert run() == (straight, True)
