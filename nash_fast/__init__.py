@@ -9,14 +9,15 @@ Public API:
 
 import importlib
 
-from nash_fast.logprobs import sequence_logprobs, token_logprobs
-
 __all__ = ["sequence_logprobs", "token_logprobs", "FusedLinearPreferenceLoss", "FusedLinearDPOLoss", "losses"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # Lazy so `import nash_fast` stays light (no transformers / deepspeed / triton import).
+    # Lazy so `import nash_fast` stays light (no torch / transformers / deepspeed / triton import): the CLIs
+    # (python -m nash_fast.train, ...) install their signal handlers before torch loads.
+    if name in ("sequence_logprobs", "token_logprobs"):
+        return getattr(importlib.import_module("nash_fast.logprobs"), name)
     if name == "losses":
         return importlib.import_module("nash_fast.losses")
     if name in ("FusedLinearPreferenceLoss", "FusedLinearDPOLoss"):

@@ -18,7 +18,6 @@ A response is the decoded text of the new tokens up to (not including) the first
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -176,9 +175,21 @@ def generate_responses(model, prompts: Sequence[str | list[dict]], *, num_sample
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 
 
+PROG = "python -m nash_fast.generate"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Sample K responses per prompt (jsonl with a 'prompt' field: a "
-                                     "string or a list of {role, content} messages).")
+    """The CLI (one-line errors, exit status 2; --debug for a traceback)."""
+    from nash_fast.cli import run_cli
+
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from nash_fast.cli import ArgumentParser
+
+    parser = ArgumentParser(prog=PROG, description="Sample K responses per prompt (jsonl with a 'prompt' field: a "
+                            "string or a list of {role, content} messages).")
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompts", required=True, help="jsonl file, one {'prompt': ...} per line")
     parser.add_argument("--output", required=True, help="jsonl file: {'prompt', 'responses'} per line")
@@ -192,20 +203,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--debug", action="store_true", help="Print the full traceback of an error.")
     args = parser.parse_args(argv)
     from nash_fast.data import load_jsonl
+    from nash_fast.rundir import done, temporary_path
 
-    prompts = [row["prompt"] for row in load_jsonl(args.prompts)]
+    if not Path(args.prompts).is_file():
+        raise ValueError(f"--prompts {args.prompts}: no such file")
+    prompts = []
+    for line, row in enumerate(load_jsonl(args.prompts), 1):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
+            raise ValueError(f"--prompts {args.prompts}: record {line} has no field 'prompt' (a string or a list "
+                             "of {role, content} messages)")
+        prompts.append(row["prompt"])
     groups = generate_responses(
         args.model, prompts, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend,
         chat_template=args.chat_template,
         tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size)
-    tmp = Path(args.output).with_suffix(".tmp")
+    tmp = temporary_path(Path(args.output))
     with open(tmp, "w") as f:
         for prompt, responses in zip(prompts, groups):
             f.write(json.dumps({"prompt": prompt, "responses": responses}) + "\n")
     tmp.replace(args.output)
+    done(tmp)
     return 0
 
 

@@ -37,7 +37,6 @@ nash_fast.build's real dataset rules where the method has one.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -367,8 +366,18 @@ def self_play(P, method: str, *, iterations: int, init=None, eta: float | None =
     return trace
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+    """The CLI (one-line errors, exit status 2; --debug for a traceback)."""
+    from nash_fast.cli import run_cli
+
+    return run_cli("python -m nash_fast.nash", _main, argv)
+
+
+def _main(argv) -> None:
+    from nash_fast.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m nash_fast.nash", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="Print the full traceback of an error.")
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--games", nargs="*", default=list(GAMES), choices=list(GAMES))
     parser.add_argument("--groups", type=int, default=None,
@@ -401,4 +410,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

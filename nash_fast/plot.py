@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from nash_fast.cli import RunFailed
+
 SMOOTHING = 0.9  # EMA weight of smooth()
 
 
@@ -42,19 +44,21 @@ PANELS = (
 XLABEL = "optimizer step"
 
 
-class MatplotlibMissing(RuntimeError):
+class MatplotlibMissing(RunFailed):
     pass
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Lines of a metrics.jsonl (a torn last line from a killed run is ignored)."""
+    """Records of a metrics.jsonl; damaged lines (cut by a kill, not UTF-8, not JSON) are skipped."""
     rows = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line.decode("utf-8"))
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
 
 
@@ -131,16 +135,25 @@ def metric_figures(rows: list[dict]):
         yield panel.name, figure
 
 
+PROG = "python -m nash_fast.plot"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    """The CLI: one-line errors (nash_fast.cli), exit status 1 when there is nothing to plot or no matplotlib."""
+    from nash_fast.cli import run_cli
+
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = [a for a in argv if a != "--debug"]
     if len(args) != 1 or args[0] in ("-h", "--help"):
-        print("usage: python -m nash_fast.plot OUTPUT_DIR   (writes OUTPUT_DIR/plots/*.png from metrics.jsonl)")
+        print(f"usage: {PROG} OUTPUT_DIR   (writes OUTPUT_DIR/plots/*.png from metrics.jsonl)")
         return 0 if args and args[0] in ("-h", "--help") else 2
     try:
         paths = plot_metrics(args[0])
-    except (MatplotlibMissing, FileNotFoundError) as error:
-        print(f"[nash_fast.plot] {error}", file=sys.stderr)
-        return 1
+    except FileNotFoundError as error:
+        raise RunFailed(str(error)) from None
     for path in paths:
         print(path)
     return 0

@@ -22,9 +22,12 @@ Every option is a field of nash_fast.config.TrainConfig (see --help). The run, t
    (gathered under ZeRO-3), backward. With --deepspeed / --zero-stage the DeepSpeed engine does
    backward and step; otherwise a plain torch optimizer does, in the same loop.
 4. Faults: a non-finite loss or gradient norm skips the optimizer step (logged with "skipped" in
-   metrics.jsonl); --max-consecutive-bad-steps in a row stop the run. SIGTERM saves a checkpoint and
-   exits 0. Checkpoints are atomic (nash_fast.checkpoint), so a kill -9 loses at most the steps since
-   the last one; rerunning with the same --output-dir resumes from it.
+   metrics.jsonl); --max-consecutive-bad-steps in a row stop the run. The run holds OUTPUT_DIR's lock
+   (nash_fast.rundir) throughout. SIGINT / SIGTERM (nash_fast.interrupt) stop it at the next safe point (after
+   the current step, which is checkpointed; after a precompute batch; after a model load), print how to
+   resume, exit 130 / 0. Checkpoints are atomic and digested (nash_fast.checkpoint), so a kill -9 loses at
+   most the steps since the last one; rerunning with the same --output-dir resumes from the newest one that
+   verifies and loads (a damaged one is skipped, naming the file), RNG states and metrics log included.
 5. Output (OUTPUT_DIR): metrics.jsonl (one line per step), checkpoints/step-N/, final/
    (save_pretrained model + tokenizer), plots/*.png, tensorboard/ when tensorboard is installed.
 
@@ -40,12 +43,16 @@ on all ranks. The precompute pass loads each frozen model whole on every process
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a Ctrl-C / SIGTERM while torch & co. import: one line, no traceback
+    from nash_fast.interrupt import exit_quietly_on_signals
+
+    exit_quietly_on_signals("python -m nash_fast.train")
+
 import contextlib
 import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,12 +65,12 @@ import torch
 from nash_fast.checkpoint import (
     checkpoint_name,
     is_complete,
-    latest_checkpoint,
     remove_checkpoints,
     save_checkpoint,
     write_json_atomic,
 )
 from nash_fast.config import TrainConfig, parse_config, to_dict
+from nash_fast.rundir import hostname
 from nash_fast.console import Console, is_terminal, library_bars_only_on_a_terminal
 
 __all__ = ["main", "train", "load_records", "validate_records", "LossPlan", "micro_batch_loss"]
@@ -274,6 +281,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owner: str = field(default_factory=lambda: f"{os.getpid()}@{hostname()}")  # rank 0's pid@host: names temporaries
 
     @property
     def is_main(self) -> bool:
@@ -282,6 +290,22 @@ class Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def agree_on_owner(self) -> None:
+        """Every rank names shared temporaries after rank 0 (call once the device is set: NCCL needs it)."""
+        if self.world_size > 1:
+            owner = [self.owner]
+            torch.distributed.broadcast_object_list(owner, src=0)
+            self.owner = owner[0]
+
+    def stop_requested(self) -> str | None:
+        """The stop request (SIGINT / SIGTERM) of any rank, the same on every rank (a collective when W > 1)."""
+        from nash_fast.interrupt import stop_requested
+
+        mine = stop_requested()
+        code = {None: 0.0, "SIGTERM": 1.0, "SIGINT": 2.0}.get(mine, 1.0)
+        agreed = self.all_reduce(torch.tensor([code]), "max").item()
+        return {0.0: None, 1.0: "SIGTERM", 2.0: "SIGINT"}[agreed]
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce of a CPU tensor (through the GPU when the backend is NCCL, which has no CPU path)."""
@@ -473,18 +497,46 @@ class BatchStream:
 # =============================================================================================== RNG state
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain JSON values (no pickle): Python's Mersenne Twister words, numpy's, torch's bytes."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss),
+                                                                 float(cached)],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    """Inverse of rng_state(); ValueError if the structure is not one rng_state() writes (then nothing is set)."""
+    _apply_rng_state(_parse_rng_state(state))
+
+
+def _parse_rng_state(state: dict) -> tuple:
+    try:
+        version, words, gauss = state["python"]
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        python = (int(version), tuple(int(w) for w in words), None if gauss is None else float(gauss))
+        numpy_state = (str(name), np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+        torch_state = torch.tensor(state["torch"], dtype=torch.uint8)
+        cuda = [torch.tensor(s, dtype=torch.uint8) for s in state.get("cuda", [])]
+        if len(python[1]) != 625 or numpy_state[1].shape != (624,) or torch_state.shape != torch.get_rng_state().shape:
+            raise ValueError("wrong state sizes")
+        if not all(0 <= w < 2**32 for w in python[1][:624]) or not 0 <= python[1][624] <= 624 or not 0 <= pos <= 624:
+            raise ValueError("values out of range")
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as error:
+        raise ValueError(f"not an RNG state written by nash_fast ({type(error).__name__}: {error})") from None
+    return python, numpy_state, torch_state, cuda
+
+
+def _apply_rng_state(parsed: tuple) -> None:
+    python, numpy_state, torch_state, cuda = parsed
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def seed_everything(seed: int) -> None:
@@ -525,10 +577,12 @@ class Run:
     stream: BatchStream
     sampler: Any
     total_steps: int
+    warmup_steps: int
     forward: Any = None  # batch -> hidden states: the DeepSpeed engine, or the plain PackedBackbone
     zero0_skipped: bool = False
     stage0_grad_norm: float | None = None
     state: TrainerState = field(default_factory=TrainerState)
+    metrics_lines: list[str] = field(default_factory=list)  # metrics.jsonl so far (rank 0), saved in each checkpoint
 
     @property
     def output_dir(self) -> Path:
@@ -540,7 +594,9 @@ class Run:
 
 
 def _save(run: Run) -> Path | None:
-    """Atomic checkpoint of the current step (no-op if one exists for it)."""
+    """Atomic, digested checkpoint of the current step (no-op if one exists for it). Nothing in it needs
+    unpickling: model / optimizer / scheduler tensors for torch.load(weights_only=True) (or DeepSpeed's engine
+    files, loaded under the same rule), trainer state, RNG states and the metrics log as JSON."""
     final = run.checkpoint_root / checkpoint_name(run.state.step)
     if is_complete(final):
         return final
@@ -560,12 +616,14 @@ def _save(run: Run) -> Path | None:
                 # whose order is a function of (sampler_seed + epoch); nothing else is random in the stream.
                 "data": dict(zip(("epoch", "batch_in_epoch"), run.stream.locate(run.state.position)),
                              sampler_seed=run.cfg.seed),
-                "total_steps": run.total_steps, "config": to_dict(run.cfg),
+                "total_steps": run.total_steps, "warmup_steps": run.warmup_steps, "config": to_dict(run.cfg),
             })
-        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+            with open(tmp / "metrics.jsonl", "w") as f:
+                f.writelines(run.metrics_lines)
+        write_json_atomic(tmp / f"rng_rank{rank}.json", rng_state())
 
     path = save_checkpoint(run.checkpoint_root, run.state.step, write, keep_last=run.cfg.save_total_limit,
-                           rank=rank, barrier=run.dist.barrier)
+                           rank=rank, barrier=run.dist.barrier, owner=run.dist.owner)
     if run.dist.is_main:
         log(f"saved checkpoint {path}")
     return path
@@ -575,7 +633,8 @@ def _save(run: Run) -> Path | None:
 _RESUMABLE_CHANGES = {"output_dir", "resume", "max_steps", "num_epochs", "save_steps", "save_total_limit",
                       "progress_bar", "plot", "tensorboard", "max_consecutive_bad_steps", "cache_dir",
                       "precompute_max_tokens", "device", "deepspeed", "zero_stage", "offload_optimizer",
-                      "offload_param", "grad_accum", "gradient_checkpointing", "logprob_backend", "attn_implementation"}
+                      "offload_param", "grad_accum", "gradient_checkpointing", "logprob_backend", "attn_implementation",
+                      "allow_schedule_change"}
 
 
 def _check_resumable(saved_config: dict, cfg: TrainConfig, path: Path) -> None:
@@ -587,65 +646,249 @@ def _check_resumable(saved_config: dict, cfg: TrainConfig, path: Path) -> None:
                          "--resume never to start over")
 
 
-def _load(run: Run, path: Path) -> None:
-    with open(path / "trainer_state.json") as f:
-        saved = json.load(f)
-    _check_resumable(saved.get("config", {}), run.cfg, path)
+def _check_schedule(saved: dict, run: Run, path: Path) -> None:
+    """A checkpoint of a run with another length (--max-steps / --num-epochs) was trained with another learning-rate
+    schedule whenever lr_factor depends on the total: resuming it silently would give neither the old run nor a
+    straight run of the new length. Refused unless --allow-schedule-change."""
+    cfg, step = run.cfg, saved["step"]
+    old_total, old_warmup = saved["total_steps"], saved.get("warmup_steps", run.warmup_steps)
+    if (old_total, old_warmup) == (run.total_steps, run.warmup_steps):
+        return
+    old = [lr_factor(s, total_steps=old_total, warmup_steps=old_warmup, schedule=cfg.lr_scheduler) for s in range(step)]
+    new = [lr_factor(s, total_steps=run.total_steps, warmup_steps=run.warmup_steps, schedule=cfg.lr_scheduler)
+           for s in range(step)]
+    first = next((s for s in range(step) if old[s] != new[s]), None)
+    if first is None:  # e.g. a constant schedule after a fixed warmup: the steps taken are those of the new run
+        if run.dist.is_main:
+            log(f"resuming {path} (a {old_total}-step run) as a {run.total_steps}-step run: the steps taken so far "
+                "follow the same learning-rate schedule")
+        return
+    what = (f"checkpoint {path} was trained as a {old_total}-step run ({old_warmup} warmup steps, {cfg.lr_scheduler} "
+            f"schedule); this run has {run.total_steps} steps ({run.warmup_steps} warmup), whose learning rate differs "
+            f"from step {first + 1} on (x{new[first]:.4g} vs x{old[first]:.4g} of --lr)")
+    if not cfg.allow_schedule_change:
+        raise ValueError(f"{what}: resuming would match neither run. Pass --allow-schedule-change to continue with the "
+                         "new schedule from here, keep the old --max-steps / --num-epochs, or --resume never")
+    if run.dist.is_main:
+        log(f"warning: {what}; continuing with the new schedule (--allow-schedule-change)")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A verified checkpoint read into memory, ready to apply (nothing applied yet)."""
+
+    path: Path
+    saved: dict
+    rng: tuple | None
+    metrics_lines: list[str]
+    model: dict | None = None
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+
+
+def _read_json(path: Path, name: str):
+    from nash_fast.checkpoint import CheckpointDamaged
+
+    try:
+        with open(path / name, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointDamaged(path, name, f"unreadable ({type(error).__name__}: {error})") from None
+
+
+def _torch_load(path: Path, name: str, device) -> Any:
+    from nash_fast.checkpoint import CheckpointDamaged
+
+    try:
+        return torch.load(path / name, map_location=device, weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+        raise CheckpointDamaged(path, name, f"cannot be loaded ({type(error).__name__}: "
+                                f"{' '.join(str(error).split())[:200]})") from None
+
+
+def _read_checkpoint(run: Run, path: Path, verify: bool = True) -> LoadedCheckpoint:
+    """Verify every file's SHA-256 against the manifest, then read it (weights_only / JSON) without applying it.
+    CheckpointDamaged names the file that fails. verify=False: rank 0 has verified it (the files are read the
+    same weights_only way)."""
+    from nash_fast.checkpoint import CheckpointDamaged, _read_manifest, verify_checkpoint
+
+    manifest = verify_checkpoint(path) if verify else _read_manifest(path)
+    saved = _read_json(path, "trainer_state.json")
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), int) for k in TrainerState().to_dict()) \
+            or not isinstance(saved.get("total_steps"), int) or saved["step"] != manifest["step"]:
+        raise CheckpointDamaged(path, "trainer_state.json", "does not hold this checkpoint's trainer state")
+    _check_resumable(saved.get("config", {}), run.cfg, path)  # another run's checkpoint: an error, not damage
+    rng_name = f"rng_rank{run.dist.rank}.json"
+    rng = _read_json(path, rng_name) if (path / rng_name).is_file() else None  # absent: more processes than saved
+    try:
+        lines = (path / "metrics.jsonl").read_bytes().decode("utf-8").splitlines(keepends=True)
+        steps = [json.loads(line)["step"] for line in lines]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointDamaged(path, "metrics.jsonl", f"unreadable ({type(error).__name__}: {error})") from None
+    if steps != list(range(1, saved["step"] + 1)):
+        raise CheckpointDamaged(path, "metrics.jsonl", f"does not hold steps up to {saved['step']}")
+    loaded = LoadedCheckpoint(path, saved, rng, lines)
     if run.engine is not None:
         if not (path / "engine").is_dir():
             raise ValueError(f"checkpoint {path} was not written by a DeepSpeed run; resume it without --deepspeed/--zero-stage")
-        load_path, _ = run.engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-        if load_path is None:
-            raise ValueError(f"DeepSpeed could not load checkpoint {path}")
+        _check_deepspeed_files(path)
     else:
         if not (path / "model.pt").is_file():
             raise ValueError(f"checkpoint {path} was written by a DeepSpeed run; resume it with the same --deepspeed/--zero-stage")
-        run.model.load_state_dict(torch.load(path / "model.pt", map_location=run.device, weights_only=True))
-        run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=run.device, weights_only=True))
-    run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        loaded.model = _torch_load(path, "model.pt", run.device)
+        loaded.optimizer = _torch_load(path, "optimizer.pt", run.device)
+    loaded.scheduler = _torch_load(path, "scheduler.pt", "cpu")
+    if rng is not None:
+        try:
+            loaded.rng = _parse_rng_state(rng)
+        except ValueError as error:
+            raise CheckpointDamaged(path, rng_name, str(error)) from None
+    return loaded
+
+
+# DeepSpeed's engine files (ZeRO 0-3, fp32 / bf16) hold these classes besides tensors and plain containers. They are
+# data holders (an IntEnum, a dataclass, the loss scaler's attributes): rebuilding them runs no code from the file.
+DEEPSPEED_SAFE_GLOBALS = ("deepspeed.utils.tensor_fragment.fragment_address",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum",
+                          "deepspeed.runtime.fp16.loss_scaler.LossScaler")
+
+
+def _deepspeed_safe_globals() -> list:
+    import importlib
+
+    objects = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, _, attribute = name.rpartition(".")
+        try:
+            objects.append(getattr(importlib.import_module(module), attribute))
+        except (ImportError, AttributeError):  # another DeepSpeed version: that name cannot occur then
+            pass
+    return objects
+
+
+def _check_deepspeed_files(path: Path) -> None:
+    """Every pickle-based file of a DeepSpeed checkpoint may reference only tensors, plain containers and
+    DEEPSPEED_SAFE_GLOBALS; anything else (e.g. os.system) is refused before DeepSpeed ever sees the file."""
+    from nash_fast.checkpoint import CheckpointDamaged
+
+    for file in sorted((path / "engine").rglob("*")):
+        if not file.is_file() or file.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+            continue
+        name = str(file.relative_to(path))
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+        except Exception as error:
+            raise CheckpointDamaged(path, name, f"cannot be read ({type(error).__name__}: {error})") from None
+        unexpected = sorted(set(unsafe) - set(DEEPSPEED_SAFE_GLOBALS))
+        if unexpected:
+            raise CheckpointDamaged(path, name, f"would unpickle {', '.join(unexpected)} (not a DeepSpeed checkpoint "
+                                    "type); refused")
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load():
+    """DeepSpeed's engine loader calls torch.load(weights_only=False); inside this block every torch.load is
+    weights_only=True with DEEPSPEED_SAFE_GLOBALS allowed, so no file can run code while it loads."""
+    real = torch.load
+    allowed = _deepspeed_safe_globals()
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return real(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+def _apply_checkpoint(run: Run, loaded: LoadedCheckpoint) -> None:
+    path, saved = loaded.path, loaded.saved
+    if run.engine is not None:
+        with _weights_only_torch_load():
+            load_path, _ = run.engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+        if load_path is None:
+            raise ValueError(f"DeepSpeed could not load checkpoint {path}")
+    else:
+        run.model.load_state_dict(loaded.model)
+        run.optimizer.load_state_dict(loaded.optimizer)
+    run.scheduler.load_state_dict(loaded.scheduler)
     run.state = TrainerState(**{k: saved[k] for k in TrainerState().to_dict()})
-    rng_file = path / f"rng_rank{run.dist.rank}.pt"
-    if rng_file.is_file():  # absent when resuming with more processes than were saved
-        set_rng_state(torch.load(rng_file, weights_only=False))  # numpy state holds arrays: our own file
+    if loaded.rng is not None:
+        _apply_rng_state(loaded.rng)
+    run.metrics_lines = list(loaded.metrics_lines)
     if saved.get("world_size") != run.dist.world_size or saved.get("grad_accum") != run.cfg.grad_accum:
         if run.dist.is_main:
             log(f"warning: resuming a run of {saved.get('world_size')} processes x grad_accum {saved.get('grad_accum')} "
                 f"with {run.dist.world_size} x {run.cfg.grad_accum}: the data position carries over, the batches per step change")
 
 
-def _resume_path(cfg: TrainConfig, root: Path) -> Path | None:
+def _resume(run: Run) -> Path | None:
+    """Load the checkpoint --resume names, or the newest one that passes verification and loads (auto / latest):
+    a damaged one is skipped with a warning naming the file, and removed (it can never be loaded). Returns the
+    checkpoint used, or None for a fresh start. Every rank loads the same one (rank 0 decides)."""
+    from nash_fast.checkpoint import CheckpointDamaged, list_checkpoints, remove_incomplete_checkpoints
+
+    cfg, dist = run.cfg, run.dist
     if cfg.resume == "never":
         return None
-    if cfg.resume in ("auto", "latest"):
-        path = latest_checkpoint(root)
-        if path is None and cfg.resume == "latest":
-            raise ValueError(f"--resume: no complete checkpoint under {root}")
+    if cfg.resume not in ("auto", "latest"):
+        path = Path(cfg.resume)
+        try:
+            loaded = _read_checkpoint(run, path)
+        except CheckpointDamaged as error:
+            raise ValueError(f"--resume {path}: {error.file}: {error.reason}") from None
+        _check_schedule(loaded.saved, run, path)
+        _apply_checkpoint(run, loaded)
         return path
-    path = Path(cfg.resume)
-    if not is_complete(path):
-        raise ValueError(f"--resume {path}: not a complete checkpoint directory (no valid complete.json)")
+    candidates = [p for _, p in reversed(list_checkpoints(run.checkpoint_root))]
+    chosen, loaded = -1, None
+    if dist.is_main:
+        for index, path in enumerate(candidates):
+            try:
+                loaded = _read_checkpoint(run, path)
+            except CheckpointDamaged as error:
+                log(f"warning: skipping checkpoint {path}: {error.file}: {error.reason}")
+                from nash_fast.rundir import remove_tree
+
+                remove_tree(path)
+                continue
+            chosen = index
+            break
+        remove_incomplete_checkpoints(run.checkpoint_root, log=log)
+    chosen = int(dist.all_reduce(torch.tensor([float(chosen if dist.is_main else -1)]), "max").item())
+    if chosen < 0:
+        if cfg.resume == "latest":
+            raise ValueError(f"--resume: no complete checkpoint under {run.checkpoint_root}")
+        return None
+    path = candidates[chosen]
+    if not dist.is_main:
+        loaded = _read_checkpoint(run, path, verify=False)  # rank 0 verified it: one pass over the files
+    _check_schedule(loaded.saved, run, path)
+    _apply_checkpoint(run, loaded)
     return path
 
 
 class MetricsLog:
-    """OUTPUT/metrics.jsonl (one JSON line per step) and TensorBoard when installed; rank 0 only."""
+    """OUTPUT/metrics.jsonl (one JSON line per step) and TensorBoard when installed; rank 0 only.
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int):
+    On resume the file is rebuilt from the checkpoint's own copy of the log (verified with the checkpoint),
+    whatever state the file is in: lines cut mid-way, bytes that are not UTF-8, another run's lines, or a
+    directory in its place (moved aside, with a warning). Lines after the checkpoint describe steps that will be
+    redone and are dropped."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, lines: list[str]):
         self.path = output_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
+        self.lines = lines  # the run's list (Run.metrics_lines): appended to here, saved with every checkpoint
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            # Lines after the checkpoint we resume from describe steps that will be redone.
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and _json_step(line) is not None and _json_step(line) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+        self._rebuild()
         self.file = open(self.path, "a")
         if tensorboard:
             try:
@@ -655,10 +898,34 @@ class MetricsLog:
             except ImportError:
                 self.writer = None
 
+    def _rebuild(self) -> None:
+        from nash_fast.rundir import temporary_path
+
+        if self.path.is_dir() or (self.path.exists() and not self.path.is_file()):
+            aside = self.path.with_name(f"metrics.jsonl.moved-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(self.path, aside)
+            log(f"warning: {self.path} was not a file; moved it to {aside}")
+        elif self.path.is_file():
+            damaged = _damaged_lines(self.path)
+            if damaged:
+                log(f"warning: {self.path}: line(s) {', '.join(map(str, damaged[:5]))} damaged (cut, not UTF-8 or not "
+                    f"JSON); rebuilt the log{' from the checkpoint' if self.lines else ''}")
+        tmp = temporary_path(self.path)
+        with open(tmp, "w") as f:
+            f.writelines(self.lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        from nash_fast.rundir import done
+
+        done(tmp)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        self.lines.append(line)
+        self.file.write(line)
         self.file.flush()
         if self.writer is not None:
             for key, value in record.items():
@@ -672,11 +939,17 @@ class MetricsLog:
                 self.writer.close()
 
 
-def _json_step(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+def _damaged_lines(path: Path) -> list[int]:
+    """1-based numbers of the lines of a metrics file that are not a UTF-8 JSON record with a step."""
+    damaged = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                if not raw.endswith(b"\n") or not isinstance(json.loads(raw.decode("utf-8"))["step"], int):
+                    damaged.append(number)
+            except (ValueError, KeyError, TypeError):
+                damaged.append(number)
+    return damaged
 
 
 _METRIC_KEYS = ("loss", "chosen_logratio", "rejected_logratio", "reward_accuracy", "reward_margin", "logratio")
@@ -796,46 +1069,81 @@ def _install_zero0_guard(run: Run) -> None:
     run.optimizer.register_step_pre_hook(pre_step)
 
 
-class _Termination:
-    """SIGTERM -> a flag the loop checks at step boundaries (then it checkpoints and exits 0)."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
 def train(cfg: TrainConfig) -> dict:
-    """Run training per cfg; returns a summary (paths, steps, last metrics)."""
+    """Run training per cfg; returns a summary (paths, steps, last metrics).
+
+    SIGINT / SIGTERM (nash_fast.interrupt) stop the run at the next safe point: after the current optimizer step
+    (which is then checkpointed), after a precompute shard, or after a model load. The summary then has
+    stopped_by_signal True, signal 'SIGINT' / 'SIGTERM' and the checkpoint to resume from."""
+    from nash_fast.interrupt import stop_signals
+
     threads = torch.get_num_threads()
     try:
-        with library_bars_only_on_a_terminal():
+        with stop_signals("nash_fast"), library_bars_only_on_a_terminal():
             return _train(cfg)
     finally:
         torch.set_num_threads(threads)  # train() may run inside a larger program (selfplay, tests)
 
 
+# How to rerun this run (set by main(); library callers rerun train() with the same config).
+_COMMAND: str | None = None
+
+
+def _lock_output_dir(cfg: TrainConfig, dist: Dist):
+    """Rank 0 locks --output-dir for the run's life (nash_fast.rundir); every rank fails if it cannot."""
+    from nash_fast.rundir import RunLock
+
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = RunLock(cfg.output_dir, log=log).acquire()
+        except (ValueError, OSError) as caught:
+            error = caught
+    failed = dist.all_reduce(torch.tensor([float(error is not None)]), "max").item() > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"--output-dir {cfg.output_dir}: rank 0 could not lock it (see rank 0's message)")
+    return lock
+
+
 def _train(cfg: TrainConfig) -> dict:
     dist = setup_distributed(cfg)
     device = select_device(cfg, dist)
+    dist.agree_on_owner()
+    lock = _lock_output_dir(cfg, dist)
+    try:
+        return _locked_train(cfg, dist, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _stopped(signal_name: str, where: str, run: Run | None, checkpoint: Path | None, dist: Dist, output_dir: Path,
+             extra: dict | None = None) -> dict:
+    """The summary of a run stopped by a signal, after printing where and how to resume."""
+    if dist.is_main:
+        saved = (f"checkpoint {checkpoint} (step {run.state.step} of {run.total_steps})" if checkpoint is not None
+                 else "no new checkpoint (no optimizer step since the last one)")
+        command = _COMMAND or "the same command (train() with the same config)"
+        log(f"{signal_name}: stopped {where}; {saved}. Resume with {command}: it continues from the newest "
+            f"checkpoint in {output_dir / 'checkpoints'}")
+    return {"output_dir": str(output_dir), "metrics": str(output_dir / "metrics.jsonl"),
+            "steps": run.state.step if run is not None else 0, "stopped_by_signal": True, "signal": signal_name,
+            "checkpoint": None if checkpoint is None else str(checkpoint), **(extra or {})}
+
+
+def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
+    from nash_fast.interrupt import Interrupted
+    from nash_fast.rundir import remove_dead_temporaries
+
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
     elif cfg.model == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)
     output_dir = Path(cfg.output_dir)
+    if dist.is_main:  # leftovers of a killed run (.tmp-final, metrics.jsonl.tmp, ...); checkpoints/ in _resume
+        remove_dead_temporaries(output_dir, locked=True, log=log)
     seed_everything(cfg.seed)
 
     # 1. data: schema before any model
@@ -856,11 +1164,17 @@ def _train(cfg: TrainConfig) -> dict:
     if dist.is_main:
         log(f"{len(examples)} {'groups' if plan.groups else 'pairs'} from {cfg.dataset}; {len(stream.epoch_batches(0))} "
             f"micro-batches of <= {cfg.max_tokens} tokens per epoch; {total_steps} steps of {per_step} micro-batches")
+    signal_name = dist.stop_requested()
+    if signal_name:
+        return _stopped(signal_name, "before training (data loaded)", None, None, dist, output_dir)
 
-    # 2. precompute with the frozen models, released afterwards
+    # 2. precompute with the frozen models, released afterwards; completed shards survive a stop
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     vocab_size = len(tokenizer)
-    _precompute(cfg, dist, device, dtype, vocab_size, examples, plan)
+    try:
+        _precompute(cfg, dist, device, dtype, vocab_size, examples, plan)
+    except Interrupted as stop:
+        return _stopped(stop.signal_name, f"during precompute ({stop})", None, None, dist, output_dir)
 
     # 3. policy, optimizer, schedule, engine
     model = load_model(cfg.model, cfg, vocab_size=vocab_size,
@@ -885,56 +1199,62 @@ def _train(cfg: TrainConfig) -> dict:
         # The scheduler stays on the client optimizer: DeepSpeed's wrapper steps it with the same param-group
         # dicts, and we step the schedule ourselves only for applied (not skipped) steps.
     run = Run(cfg, dist, device, model, optimizer, scheduler, engine, build_loss_fn(cfg), plan, plan.collator(),
-              examples, stream, sampler, total_steps, forward=engine if engine is not None else PackedBackbone(model))
+              examples, stream, sampler, total_steps, warmup, forward=engine if engine is not None else PackedBackbone(model))
     if engine is not None and engine.zero_optimization_stage() == 0 and not cfg.bf16:
         _install_zero0_guard(run)
 
-    # 4. resume
+    # 4. resume: the newest checkpoint that verifies and loads (older ones if the newest is damaged)
     if cfg.resume == "never" and dist.is_main:
         remove_checkpoints(run.checkpoint_root)
     dist.barrier()
-    resume_from = _resume_path(cfg, run.checkpoint_root)
-    if resume_from is not None:
-        _load(run, resume_from)
-        if dist.is_main:
-            log(f"resumed from {resume_from} at step {run.state.step}")
-    metrics_log = MetricsLog(output_dir, dist.is_main, cfg.tensorboard, run.state.step)
+    resume_from = _resume(run)
+    if resume_from is not None and dist.is_main:
+        log(f"resumed from {resume_from} at step {run.state.step}")
+    signal_name = dist.stop_requested()
+    if signal_name:
+        return _stopped(signal_name, "before the first step", run, None, dist, output_dir)
+    metrics_log = MetricsLog(output_dir, dist.is_main, cfg.tensorboard, run.metrics_lines)
+    signal_name = checkpoint = None
 
     # 5. loop: a bar on a terminal, plain progress lines in a log (nash_fast.console)
     console = Console(enabled=dist.is_main)
     record: dict = {}
-    stopped_by_signal = False
     try:
-        with _Termination() as termination, console.progress(total=total_steps, initial=run.state.step,
-                                                              desc=cfg.loss, show=cfg.progress_bar) as progress:
+        with console.progress(total=total_steps, initial=run.state.step, desc=cfg.loss, show=cfg.progress_bar) as progress:
             while run.state.step < total_steps:
                 record = _train_step(run)
                 metrics_log.write(record)
                 progress.update(run.state.step, loss=record.get("loss"), tokens=record["tokens"],
                                 tokens_per_s=record["tokens_per_s"])
                 if run.state.consecutive_bad >= cfg.max_consecutive_bad_steps:
-                    raise RuntimeError(
+                    from nash_fast.cli import RunFailed
+
+                    raise RunFailed(
                         f"{run.state.consecutive_bad} optimizer steps in a row were skipped for a non-finite loss or "
                         f"gradient (last at step {run.state.step}, see {metrics_log.path}); stopping "
                         f"(--max-consecutive-bad-steps {cfg.max_consecutive_bad_steps})"
                     )
-                stop = dist.all_reduce(torch.tensor([float(termination.requested)]), "max").item() > 0
-                if stop:
-                    _save(run)
-                    stopped_by_signal = True
-                    if dist.is_main:
-                        log(f"SIGTERM: checkpoint saved at step {run.state.step}; rerun the same command to resume")
+                signal_name = dist.stop_requested() if run.state.step < total_steps else None  # the last step: finish
+                if signal_name:
+                    checkpoint = _save(run)
                     break
                 if cfg.save_steps and run.state.step % cfg.save_steps == 0 and run.state.step < total_steps:
                     _save(run)
     finally:
         metrics_log.close()
+    if signal_name:
+        return _stopped(signal_name, f"after step {run.state.step}", run, checkpoint, dist, output_dir,
+                        {"last": record, "skipped_steps": run.state.skipped_steps})
 
+    if run.state.step > 0 and run.state.skipped_steps == run.state.step:
+        from nash_fast.cli import RunFailed
+
+        raise RunFailed(f"all {run.state.step} optimizer steps were skipped for a non-finite loss or gradient (see "
+                        f"{metrics_log.path}); the model never changed, so no final model is written")
     summary = {"output_dir": str(output_dir), "metrics": str(metrics_log.path), "steps": run.state.step,
                "loss_start_end": _loss_start_end(metrics_log.path) if dist.is_main else None,
-               "skipped_steps": run.state.skipped_steps, "last": record, "stopped_by_signal": stopped_by_signal}
-    if stopped_by_signal:
-        return summary
+               "skipped_steps": run.state.skipped_steps, "last": record, "stopped_by_signal": False}
+    # A stop requested from here on changes nothing: the final checkpoint and model are what remains to do.
     _save(run)
     summary["model"] = str(_save_final_model(run, tokenizer))
     if dist.is_main:
@@ -953,7 +1273,8 @@ def _precompute(cfg, dist, device, dtype, vocab_size, examples, plan) -> None:
                   max_tokens=cfg.precompute_max_tokens or 2 * cfg.max_tokens, backend=cfg.logprob_backend,
                   settings=settings, rank=dist.rank, world_size=dist.world_size, barrier=dist.barrier,
                   # precompute's tqdm bar only on a terminal: in a log file it is one line of carriage returns
-                  progress=cfg.progress_bar and is_terminal(sys.stderr), log=log if dist.is_main else (lambda m: None))
+                  progress=cfg.progress_bar and is_terminal(sys.stderr), log=log if dist.is_main else (lambda m: None),
+                  stop=dist.stop_requested, locked=_inside(cache_dir, Path(cfg.output_dir)))
     ref_name = cfg.ref_model or cfg.model
 
     def loader(name):
@@ -971,30 +1292,35 @@ def _precompute(cfg, dist, device, dtype, vocab_size, examples, plan) -> None:
         torch.cuda.empty_cache()
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def _save_final_model(run: Run, tokenizer) -> Path:
     """save_pretrained (+ tokenizer) into OUTPUT/final, written aside and renamed."""
+    from nash_fast.rundir import done, remove_tree, temporary_path
+
     final = run.output_dir / "final"
-    tmp = run.output_dir / ".tmp-final"
     state_dict = None
     if run.engine is not None and run.engine.zero_optimization_stage() == 3:
         state_dict = run.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
         if state_dict is not None:  # keys of the PackedBackbone wrapper: lm.<name>
             state_dict = {k[len("lm."):]: v for k, v in state_dict.items()}
     if run.dist.is_main:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temporary_path(final)
         run.model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         from nash_fast.checkpoint import fsync_tree
 
         fsync_tree(tmp)
-        old = run.output_dir / ".tmp-final-old"
-        shutil.rmtree(old, ignore_errors=True)
         if final.exists():
-            os.rename(final, old)
+            remove_tree(final)  # renamed aside first: a kill -9 here leaves no half-deleted final/
         os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        done(tmp)
     run.dist.barrier()
     return final
 
@@ -1013,8 +1339,9 @@ def _plots(cfg: TrainConfig, output_dir: Path) -> str:
 
 def _loss_start_end(path: Path) -> tuple[float, float] | None:
     """Mean loss of the first and of the last tenth of the steps (per-step losses of small batches are noisy)."""
-    with open(path) as f:
-        losses = [r["loss"] for r in map(json.loads, f) if isinstance(r.get("loss"), (int, float))]
+    from nash_fast.plot import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(path) if isinstance(r.get("loss"), (int, float))]
     if not losses:
         return None
     window = max(1, len(losses) // 10)
@@ -1036,11 +1363,39 @@ def _print_summary(summary: dict) -> None:
     )
 
 
+PROG = "python -m nash_fast.train"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(list(argv) if argv is not None else None)
-    train(cfg)
+    """The CLI: one line per user error (exit 2), traceback only for bugs or with --debug (nash_fast.cli);
+    after a SIGTERM / SIGINT stop, exit status 0 / 130."""
+    from nash_fast.cli import run_cli
+
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    global _COMMAND
+    import shlex
+
+    from nash_fast.interrupt import exit_status, mark_finished
+
+    shown, skip = [], False
+    for arg in argv:  # the deepspeed launcher's --local_rank is not the user's
+        if skip or arg.startswith(("--local_rank", "--local-rank")):
+            skip = not skip and "=" not in arg and arg.startswith("--local")
+            continue
+        shown.append(arg)
+    _COMMAND = shlex.join([*PROG.split(), *shown])
+    cfg = parse_config(argv)
+    summary = train(cfg)
+    if summary.get("stopped_by_signal"):
+        return exit_status(summary["signal"])
+    mark_finished()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nash_fast.interrupt import exit_with
+
+    exit_with(main())

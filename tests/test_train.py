@@ -428,7 +428,9 @@ DS_WORKER = textwrap.dedent(
                 return wrapped
 
             trainer.build_loss_fn = poisoned
-        trainer.main(argv)
+        status = trainer.main(argv)  # the CLI returns its exit status (errors are one line, not exceptions)
+        if status:
+            sys.exit(status)
 
     if __name__ == "__main__":
         world, port = int(sys.argv[1]), int(sys.argv[2])
@@ -477,7 +479,9 @@ def test_deepspeed_zero2_two_processes_equal_one_process(tmp_path, small_data):
     shutil.copytree(tmp_path / "two" / "checkpoints" / "step-00000002", tmp_path / "resumed" / "checkpoints" / "step-00000002")
     run_deepspeed(tmp_path, 2, run_args(small_data, tmp_path / "resumed", *common, "--grad-accum", "1"))
     assert_same_weights(final_weights(tmp_path / "two"), final_weights(tmp_path / "resumed"))
-    assert read_metrics(tmp_path / "resumed")[0]["step"] == 3
+    # The log is rebuilt from the checkpoint's own copy: steps 1-2 as the run that wrote it logged them, then 3.
+    resumed = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[:2] == read_metrics(tmp_path / "two")[:2]
 
     trainer.train(parse_config(run_args(small_data, tmp_path / "plain", "--max-steps", "3", "--grad-accum", "2")))
     plain = read_metrics(tmp_path / "plain")
