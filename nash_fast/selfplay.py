@@ -24,9 +24,20 @@ iteration 2's training redoes neither generation nor judging; the trainer itself
 checkpoint in iter_t/train/). OUTPUT/report.json, report.md and report.svg (a plot of win rates,
 response length and stage times) are rewritten after every iteration. A rerun whose options differ from
 the stored run's (OUTPUT/selfplay_config.json) in anything but --iterations and execution details is refused.
+
+One run owns OUTPUT: it holds OUTPUT/.nash_fast.lock for its life (nash_fast.rundir; a second run exits at once
+naming the holder). SIGINT / SIGTERM stop the run at the next stage boundary; training, the long stage, stops
+after its current optimizer step with a checkpoint. Everything done so far is kept and the same command resumes.
+Children (vLLM generation, a --train-launcher run) run in their own session: a Ctrl-C reaches only this process,
+which lets generation finish its stage and forwards the stop (SIGTERM) to training; a second Ctrl-C kills them.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # a Ctrl-C / SIGTERM while torch & co. import: one line, no traceback
+    from nash_fast.interrupt import exit_quietly_on_signals
+
+    exit_quietly_on_signals("python -m nash_fast.selfplay")
 
 import argparse
 import dataclasses
@@ -41,8 +52,11 @@ from pathlib import Path
 from typing import Sequence
 
 from nash_fast import build as build_rules
+from nash_fast import rundir
 from nash_fast.checkpoint import write_json_atomic
 from nash_fast.config import _opt, _parse_bool, join_problems
+from nash_fast.data.loading import check_local_path
+from nash_fast.interrupt import Interrupted, stop_requested
 
 METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "pairs": "inpo", "osp": "spce"}
 PAIR_LOSSES = ("inpo", "ipo", "dpo", "spce")
@@ -154,6 +168,12 @@ class SelfPlayConfig:
                 Path(self.chat_template).exists() or "{{" in self.chat_template or "{%" in self.chat_template):
             problems.append(f"--chat-template must be auto, on, off, a Jinja file, a tokenizer directory or Jinja "
                             f"text; got {self.chat_template!r}")
+        if not 0 <= self.seed < 2**31:  # iteration t trains with seed + t, < 2**32 as the trainer requires
+            problems.append(f"--seed must be an integer in [0, 2**31 - 1], got {self.seed!r}")
+        try:
+            check_local_path("--model", self.model)
+        except ValueError as error:
+            problems.append(str(error))
         if problems and any(p.startswith(("--method", "--loss")) for p in problems):
             raise ValueError(join_problems(problems))  # the checks below read the method and the loss
         loss = self.resolved("loss")
@@ -168,6 +188,22 @@ class SelfPlayConfig:
         if loss == "inpo" and not 0 <= self.resolved("tau") < self.resolved("eta"):
             problems.append(f"--tau must satisfy 0 <= tau < eta for INPO, got tau={self.resolved('tau')}, "
                             f"eta={self.resolved('eta')}")
+        elif not any(p.startswith(("--eta", "--tau", "--beta")) for p in problems):
+            # The trainer's (and the API's) rule, checked now rather than after generation and judging.
+            import torch
+
+            from nash_fast.losses import check_hyperparameters
+
+            rule = {"sppo": "sppo_pair"}.get(loss, loss)
+            trainer_defaults = {"eta": 10.0, "beta": 0.1}
+            values = {}
+            for name in {"sppo_pair": ("eta",), "inpo": ("eta", "tau")}.get(rule, ("beta",)):
+                value = self.resolved(name)
+                values[name] = trainer_defaults[name] if value is None else value
+            try:
+                check_hyperparameters(rule, torch.float32, labels={k: f"--{k}" for k in values}, **values)
+            except ValueError as error:
+                problems.append(str(error))
         if problems:
             raise ValueError(join_problems(problems))
         return self
@@ -177,13 +213,18 @@ class SelfPlayConfig:
 
 
 def write_jsonl_atomic(path: Path, rows) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = rundir.temporary_path(path)
+    try:
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        rundir.done(tmp)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -256,7 +297,14 @@ class Run:
     def manifest(self, t: int) -> dict:
         path = self.manifest_path(t)
         if path.is_file():
-            return json.loads(path.read_text())
+            try:
+                manifest = json.loads(path.read_bytes().decode("utf-8"))
+                if isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict):
+                    return manifest
+            except ValueError:
+                pass
+            log(f"warning: {path} is damaged; iteration {t}'s stages are redone")
+            path.unlink()
         return {"iteration": t, "stages": {}}
 
     def stage_done(self, t: int, stage: str) -> bool:
@@ -316,10 +364,11 @@ def prepare_initial_policy(run: Run) -> None:
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(len(tokenizer), seed=run.cfg.seed)
-    tmp = run.root / ".tmp-policy_1"
+    tmp = rundir.temporary_path(target)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
+    rundir.done(tmp)
 
 
 def sample(run: Run, policy: str, prompts: list[str], *, num_samples: int, seed: int) -> list[list[str]]:
@@ -339,7 +388,9 @@ def sample(run: Run, policy: str, prompts: list[str], *, num_samples: int, seed:
                    "--chat-template", cfg.chat_template, "--tensor-parallel-size", str(cfg.tensor_parallel_size)]
         for name, value in options.items():
             command += ["--" + name.replace("_", "-"), str(value)]
-        subprocess.run(command, check=True)
+        status = run_child(command, forward_stop=False)
+        if status != 0:
+            raise RuntimeError(f"generation subprocess {shlex.join(command[:4])} ... failed with exit status {status}")
         return [row["responses"] for row in read_jsonl(work / "responses.jsonl")]
     return generate_responses(
         policy, prompts, backend="hf", chat_template=cfg.chat_template,
@@ -404,22 +455,65 @@ def train_arguments(run: Run, t: int) -> list[str]:
     return args + shlex.split(cfg.train_args)
 
 
-def run_training(run: Run, argv: list[str]) -> None:
-    """nash_fast.train in this process, or under --train-launcher in a subprocess."""
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when self-play dies (even by kill -9), so no orphan keeps a GPU."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG = 1, SIGTERM = 15 (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_child(command: list[str], *, forward_stop: bool) -> int:
+    """Run a child in its own session (a terminal's Ctrl-C reaches only this process). On a stop request, a
+    training child gets SIGTERM (it checkpoints and exits); a generation child finishes its stage. A second
+    Ctrl-C (KeyboardInterrupt here) kills the child's whole process group at once."""
+    import signal
+
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+    forwarded = False
+    try:
+        while True:
+            try:
+                return child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            if forward_stop and stop_requested() and not forwarded:
+                os.killpg(child.pid, signal.SIGTERM)
+                forwarded = True
+    except BaseException:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
+        raise
+
+
+def run_training(run: Run, argv: list[str]) -> bool:
+    """nash_fast.train in this process, or under --train-launcher in a subprocess. False when it stopped for a
+    SIGINT / SIGTERM before finishing (its checkpoint resumes it)."""
     if run.cfg.train_launcher:
         command = shlex.split(run.cfg.train_launcher) + ["nash_fast.train"] + argv
-        subprocess.run(command, check=True)
-        return
+        status = run_child(command, forward_stop=True)
+        if stop_requested():
+            return False
+        if status != 0:
+            raise RuntimeError(f"training subprocess ({shlex.join(command[:6])} ...) failed with exit status {status}")
+        return True
     from nash_fast.config import parse_config
     from nash_fast.train import train
 
-    train(parse_config(argv))
+    return not train(parse_config(argv)).get("stopped_by_signal")
 
 
 def stage_train(run: Run, t: int) -> dict:
     argv = train_arguments(run, t)
     run.release_judge()  # an LM judge must not hold accelerator memory while the policy trains
-    run_training(run, argv)
+    if not run_training(run, argv):
+        raise Interrupted(stop_requested() or "SIGTERM", f"iteration {t} train stopped with a checkpoint in "
+                          f"{run.iter_dir(t) / 'train' / 'checkpoints'}")
     final = run.iter_dir(t) / "train" / "final"
     if not (final / "config.json").is_file():
         raise RuntimeError(f"iteration {t}: training finished without a model in {final}")
@@ -578,7 +672,13 @@ def check_stored_config(run: Run) -> None:
     path = run.root / "selfplay_config.json"
     current = dataclasses.asdict(run.cfg)
     if path.is_file():
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_bytes().decode("utf-8"))
+            if not isinstance(stored, dict):
+                raise ValueError("not a mapping")
+        except ValueError as error:
+            raise ValueError(f"--output-dir {run.root}: {path.name} is damaged ({error}); restore it or use a new "
+                             "--output-dir") from None
         changed = [k for k in current
                    if k not in RESUMABLE_CHANGES and k != "output_dir" and stored.get(k) != current[k]]
         if changed:
@@ -593,9 +693,24 @@ def log(message: str) -> None:
 
 
 def selfplay(cfg: SelfPlayConfig) -> list[dict]:
-    """Run (or resume) all iterations; returns the report rows."""
+    """Run (or resume) all iterations; returns the report rows. Holds OUTPUT's run lock throughout; a SIGINT /
+    SIGTERM stops it at the next stage boundary (training: after its current step, with a checkpoint) with
+    nash_fast.interrupt.Interrupted."""
+    from nash_fast.interrupt import stop_signals
+
     cfg.validate()
+    with stop_signals("selfplay"), rundir.RunLock(cfg.output_dir, log=log):
+        return _selfplay(cfg)
+
+
+def _remove_dead_temporaries(run: Run) -> None:
+    for directory in [run.root, run.root / "eval", run.root / ".generate", *sorted(run.root.glob("iter_*"))]:
+        rundir.remove_dead_temporaries(directory, locked=True, log=log)
+
+
+def _selfplay(cfg: SelfPlayConfig) -> list[dict]:
     run = Run(cfg)
+    _remove_dead_temporaries(run)
     check_stored_config(run)
     train_prompts, held_out = load_prompts(cfg)
     prepare_initial_policy(run)
@@ -609,6 +724,9 @@ def selfplay(cfg: SelfPlayConfig) -> list[dict]:
         for stage in STAGES:
             if run.stage_done(t, stage):
                 continue
+            signal_name = stop_requested()
+            if signal_name:
+                raise Interrupted(signal_name, f"stopped before iteration {t} {stage}; every finished stage is kept")
             start = time.perf_counter()
             if stage == "generate":
                 stats = stage_generate(run, t, iteration_prompts(cfg, train_prompts, t))
@@ -635,8 +753,13 @@ def selfplay(cfg: SelfPlayConfig) -> list[dict]:
 # =============================================================================================== cli
 
 
+PROG = "python -m nash_fast.selfplay"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nash_fast.selfplay", description=__doc__.split("\n\n")[0])
+    from nash_fast.cli import ArgumentParser
+
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(SelfPlayConfig):
         help_text = f.metadata["help"]
         if "default" not in help_text.lower():
@@ -645,17 +768,37 @@ def build_parser() -> argparse.ArgumentParser:
         convert = {"int": int, "float": float, "str": str, "bool": _parse_bool}[base]
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=convert, default=f.default,
                             choices=f.metadata.get("choices"), help=help_text)
+    parser.add_argument("--debug", dest="_debug", action="store_true",
+                        help="Print the full Python traceback of an error (also NASH_FAST_DEBUG=1).")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The CLI: one line per user error (exit 2), traceback only for bugs or with --debug; after a stop, exit
+    status 0 (SIGTERM) or 130 (SIGINT) with the command that resumes."""
+    from nash_fast.cli import run_cli
+
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from nash_fast.interrupt import exit_status, mark_finished
+
+    args = vars(build_parser().parse_args(argv))
+    args.pop("_debug")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load drowns the log
-    selfplay(SelfPlayConfig(**vars(args)))
+    try:
+        selfplay(SelfPlayConfig(**args))
+    except Interrupted as stop:
+        log(f"{stop.signal_name}: {stop}. Resume with: {shlex.join([*PROG.split(), *argv])}")
+        return exit_status(stop.signal_name)
+    mark_finished()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nash_fast.interrupt import exit_with
+
+    exit_with(main())

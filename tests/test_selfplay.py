@@ -314,3 +314,69 @@ def test_conversational_prompt_files(tmp_path):
     # the offline judge reads the conversation's question: the same judgment as for the plain prompt
     judge = OfflineJudge()
     assert judge.quality(conversations[0], "x") == judge.quality(questions[0], "x")
+
+# ------------------------------------------------------------------ one run per directory, signals
+
+
+def test_a_stop_request_ends_selfplay_at_a_stage_boundary(tmp_path, monkeypatch):
+    """SIGINT during judging: judging finishes and is marked done, nothing after it starts; SIGTERM during training:
+    the trainer checkpoints after its step and the stage stays undone. Each rerun continues where it stopped."""
+    import os
+    import signal
+
+    from nash_fast.interrupt import Interrupted
+
+    cfg = small_config(tmp_path, train_args="--max-steps 3 --save-steps 100 --plot false")
+    real_judge = selfplay.stage_judge
+
+    def judge_then_ctrl_c(run, t):
+        result = real_judge(run, t)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(selfplay, "stage_judge", judge_then_ctrl_c)
+        with pytest.raises(Interrupted, match="stopped before iteration 1 build") as stopped:
+            selfplay.selfplay(cfg)
+    assert stopped.value.signal_name == "SIGINT"
+    stages = json.loads((tmp_path / "run" / "iter_1" / "manifest.json").read_text())["stages"]
+    assert set(stages) == {"generate", "judge"}
+
+    import nash_fast.train as trainer
+
+    real_step = trainer._train_step
+
+    def step_then_sigterm(run):
+        record = real_step(run)
+        if run.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_train_step", step_then_sigterm)
+        with pytest.raises(Interrupted, match="iteration 1 train stopped with a checkpoint"):
+            selfplay.selfplay(cfg)
+    assert (tmp_path / "run" / "iter_1" / "train" / "checkpoints" / "step-00000002" / "complete.json").is_file()
+    assert "train" not in json.loads((tmp_path / "run" / "iter_1" / "manifest.json").read_text())["stages"]
+    rows = selfplay.selfplay(cfg)
+    assert len(rows) == 1 and rows[0]["win_rate_vs_previous"] is not None
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "iter_1" / "train" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3]  # resumed at step 2, not restarted
+
+
+def test_selfplay_owns_its_output_dir_and_cli_errors_are_one_line(tmp_path, capsys):
+    from nash_fast.rundir import RunDirectoryLocked, RunLock
+
+    cfg = small_config(tmp_path)
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RunDirectoryLocked, match="--output-dir .* is in use by another run: pid"):
+            selfplay.selfplay(cfg)
+        assert selfplay.main(["--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m nash_fast.selfplay: error: --output-dir") and err.count("\n") == 1
+    for args, message in ((["--seed", str(2**40)], "--seed must be an integer"),
+                          (["--eta", "1e20"], "--eta=1e+20: the sppo_pair loss is not finite in float32"),
+                          (["--model", "./no/such/model"], "--model ./no/such/model: no such file or directory")):
+        assert selfplay.main(["--output-dir", str(tmp_path / "other"), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
