@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Callable, TextIO
 
-__all__ = ["Console", "PlainProgress", "BarProgress", "is_terminal", "library_bars_only_on_a_terminal"]
+__all__ = ["Console", "PlainProgress", "BarProgress", "is_terminal", "library_bars_only_on_a_terminal", "log"]
 
 PREFIX = "[nash_fast]"
 # Loggers whose records would otherwise be printed onto the bar's line.
@@ -94,6 +94,11 @@ class Console:
     def _write_err(self, line: str) -> None:
         self.err.write(line + "\n")
         self.err.flush()
+
+
+def log(message: str) -> None:
+    """A "[nash_fast] ..." line on stdout, printed through the progress bar while one is shown."""
+    Console().log(message)
 
 
 class _NoProgress:

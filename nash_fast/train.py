@@ -7,10 +7,10 @@
 
 Every option is a field of nash_fast.config.TrainConfig (see --help). The run, top to bottom:
 
-1. Data (nash_fast.data): rows from a jsonl/json/parquet file or a datasets name (loading.py), columns renamed
-   by --columns, each row's format decided and checked (formats.py: TRL's standard / conversational,
-   explicit / implicit prompt, SPPO groups; errors name the row and column) before any model is loaded,
-   then tokenized (records.py: chat template or raw text; nothing truncated).
+1. Data (nash_fast.data; the trainer's entry is data/dataset.py): rows from a jsonl/json/parquet file or a
+   datasets name (loading.py), columns renamed by --columns, each row's format decided and checked (formats.py:
+   TRL's standard / conversational, explicit / implicit prompt, SPPO groups; errors name the row and column)
+   before any model is loaded, then tokenized (records.py: chat template or raw text; nothing truncated).
 2. Precompute (nash_fast.precompute): reference log-probs of every sequence (INPO: also the previous
    iterate's; Sr-DPO/Sr-IPO: also the reference's on the augmented query p + x), forward-only, cached
    on disk by model and data fingerprint. The frozen models are released before training.
@@ -28,10 +28,11 @@ Every option is a field of nash_fast.config.TrainConfig (see --help). The run, t
    resume, exit 130 / 0. Checkpoints are atomic and digested (nash_fast.checkpoint), so a kill -9 loses at
    most the steps since the last one; rerunning with the same --output-dir resumes from the newest one that
    verifies and loads (a damaged one is skipped, naming the file), RNG states and metrics log included.
-5. Output (OUTPUT_DIR): metrics.jsonl (one line per step), checkpoints/step-N/, final/
+5. Output (OUTPUT_DIR): metrics.jsonl (one line per step; nash_fast.metrics), checkpoints/step-N/, final/
    (save_pretrained model + tokenizer), plots/*.png, tensorboard/ when tensorboard is installed.
 
-Multi-process runs need DeepSpeed (--deepspeed FILE or --zero-stage N). One packed row is one micro-batch
+Multi-process runs need DeepSpeed (--deepspeed FILE or --zero-stage N; nash_fast.distributed: the process group, a
+world of one without a launcher, the DeepSpeed config). One packed row is one micro-batch
 (train_micro_batch_size_per_gpu = 1; its size is --max-tokens), the global batch is W x --grad-accum rows.
 DeepSpeed runs on CPU too (gloo backend, torch optimizers): tests/test_train.py checks that 2 CPU processes
 with ZeRO-2 match 1 process with twice the accumulation, and that a resumed 2-process run is bitwise the
@@ -49,82 +50,32 @@ if __name__ == "__main__":  # a Ctrl-C / SIGTERM while torch & co. import: one l
     exit_quietly_on_signals("python -m nash_fast.train")
 
 import contextlib
-import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from nash_fast.checkpoint import (
-    checkpoint_name,
-    is_complete,
+    TrainerState,
     remove_checkpoints,
-    save_checkpoint,
-    write_json_atomic,
+    resume_run,
+    save_run_checkpoint,
+    seed_everything,
 )
-from nash_fast.config import TrainConfig, parse_config, to_dict
-from nash_fast.rundir import hostname
-from nash_fast.console import Console, is_terminal, library_bars_only_on_a_terminal
+from nash_fast.config import TrainConfig, parse_config
+from nash_fast.console import Console, is_terminal, library_bars_only_on_a_terminal, log
+from nash_fast.data.dataset import load_records, load_rows, tokenize, validate_records  # noqa: F401 (load_rows: API)
+from nash_fast.data.sampler import BatchStream
+from nash_fast.distributed import Dist, deepspeed_config, select_device, setup_distributed
+from nash_fast.metrics import MetricsLog, loss_start_end, print_summary, write_plots
+from nash_fast.optimization import build_optimizer, lr_factor
 
 __all__ = ["main", "train", "load_records", "validate_records", "LossPlan", "micro_batch_loss"]
-
-CONSOLE = Console()
-
-
-def log(message: str) -> None:
-    """A "[nash_fast] ..." line on stdout, printed through the progress bar while one is shown."""
-    CONSOLE.log(message)
-
-
-# =============================================================================================== data
-
-def load_rows(cfg: TrainConfig) -> list[dict]:
-    """Raw rows of --dataset (no model, no tokenizer): nash_fast.data.loading."""
-    from nash_fast.data.loading import load_rows as load
-
-    return load(cfg.dataset, split=cfg.dataset_split, config=cfg.dataset_config)
-
-
-def validate_records(rows: Sequence[Any], cfg: TrainConfig) -> list[dict]:
-    """Rename columns (--columns), decide each row's format and check what the loss needs
-    (nash_fast.data.formats: TRL's standard / conversational, explicit / implicit prompt, SPPO groups).
-
-    Errors name the row and the dataset's column. Returns the records in explicit form with canonical field
-    names (other columns are kept unchanged)."""
-    from nash_fast.data.formats import validate_records as validate
-
-    return validate(rows, columns=cfg.column_mapping(), loss=cfg.loss, default_preference=cfg.default_preference,
-                    aug_prompt=cfg.aug_prompt, source=f"--dataset {cfg.dataset}")
-
-
-def load_records(cfg: TrainConfig) -> list[dict]:
-    """load_rows + validate_records: the validated records of --dataset."""
-    return validate_records(load_rows(cfg), cfg)
-
-
-def tokenize(cfg: TrainConfig, tokenizer, records: list[dict]) -> list[dict]:
-    from nash_fast.data import tokenize_records
-
-    from nash_fast.data import apply_chat_template_option
-
-    use_chat_template = apply_chat_template_option(tokenizer, cfg.chat_template)  # a given template is installed
-    try:
-        examples = tokenize_records(tokenizer, records, use_chat_template=use_chat_template, max_length=cfg.max_length)
-    except ValueError as error:  # "record i: ..." is row i of --dataset
-        message = str(error)
-        if message.startswith("record "):
-            message = f"--dataset {cfg.dataset}: row {message[len('record '):]}"
-        raise ValueError(message) from None
-    # Only the fields the collator and losses read travel with the examples.
-    keep = ("prompt_ids", "chosen_ids", "rejected_ids", "aug_prompt_ids", "responses_ids", "responses_winrate", "preference")
-    return [{k: e[k] for k in keep if k in e} for e in examples]
 
 
 # =============================================================================================== models
@@ -274,290 +225,7 @@ def micro_batch_loss(model, batch: dict, loss_fn, plan: LossPlan, *, forward=Non
     return loss, metrics
 
 
-# =============================================================================================== distributed
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owner: str = field(default_factory=lambda: f"{os.getpid()}@{hostname()}")  # rank 0's pid@host: names temporaries
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def agree_on_owner(self) -> None:
-        """Every rank names shared temporaries after rank 0 (call once the device is set: NCCL needs it)."""
-        if self.world_size > 1:
-            owner = [self.owner]
-            torch.distributed.broadcast_object_list(owner, src=0)
-            self.owner = owner[0]
-
-    def stop_requested(self) -> str | None:
-        """The stop request (SIGINT / SIGTERM) of any rank, the same on every rank (a collective when W > 1)."""
-        from nash_fast.interrupt import stop_requested
-
-        mine = stop_requested()
-        code = {None: 0.0, "SIGTERM": 1.0, "SIGINT": 2.0}.get(mine, 1.0)
-        agreed = self.all_reduce(torch.tensor([code]), "max").item()
-        return {0.0: None, 1.0: "SIGTERM", 2.0: "SIGINT"}[agreed]
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place all-reduce of a CPU tensor (through the GPU when the backend is NCCL, which has no CPU path)."""
-        if self.world_size > 1:
-            reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
-            if torch.distributed.get_backend() == "nccl":
-                on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-                torch.distributed.all_reduce(on_device, op=reduce_op)
-                tensor.copy_(on_device.cpu())
-            else:
-                torch.distributed.all_reduce(tensor, op=reduce_op)
-        return tensor
-
-
-def setup_distributed(cfg: TrainConfig) -> Dist:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if not cfg.uses_deepspeed():
-        if world_size > 1:
-            raise ValueError(f"WORLD_SIZE={world_size}: multi-process training goes through DeepSpeed; add "
-                             "--zero-stage 0|1|2|3 or --deepspeed FILE")
-        return Dist()
-    import deepspeed
-
-    if not launched():
-        _init_world_of_one()
-    deepspeed.init_distributed()  # nccl on GPUs, gloo on CPU (DeepSpeed's accelerator picks)
-    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-# What torchrun, the deepspeed launcher, accelerate (RANK ...) and MPI launchers (OMPI_*, PMI_*) put in the environment.
-_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
-
-
-def launched() -> bool:
-    """True when a launcher started this process (it then owns rank discovery)."""
-    return any(name in os.environ for name in _LAUNCHER_VARIABLES)
-
-
-def _init_world_of_one() -> None:
-    """A plain `python -m nash_fast.train --zero-stage N`: this process is the whole world.
-
-    Without launcher variables deepspeed.init_distributed() would try MPI discovery (mpi4py). Instead the
-    process group is created here, in-process (a HashStore: no port, no network), with the backend DeepSpeed's
-    accelerator names, and the variables a one-process launch would set are filled in (DeepSpeed's engine reads
-    LOCAL_RANK)."""
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
-        os.environ.setdefault(name, value)
-    if not torch.distributed.is_initialized():
-        from deepspeed.accelerator import get_accelerator
-
-        torch.distributed.init_process_group(get_accelerator().communication_backend_name(),
-                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
-
-
-def select_device(cfg: TrainConfig, dist: Dist) -> torch.device:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    torch.cuda.set_device(dist.local_rank)
-    return torch.device("cuda", dist.local_rank)
-
-
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed config: --deepspeed FILE with its 'auto' values filled, or one built from the flags.
-
-    One packed row is one micro-batch, so train_micro_batch_size_per_gpu is 1 and the token budget is
-    --max-tokens."""
-    derived = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": world_size * cfg.grad_accum,
-        "gradient_clipping": cfg.max_grad_norm,
-    }
-    if cfg.deepspeed is not None:
-        with open(cfg.deepspeed) as f:
-            try:
-                ds = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--deepspeed {cfg.deepspeed}: not valid JSON ({error})") from None
-        for key, value in derived.items():
-            if ds.get(key, "auto") == "auto":
-                ds[key] = value
-            elif ds[key] != value:
-                raise ValueError(
-                    f"--deepspeed {cfg.deepspeed}: {key}={ds[key]!r} disagrees with the trainer's {value!r} "
-                    f"(from --grad-accum / --max-grad-norm and {world_size} processes; micro-batches are one packed row); "
-                    "set it to \"auto\""
-                )
-        for precision in ("bf16", "fp16"):
-            if isinstance(ds.get(precision), dict) and ds[precision].get("enabled") == "auto":
-                ds[precision]["enabled"] = cfg.bf16 if precision == "bf16" else False
-        if cfg.bf16 and not ds.get("bf16", {}).get("enabled", False):
-            ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
-        if ds.get("fp16", {}).get("enabled", False):
-            raise ValueError(f"--deepspeed {cfg.deepspeed}: fp16 is not supported by the trainer (use bf16)")
-        if "optimizer" in ds or "scheduler" in ds:
-            raise ValueError(f"--deepspeed {cfg.deepspeed}: remove its optimizer/scheduler sections; the trainer builds "
-                             "them from --optimizer / --lr / --lr-scheduler")
-        ds.setdefault("zero_allow_untested_optimizer", True)
-        ds.setdefault("zero_force_ds_cpu_optimizer", False)
-        ds.setdefault("steps_per_print", 10**12)
-        return ds
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if cfg.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if cfg.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        **derived,
-        "bf16": {"enabled": cfg.bf16},
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # our torch AdamW / RMSprop
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-    }
-
-
-# =============================================================================================== optimization
-
-def build_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimizer:
-    parameters = [p for p in parameters if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=cfg.resolved_lr(), betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 eps=cfg.optimizer_eps, weight_decay=cfg.weight_decay)
-    return torch.optim.RMSprop(parameters, lr=cfg.resolved_lr(), alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps,
-                               weight_decay=cfg.weight_decay)
-
-
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Multiplier of --lr for optimizer step `step` (0-based): linear warmup from 0 over warmup_steps, then
-    linear or cosine decay to 0 at total_steps, or constant."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# =============================================================================================== data stream
-
-class BatchStream:
-    """The run's endless sequence of global micro-batches: epoch 0's token-budget batches, then epoch 1's, ...
-    Global micro-batch p is a list of example indices; epochs are shuffled with seed + epoch."""
-
-    def __init__(self, sampler):
-        self.sampler = sampler
-        self._epochs: dict[int, list[list[int]]] = {}
-        self._starts = [0]  # _starts[e] = global index of epoch e's first batch
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._epochs:
-            self.sampler.set_epoch(epoch)
-            self._epochs = {epoch: self.sampler.all_batches(), **{k: v for k, v in self._epochs.items() if k >= epoch - 1}}
-        return self._epochs[epoch]
-
-    def epoch_start(self, epoch: int) -> int:
-        while len(self._starts) <= epoch:
-            e = len(self._starts) - 1
-            self._starts.append(self._starts[e] + len(self.epoch_batches(e)))
-        return self._starts[epoch]
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """(epoch, index within the epoch) of global micro-batch `position`."""
-        epoch = 0
-        while self.epoch_start(epoch + 1) <= position:
-            epoch += 1
-        return epoch, position - self.epoch_start(epoch)
-
-    def batch(self, position: int) -> list[int]:
-        epoch, index = self.locate(position)
-        return self.epoch_batches(epoch)[index]
-
-    def micro_batches_for_epochs(self, num_epochs: float) -> int:
-        whole = int(num_epochs)
-        total = self.epoch_start(whole)
-        fraction = num_epochs - whole
-        if fraction > 0:
-            total += math.ceil(fraction * len(self.epoch_batches(whole)))
-        return total
-
-
-# =============================================================================================== RNG state
-
-def rng_state() -> dict:
-    """Every RNG's state as plain JSON values (no pickle): Python's Mersenne Twister words, numpy's, torch's bytes."""
-    version, words, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(words), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss),
-                                                                 float(cached)],
-             "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Inverse of rng_state(); ValueError if the structure is not one rng_state() writes (then nothing is set)."""
-    _apply_rng_state(_parse_rng_state(state))
-
-
-def _parse_rng_state(state: dict) -> tuple:
-    try:
-        version, words, gauss = state["python"]
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        python = (int(version), tuple(int(w) for w in words), None if gauss is None else float(gauss))
-        numpy_state = (str(name), np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
-        torch_state = torch.tensor(state["torch"], dtype=torch.uint8)
-        cuda = [torch.tensor(s, dtype=torch.uint8) for s in state.get("cuda", [])]
-        if len(python[1]) != 625 or numpy_state[1].shape != (624,) or torch_state.shape != torch.get_rng_state().shape:
-            raise ValueError("wrong state sizes")
-        if not all(0 <= w < 2**32 for w in python[1][:624]) or not 0 <= python[1][624] <= 624 or not 0 <= pos <= 624:
-            raise ValueError("values out of range")
-    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as error:
-        raise ValueError(f"not an RNG state written by nash_fast ({type(error).__name__}: {error})") from None
-    return python, numpy_state, torch_state, cuda
-
-
-def _apply_rng_state(parsed: tuple) -> None:
-    python, numpy_state, torch_state, cuda = parsed
-    random.setstate(python)
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(torch_state)
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # =============================================================================================== trainer
-
-@dataclass
-class TrainerState:
-    step: int = 0  # optimizer steps done (applied or skipped)
-    position: int = 0  # global micro-batches consumed
-    consecutive_bad: int = 0
-    skipped_steps: int = 0
-    tokens_seen: int = 0
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 @dataclass
 class Run:
@@ -591,365 +259,6 @@ class Run:
     @property
     def checkpoint_root(self) -> Path:
         return self.output_dir / "checkpoints"
-
-
-def _save(run: Run) -> Path | None:
-    """Atomic, digested checkpoint of the current step (no-op if one exists for it). Nothing in it needs
-    unpickling: model / optimizer / scheduler tensors for torch.load(weights_only=True) (or DeepSpeed's engine
-    files, loaded under the same rule), trainer state, RNG states and the metrics log as JSON."""
-    final = run.checkpoint_root / checkpoint_name(run.state.step)
-    if is_complete(final):
-        return final
-    rank = run.dist.rank
-
-    def write(tmp: Path) -> None:
-        if run.engine is not None:
-            run.engine.save_checkpoint(str(tmp), tag="engine", client_state={}, save_latest=False)
-        elif rank == 0:
-            torch.save(run.model.state_dict(), tmp / "model.pt")
-            torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
-        if rank == 0:
-            torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
-            write_json_atomic(tmp / "trainer_state.json", {
-                **run.state.to_dict(), "world_size": run.dist.world_size, "grad_accum": run.cfg.grad_accum,
-                # The data position: global micro-batch `position` is batch `batch_in_epoch` of epoch `epoch`,
-                # whose order is a function of (sampler_seed + epoch); nothing else is random in the stream.
-                "data": dict(zip(("epoch", "batch_in_epoch"), run.stream.locate(run.state.position)),
-                             sampler_seed=run.cfg.seed),
-                "total_steps": run.total_steps, "warmup_steps": run.warmup_steps, "config": to_dict(run.cfg),
-            })
-            with open(tmp / "metrics.jsonl", "w") as f:
-                f.writelines(run.metrics_lines)
-        write_json_atomic(tmp / f"rng_rank{rank}.json", rng_state())
-
-    path = save_checkpoint(run.checkpoint_root, run.state.step, write, keep_last=run.cfg.save_total_limit,
-                           rank=rank, barrier=run.dist.barrier, owner=run.dist.owner)
-    if run.dist.is_main:
-        log(f"saved checkpoint {path}")
-    return path
-
-
-# Options that may change between a run and its resumption (they do not change what is being trained).
-_RESUMABLE_CHANGES = {"output_dir", "resume", "max_steps", "num_epochs", "save_steps", "save_total_limit",
-                      "progress_bar", "plot", "tensorboard", "max_consecutive_bad_steps", "cache_dir",
-                      "precompute_max_tokens", "device", "deepspeed", "zero_stage", "offload_optimizer",
-                      "offload_param", "grad_accum", "gradient_checkpointing", "logprob_backend", "attn_implementation",
-                      "allow_schedule_change"}
-
-
-def _check_resumable(saved_config: dict, cfg: TrainConfig, path: Path) -> None:
-    current = to_dict(cfg)
-    changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved_config.get(k, current[k]) != current[k])
-    if changed:
-        details = ", ".join(f"--{k.replace('_', '-')} {saved_config.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(f"checkpoint {path} belongs to a different run ({details}); use another --output-dir or "
-                         "--resume never to start over")
-
-
-def _check_schedule(saved: dict, run: Run, path: Path) -> None:
-    """A checkpoint of a run with another length (--max-steps / --num-epochs) was trained with another learning-rate
-    schedule whenever lr_factor depends on the total: resuming it silently would give neither the old run nor a
-    straight run of the new length. Refused unless --allow-schedule-change."""
-    cfg, step = run.cfg, saved["step"]
-    old_total, old_warmup = saved["total_steps"], saved.get("warmup_steps", run.warmup_steps)
-    if (old_total, old_warmup) == (run.total_steps, run.warmup_steps):
-        return
-    old = [lr_factor(s, total_steps=old_total, warmup_steps=old_warmup, schedule=cfg.lr_scheduler) for s in range(step)]
-    new = [lr_factor(s, total_steps=run.total_steps, warmup_steps=run.warmup_steps, schedule=cfg.lr_scheduler)
-           for s in range(step)]
-    first = next((s for s in range(step) if old[s] != new[s]), None)
-    if first is None:  # e.g. a constant schedule after a fixed warmup: the steps taken are those of the new run
-        if run.dist.is_main:
-            log(f"resuming {path} (a {old_total}-step run) as a {run.total_steps}-step run: the steps taken so far "
-                "follow the same learning-rate schedule")
-        return
-    what = (f"checkpoint {path} was trained as a {old_total}-step run ({old_warmup} warmup steps, {cfg.lr_scheduler} "
-            f"schedule); this run has {run.total_steps} steps ({run.warmup_steps} warmup), whose learning rate differs "
-            f"from step {first + 1} on (x{new[first]:.4g} vs x{old[first]:.4g} of --lr)")
-    if not cfg.allow_schedule_change:
-        raise ValueError(f"{what}: resuming would match neither run. Pass --allow-schedule-change to continue with the "
-                         "new schedule from here, keep the old --max-steps / --num-epochs, or --resume never")
-    if run.dist.is_main:
-        log(f"warning: {what}; continuing with the new schedule (--allow-schedule-change)")
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A verified checkpoint read into memory, ready to apply (nothing applied yet)."""
-
-    path: Path
-    saved: dict
-    rng: tuple | None
-    metrics_lines: list[str]
-    model: dict | None = None
-    optimizer: dict | None = None
-    scheduler: dict | None = None
-
-
-def _read_json(path: Path, name: str):
-    from nash_fast.checkpoint import CheckpointDamaged
-
-    try:
-        with open(path / name, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError) as error:
-        raise CheckpointDamaged(path, name, f"unreadable ({type(error).__name__}: {error})") from None
-
-
-def _torch_load(path: Path, name: str, device) -> Any:
-    from nash_fast.checkpoint import CheckpointDamaged
-
-    try:
-        return torch.load(path / name, map_location=device, weights_only=True)
-    except Exception as error:  # UnpicklingError, RuntimeError (zip), EOFError, ...
-        raise CheckpointDamaged(path, name, f"cannot be loaded ({type(error).__name__}: "
-                                f"{' '.join(str(error).split())[:200]})") from None
-
-
-def _read_checkpoint(run: Run, path: Path, verify: bool = True) -> LoadedCheckpoint:
-    """Verify every file's SHA-256 against the manifest, then read it (weights_only / JSON) without applying it.
-    CheckpointDamaged names the file that fails. verify=False: rank 0 has verified it (the files are read the
-    same weights_only way)."""
-    from nash_fast.checkpoint import CheckpointDamaged, _read_manifest, verify_checkpoint
-
-    manifest = verify_checkpoint(path) if verify else _read_manifest(path)
-    saved = _read_json(path, "trainer_state.json")
-    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), int) for k in TrainerState().to_dict()) \
-            or not isinstance(saved.get("total_steps"), int) or saved["step"] != manifest["step"]:
-        raise CheckpointDamaged(path, "trainer_state.json", "does not hold this checkpoint's trainer state")
-    _check_resumable(saved.get("config", {}), run.cfg, path)  # another run's checkpoint: an error, not damage
-    rng_name = f"rng_rank{run.dist.rank}.json"
-    rng = _read_json(path, rng_name) if (path / rng_name).is_file() else None  # absent: more processes than saved
-    try:
-        lines = (path / "metrics.jsonl").read_bytes().decode("utf-8").splitlines(keepends=True)
-        steps = [json.loads(line)["step"] for line in lines]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointDamaged(path, "metrics.jsonl", f"unreadable ({type(error).__name__}: {error})") from None
-    if steps != list(range(1, saved["step"] + 1)):
-        raise CheckpointDamaged(path, "metrics.jsonl", f"does not hold steps up to {saved['step']}")
-    loaded = LoadedCheckpoint(path, saved, rng, lines)
-    if run.engine is not None:
-        if not (path / "engine").is_dir():
-            raise ValueError(f"checkpoint {path} was not written by a DeepSpeed run; resume it without --deepspeed/--zero-stage")
-        _check_deepspeed_files(path)
-    else:
-        if not (path / "model.pt").is_file():
-            raise ValueError(f"checkpoint {path} was written by a DeepSpeed run; resume it with the same --deepspeed/--zero-stage")
-        loaded.model = _torch_load(path, "model.pt", run.device)
-        loaded.optimizer = _torch_load(path, "optimizer.pt", run.device)
-    loaded.scheduler = _torch_load(path, "scheduler.pt", "cpu")
-    if rng is not None:
-        try:
-            loaded.rng = _parse_rng_state(rng)
-        except ValueError as error:
-            raise CheckpointDamaged(path, rng_name, str(error)) from None
-    return loaded
-
-
-# DeepSpeed's engine files (ZeRO 0-3, fp32 / bf16) hold these classes besides tensors and plain containers. They are
-# data holders (an IntEnum, a dataclass, the loss scaler's attributes): rebuilding them runs no code from the file.
-DEEPSPEED_SAFE_GLOBALS = ("deepspeed.utils.tensor_fragment.fragment_address",
-                          "deepspeed.runtime.zero.config.ZeroStageEnum",
-                          "deepspeed.runtime.fp16.loss_scaler.LossScaler")
-
-
-def _deepspeed_safe_globals() -> list:
-    import importlib
-
-    objects = []
-    for name in DEEPSPEED_SAFE_GLOBALS:
-        module, _, attribute = name.rpartition(".")
-        try:
-            objects.append(getattr(importlib.import_module(module), attribute))
-        except (ImportError, AttributeError):  # another DeepSpeed version: that name cannot occur then
-            pass
-    return objects
-
-
-def _check_deepspeed_files(path: Path) -> None:
-    """Every pickle-based file of a DeepSpeed checkpoint may reference only tensors, plain containers and
-    DEEPSPEED_SAFE_GLOBALS; anything else (e.g. os.system) is refused before DeepSpeed ever sees the file."""
-    from nash_fast.checkpoint import CheckpointDamaged
-
-    for file in sorted((path / "engine").rglob("*")):
-        if not file.is_file() or file.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
-            continue
-        name = str(file.relative_to(path))
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
-        except Exception as error:
-            raise CheckpointDamaged(path, name, f"cannot be read ({type(error).__name__}: {error})") from None
-        unexpected = sorted(set(unsafe) - set(DEEPSPEED_SAFE_GLOBALS))
-        if unexpected:
-            raise CheckpointDamaged(path, name, f"would unpickle {', '.join(unexpected)} (not a DeepSpeed checkpoint "
-                                    "type); refused")
-
-
-@contextlib.contextmanager
-def _weights_only_torch_load():
-    """DeepSpeed's engine loader calls torch.load(weights_only=False); inside this block every torch.load is
-    weights_only=True with DEEPSPEED_SAFE_GLOBALS allowed, so no file can run code while it loads."""
-    real = torch.load
-    allowed = _deepspeed_safe_globals()
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return real(*args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = real
-
-
-def _apply_checkpoint(run: Run, loaded: LoadedCheckpoint) -> None:
-    path, saved = loaded.path, loaded.saved
-    if run.engine is not None:
-        with _weights_only_torch_load():
-            load_path, _ = run.engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
-        if load_path is None:
-            raise ValueError(f"DeepSpeed could not load checkpoint {path}")
-    else:
-        run.model.load_state_dict(loaded.model)
-        run.optimizer.load_state_dict(loaded.optimizer)
-    run.scheduler.load_state_dict(loaded.scheduler)
-    run.state = TrainerState(**{k: saved[k] for k in TrainerState().to_dict()})
-    if loaded.rng is not None:
-        _apply_rng_state(loaded.rng)
-    run.metrics_lines = list(loaded.metrics_lines)
-    if saved.get("world_size") != run.dist.world_size or saved.get("grad_accum") != run.cfg.grad_accum:
-        if run.dist.is_main:
-            log(f"warning: resuming a run of {saved.get('world_size')} processes x grad_accum {saved.get('grad_accum')} "
-                f"with {run.dist.world_size} x {run.cfg.grad_accum}: the data position carries over, the batches per step change")
-
-
-def _resume(run: Run) -> Path | None:
-    """Load the checkpoint --resume names, or the newest one that passes verification and loads (auto / latest):
-    a damaged one is skipped with a warning naming the file, and removed (it can never be loaded). Returns the
-    checkpoint used, or None for a fresh start. Every rank loads the same one (rank 0 decides)."""
-    from nash_fast.checkpoint import CheckpointDamaged, list_checkpoints, remove_incomplete_checkpoints
-
-    cfg, dist = run.cfg, run.dist
-    if cfg.resume == "never":
-        return None
-    if cfg.resume not in ("auto", "latest"):
-        path = Path(cfg.resume)
-        try:
-            loaded = _read_checkpoint(run, path)
-        except CheckpointDamaged as error:
-            raise ValueError(f"--resume {path}: {error.file}: {error.reason}") from None
-        _check_schedule(loaded.saved, run, path)
-        _apply_checkpoint(run, loaded)
-        return path
-    candidates = [p for _, p in reversed(list_checkpoints(run.checkpoint_root))]
-    chosen, loaded = -1, None
-    if dist.is_main:
-        for index, path in enumerate(candidates):
-            try:
-                loaded = _read_checkpoint(run, path)
-            except CheckpointDamaged as error:
-                log(f"warning: skipping checkpoint {path}: {error.file}: {error.reason}")
-                from nash_fast.rundir import remove_tree
-
-                remove_tree(path)
-                continue
-            chosen = index
-            break
-        remove_incomplete_checkpoints(run.checkpoint_root, log=log)
-    chosen = int(dist.all_reduce(torch.tensor([float(chosen if dist.is_main else -1)]), "max").item())
-    if chosen < 0:
-        if cfg.resume == "latest":
-            raise ValueError(f"--resume: no complete checkpoint under {run.checkpoint_root}")
-        return None
-    path = candidates[chosen]
-    if not dist.is_main:
-        loaded = _read_checkpoint(run, path, verify=False)  # rank 0 verified it: one pass over the files
-    _check_schedule(loaded.saved, run, path)
-    _apply_checkpoint(run, loaded)
-    return path
-
-
-class MetricsLog:
-    """OUTPUT/metrics.jsonl (one JSON line per step) and TensorBoard when installed; rank 0 only.
-
-    On resume the file is rebuilt from the checkpoint's own copy of the log (verified with the checkpoint),
-    whatever state the file is in: lines cut mid-way, bytes that are not UTF-8, another run's lines, or a
-    directory in its place (moved aside, with a warning). Lines after the checkpoint describe steps that will be
-    redone and are dropped."""
-
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, lines: list[str]):
-        self.path = output_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.writer = None
-        self.lines = lines  # the run's list (Run.metrics_lines): appended to here, saved with every checkpoint
-        if not enabled:
-            return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self._rebuild()
-        self.file = open(self.path, "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-            except ImportError:
-                self.writer = None
-
-    def _rebuild(self) -> None:
-        from nash_fast.rundir import temporary_path
-
-        if self.path.is_dir() or (self.path.exists() and not self.path.is_file()):
-            aside = self.path.with_name(f"metrics.jsonl.moved-aside-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.rename(self.path, aside)
-            log(f"warning: {self.path} was not a file; moved it to {aside}")
-        elif self.path.is_file():
-            damaged = _damaged_lines(self.path)
-            if damaged:
-                log(f"warning: {self.path}: line(s) {', '.join(map(str, damaged[:5]))} damaged (cut, not UTF-8 or not "
-                    f"JSON); rebuilt the log{' from the checkpoint' if self.lines else ''}")
-        tmp = temporary_path(self.path)
-        with open(tmp, "w") as f:
-            f.writelines(self.lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        from nash_fast.rundir import done
-
-        done(tmp)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps(record) + "\n"
-        self.lines.append(line)
-        self.file.write(line)
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step" and value is not None and math.isfinite(value):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.writer is not None:
-                self.writer.close()
-
-
-def _damaged_lines(path: Path) -> list[int]:
-    """1-based numbers of the lines of a metrics file that are not a UTF-8 JSON record with a step."""
-    damaged = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                if not raw.endswith(b"\n") or not isinstance(json.loads(raw.decode("utf-8"))["step"], int):
-                    damaged.append(number)
-            except (ValueError, KeyError, TypeError):
-                damaged.append(number)
-    return damaged
 
 
 _METRIC_KEYS = ("loss", "chosen_logratio", "rejected_logratio", "reward_accuracy", "reward_margin", "logratio")
@@ -1142,7 +451,7 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
     elif cfg.model == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)
     output_dir = Path(cfg.output_dir)
-    if dist.is_main:  # leftovers of a killed run (.tmp-final, metrics.jsonl.tmp, ...); checkpoints/ in _resume
+    if dist.is_main:  # leftovers of a killed run (.tmp-final, metrics.jsonl.tmp, ...); checkpoints/ in resume_run
         remove_dead_temporaries(output_dir, locked=True, log=log)
     seed_everything(cfg.seed)
 
@@ -1207,7 +516,7 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
     if cfg.resume == "never" and dist.is_main:
         remove_checkpoints(run.checkpoint_root)
     dist.barrier()
-    resume_from = _resume(run)
+    resume_from = resume_run(run)
     if resume_from is not None and dist.is_main:
         log(f"resumed from {resume_from} at step {run.state.step}")
     signal_name = dist.stop_requested()
@@ -1236,10 +545,10 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
                     )
                 signal_name = dist.stop_requested() if run.state.step < total_steps else None  # the last step: finish
                 if signal_name:
-                    checkpoint = _save(run)
+                    checkpoint = save_run_checkpoint(run)
                     break
                 if cfg.save_steps and run.state.step % cfg.save_steps == 0 and run.state.step < total_steps:
-                    _save(run)
+                    save_run_checkpoint(run)
     finally:
         metrics_log.close()
     if signal_name:
@@ -1252,14 +561,14 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
         raise RunFailed(f"all {run.state.step} optimizer steps were skipped for a non-finite loss or gradient (see "
                         f"{metrics_log.path}); the model never changed, so no final model is written")
     summary = {"output_dir": str(output_dir), "metrics": str(metrics_log.path), "steps": run.state.step,
-               "loss_start_end": _loss_start_end(metrics_log.path) if dist.is_main else None,
+               "loss_start_end": loss_start_end(metrics_log.path) if dist.is_main else None,
                "skipped_steps": run.state.skipped_steps, "last": record, "stopped_by_signal": False}
     # A stop requested from here on changes nothing: the final checkpoint and model are what remains to do.
-    _save(run)
+    save_run_checkpoint(run)
     summary["model"] = str(_save_final_model(run, tokenizer))
     if dist.is_main:
-        summary["plots"] = _plots(cfg, output_dir)
-        _print_summary(summary)
+        summary["plots"] = write_plots(cfg, output_dir)
+        print_summary(summary)
     dist.barrier()
     return summary
 
@@ -1323,44 +632,6 @@ def _save_final_model(run: Run, tokenizer) -> Path:
         done(tmp)
     run.dist.barrier()
     return final
-
-
-def _plots(cfg: TrainConfig, output_dir: Path) -> str:
-    if not cfg.plot:
-        return "disabled (--plot false)"
-    from nash_fast.plot import MatplotlibMissing, plot_metrics
-
-    try:
-        paths = plot_metrics(output_dir)
-    except MatplotlibMissing as error:
-        return str(error)
-    return str(paths[0].parent) if paths else "no metrics to plot"
-
-
-def _loss_start_end(path: Path) -> tuple[float, float] | None:
-    """Mean loss of the first and of the last tenth of the steps (per-step losses of small batches are noisy)."""
-    from nash_fast.plot import read_metrics
-
-    losses = [r["loss"] for r in read_metrics(path) if isinstance(r.get("loss"), (int, float))]
-    if not losses:
-        return None
-    window = max(1, len(losses) // 10)
-    return sum(losses[:window]) / window, sum(losses[-window:]) / window
-
-
-def _print_summary(summary: dict) -> None:
-    start_end = summary.get("loss_start_end")
-    trend = "" if start_end is None else f", mean loss {start_end[0]:.4g} (first 10% of steps) -> {start_end[1]:.4g} (last 10%)"
-    print(
-        "\n".join([
-            "",
-            f"[nash_fast] done: {summary['steps']} steps ({summary['skipped_steps']} skipped){trend}",
-            f"  metrics: {summary['metrics']}",
-            f"  plots:   {summary['plots']}",
-            f"  model:   {summary['model']}  (transformers.AutoModelForCausalLM.from_pretrained)",
-        ]),
-        flush=True,
-    )
 
 
 PROG = "python -m nash_fast.train"

@@ -506,7 +506,9 @@ def test_deepspeed_in_a_plain_process_is_a_world_of_one(tmp_path, small_data):
         assert torch.distributed.get_world_size() == 1 and torch.distributed.get_rank() == 0
         """
     )
-    env = {k: v for k, v in os.environ.items() if k not in trainer._LAUNCHER_VARIABLES + ("MASTER_ADDR", "MASTER_PORT")}
+    from nash_fast.distributed import _LAUNCHER_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES + ("MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
     result = subprocess.run([sys.executable, "-c", script, small_data, str(tmp_path / "a"), str(tmp_path / "b")],
                             env=env, capture_output=True, text=True, timeout=400)

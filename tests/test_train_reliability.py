@@ -136,18 +136,18 @@ def test_checkpoints_need_no_unpickling_and_a_planted_pickle_never_runs(tmp_path
 def test_deepspeed_engine_files_are_checked_and_loaded_weights_only(tmp_path):
     """DeepSpeed's loader unpickles (torch.load(weights_only=False)): a checkpoint is verified before it is handed
     over, every engine file may reference only DeepSpeed's data classes, and the load itself runs weights_only."""
-    from nash_fast.checkpoint import CheckpointDamaged
+    from nash_fast.checkpoint import CheckpointDamaged, _check_deepspeed_files, _weights_only_torch_load
 
     marker = tmp_path / "pwned"
     engine = tmp_path / "step-00000001" / "engine"
     engine.mkdir(parents=True)
     torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19"}, engine / "mp_rank_00_model_states.pt")
-    trainer._check_deepspeed_files(tmp_path / "step-00000001")  # the real files' form passes (see ZeRO tests)
+    _check_deepspeed_files(tmp_path / "step-00000001")  # the real files' form passes (see ZeRO tests)
     torch.save({"optimizer_state_dict": Payload(marker)}, engine / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(CheckpointDamaged, match=r"engine/zero_pp_rank_0_mp_rank_00_optim_states.pt: would unpickle "
                                                 r"posix.system"):
-        trainer._check_deepspeed_files(tmp_path / "step-00000001")
-    with trainer._weights_only_torch_load():
+        _check_deepspeed_files(tmp_path / "step-00000001")
+    with _weights_only_torch_load():
         with pytest.raises(pickle.UnpicklingError):
             torch.load(engine / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)  # as DeepSpeed calls it
     assert not marker.exists()

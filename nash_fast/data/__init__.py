@@ -4,7 +4,8 @@
     formats.py   what a row is: TRL's standard and conversational formats, explicit or implicit prompt,
                  SPPO's K-response groups; validate_records (with --columns and the loss's needs)
     records.py   rows -> token ids (chat template; the prompt/response boundary)
-    collator.py  examples -> one packed row;  sampler.py  token-budget batches
+    collator.py  examples -> one packed row;  sampler.py  token-budget batches, the run's stream of them
+    dataset.py   the trainer's --dataset: load_records(cfg) (rows, --columns, validation), tokenize(cfg, ...)
 
     from nash_fast.data import load_tiny_preferences, tokenize_records, PackedPreferenceCollator
     examples = tokenize_records(tokenizer, load_tiny_preferences())
@@ -40,9 +41,10 @@ from nash_fast.data.records import (
     tokenize_records,
     tokenize_response,
 )
-from nash_fast.data.sampler import TokenBudgetBatchSampler
+from nash_fast.data.sampler import BatchStream, TokenBudgetBatchSampler
 
 __all__ = [
+    "BatchStream",
     "PackedPreferenceCollator",
     "TokenBudgetBatchSampler",
     "ROLE_CHOSEN",

@@ -14,6 +14,7 @@ order is then shuffled.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sequence
 
 import torch
@@ -133,3 +134,44 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
             "mean_budget_fraction": sum(s["budget_fraction"] for s in per_batch) / len(per_batch),
             "padding_fraction": 1.0 - sum(tokens) / padded,
         }
+
+
+class BatchStream:
+    """The run's endless sequence of global micro-batches: epoch 0's token-budget batches, then epoch 1's, ...
+    Global micro-batch p is a list of example indices; epochs are shuffled with seed + epoch."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self._epochs: dict[int, list[list[int]]] = {}
+        self._starts = [0]  # _starts[e] = global index of epoch e's first batch
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            self.sampler.set_epoch(epoch)
+            self._epochs = {epoch: self.sampler.all_batches(), **{k: v for k, v in self._epochs.items() if k >= epoch - 1}}
+        return self._epochs[epoch]
+
+    def epoch_start(self, epoch: int) -> int:
+        while len(self._starts) <= epoch:
+            e = len(self._starts) - 1
+            self._starts.append(self._starts[e] + len(self.epoch_batches(e)))
+        return self._starts[epoch]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, index within the epoch) of global micro-batch `position`."""
+        epoch = 0
+        while self.epoch_start(epoch + 1) <= position:
+            epoch += 1
+        return epoch, position - self.epoch_start(epoch)
+
+    def batch(self, position: int) -> list[int]:
+        epoch, index = self.locate(position)
+        return self.epoch_batches(epoch)[index]
+
+    def micro_batches_for_epochs(self, num_epochs: float) -> int:
+        whole = int(num_epochs)
+        total = self.epoch_start(whole)
+        fraction = num_epochs - whole
+        if fraction > 0:
+            total += math.ceil(fraction * len(self.epoch_batches(whole)))
+        return total
