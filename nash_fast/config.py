@@ -412,6 +412,17 @@ def option_converter(f: dataclasses.Field):
     return _none_or(convert) if optional else convert
 
 
+def add_bool_option(parser: argparse.ArgumentParser, names: list[str], *, dest: str, help: str,
+                    convert=_parse_bool, **kwargs) -> None:
+    """An on/off option, the same in every nash_fast CLI (train, selfplay): `--plot` alone means true, `--plot BOOL`
+    (or --plot=BOOL) takes true/false, yes/no, on/off, 1/0 as the YAML key does, and `--no-plot` means false.
+    names: the option's spellings (e.g. ["--progress-bar", "--progress_bar"]); each gets its --no- form."""
+    parser.add_argument(*names, dest=dest, nargs="?", const=True, type=convert, metavar="BOOL",
+                        help=f"{help}; '{names[0]}' alone means true, '--no-{names[0][2:]}' false", **kwargs)
+    negated = ["--no-" + name[2:] if "-" in name[2:] or "_" not in name[2:] else "--no_" + name[2:] for name in names]
+    parser.add_argument(*negated, dest=dest, action="store_const", const=False, help=argparse.SUPPRESS, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """argparse parser generated from TrainConfig; options not given stay absent (so YAML values survive)."""
     from nash_fast.cli import ArgumentParser
@@ -437,8 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*names, dest=f.name, nargs="?", const="latest", metavar="auto|latest|never|PATH",
                                 help=help_text)
         elif base is bool:
-            parser.add_argument(*names, dest=f.name, nargs="?", const=True, type=option_converter(f), metavar="BOOL",
-                                help=help_text + "; '--" + f.name.replace("_", "-") + "' alone means true")
+            add_bool_option(parser, names, dest=f.name, help=help_text, convert=option_converter(f))
         else:
             parser.add_argument(*names, dest=f.name, type=option_converter(f), choices=f.metadata.get("choices"),
                                 metavar=base.__name__.upper() if "choices" not in f.metadata else None,

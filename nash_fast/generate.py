@@ -13,12 +13,15 @@ seed gives the same sample on the same backend and device type. Prompts are rend
 trainer renders them (nash_fast.data.tokenize_prompt: the chat template with the generation prompt when
 the tokenizer has one), so the policy is sampled from and trained on the same prompt tokens.
 A response is the decoded text of the new tokens up to (not including) the first end-of-sequence token
-(special tokens skipped); the trainer re-tokenizes that text.
+(special tokens skipped); the trainer re-tokenizes that text. Its length is the number of tokens generated
+(the end-of-sequence token not counted: at most max_new_tokens), returned with return_token_counts=True; decoding
+and re-tokenizing a text need not give back as many tokens.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 from typing import Sequence
@@ -76,6 +79,12 @@ def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
+def _cache_argument(model) -> str:
+    """The name under which model.forward takes the KV cache: 'cache' in transformers 5.x (which deprecates
+    'past_key_values' with a FutureWarning), 'past_key_values' before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def hf_sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int], *, temperature: float,
               top_p: float, max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
@@ -83,6 +92,7 @@ def hf_sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], seeds: Sequ
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    cache_argument = _cache_argument(model)
     results: list[list[int]] = []
     for start in range(0, len(prompt_ids), batch_size):
         rows = [list(r) for r in prompt_ids[start:start + batch_size]]
@@ -117,13 +127,15 @@ def hf_sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], seeds: Sequ
             position = position[:, -1:] + 1
             step_ids = torch.tensor(tokens, device=device)[:, None]
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=position,
-                        past_key_values=out.past_key_values, use_cache=True)
+                        **{cache_argument: getattr(out, cache_argument)}, use_cache=True)
         results.extend(new)
     return results
 
 
 def _vllm_generate(model_path, prompt_ids, seeds, *, temperature, top_p, max_new_tokens, tensor_parallel_size,
-                   gpu_memory_utilization):
+                   gpu_memory_utilization, eos_ids) -> tuple[list[str], list[int]]:
+    """(texts, generated token counts); vLLM's token_ids end with the end-of-sequence token when it stopped on one,
+    which is not counted (as in hf_sample)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(model_path), tensor_parallel_size=tensor_parallel_size, seed=0,
@@ -131,18 +143,23 @@ def _vllm_generate(model_path, prompt_ids, seeds, *, temperature, top_p, max_new
     params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=s,
                              skip_special_tokens=True) for s in seeds]
     outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
-    return [o.outputs[0].text for o in outputs]
+    counts = []
+    for o in outputs:
+        ids = list(o.outputs[0].token_ids)
+        counts.append(len(ids) - (1 if ids and ids[-1] in eos_ids else 0))
+    return [o.outputs[0].text for o in outputs], counts
 
 
 def generate_responses(model, prompts: Sequence[str | list[dict]], *, num_samples: int, temperature: float = 1.0,
                        top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, tokenizer=None,
                        use_chat_template: bool | None = None, chat_template: str | None = None,
                        backend: str = "auto", tensor_parallel_size: int = 1, batch_size: int = 16,
-                       gpu_memory_utilization: float = 0.85) -> list[list[str]]:
+                       gpu_memory_utilization: float = 0.85, return_token_counts: bool = False):
     """K = num_samples responses for each prompt (a string, or a conversation: a list of {role, content}
     messages) from `model` (a path, or a loaded causal LM for the Hugging Face backend, with `tokenizer`).
     chat_template is a --chat-template option (auto / on / off / a template) and overrides use_chat_template.
-    Returns one list of K strings per prompt."""
+    Returns one list of K strings per prompt; with return_token_counts=True, (those lists, the same lists of
+    each response's generated token count, end-of-sequence not counted)."""
     _check(num_samples, temperature, top_p, max_new_tokens)
     from nash_fast.data import apply_chat_template_option, tokenize_prompt
 
@@ -160,9 +177,16 @@ def generate_responses(model, prompts: Sequence[str | list[dict]], *, num_sample
     prompt_ids = [encoded[i] for i, _ in rows]
     seeds = [sample_seed(seed, i, k) for i, k in rows]
     if backend == "vllm":
-        texts = _vllm_generate(model, prompt_ids, seeds, temperature=temperature, top_p=top_p,
-                               max_new_tokens=max_new_tokens, tensor_parallel_size=tensor_parallel_size,
-                               gpu_memory_utilization=gpu_memory_utilization)
+        from transformers import GenerationConfig
+
+        try:
+            generation_eos = GenerationConfig.from_pretrained(str(model)).eos_token_id
+        except OSError:  # no generation_config.json
+            generation_eos = None
+        eos_ids = {tokenizer.eos_token_id} | set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        texts, counts = _vllm_generate(model, prompt_ids, seeds, temperature=temperature, top_p=top_p,
+                                       max_new_tokens=max_new_tokens, tensor_parallel_size=tensor_parallel_size,
+                                       gpu_memory_utilization=gpu_memory_utilization, eos_ids=eos_ids - {None})
     else:
         if isinstance(model, (str, Path)):
             from transformers import AutoModelForCausalLM
@@ -172,7 +196,11 @@ def generate_responses(model, prompts: Sequence[str | list[dict]], *, num_sample
         tokens = hf_sample(model, tokenizer, prompt_ids, seeds, temperature=temperature, top_p=top_p,
                            max_new_tokens=max_new_tokens, batch_size=batch_size)
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+        counts = [len(t) for t in tokens]
+    groups = [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    if return_token_counts:
+        return groups, [counts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    return groups
 
 
 PROG = "python -m nash_fast.generate"
@@ -192,7 +220,8 @@ def _main(argv: list[str]) -> int:
                             "string or a list of {role, content} messages).")
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompts", required=True, help="jsonl file, one {'prompt': ...} per line")
-    parser.add_argument("--output", required=True, help="jsonl file: {'prompt', 'responses'} per line")
+    parser.add_argument("--output", required=True, help="jsonl file: {'prompt', 'responses', 'response_tokens'} per "
+                        "line (response_tokens: each response's generated token count)")
     parser.add_argument("-K", "--num-samples", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -216,15 +245,15 @@ def _main(argv: list[str]) -> int:
             raise ValueError(f"--prompts {args.prompts}: record {line} has no field 'prompt' (a string or a list "
                              "of {role, content} messages)")
         prompts.append(row["prompt"])
-    groups = generate_responses(
+    groups, counts = generate_responses(
         args.model, prompts, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend,
         chat_template=args.chat_template,
-        tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size)
+        tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size, return_token_counts=True)
     tmp = temporary_path(Path(args.output))
     with open(tmp, "w") as f:
-        for prompt, responses in zip(prompts, groups):
-            f.write(json.dumps({"prompt": prompt, "responses": responses}) + "\n")
+        for prompt, responses, tokens in zip(prompts, groups, counts):
+            f.write(json.dumps({"prompt": prompt, "responses": responses, "response_tokens": tokens}) + "\n")
     tmp.replace(args.output)
     done(tmp)
     return 0

@@ -54,7 +54,7 @@ from typing import Sequence
 from nash_fast import build as build_rules
 from nash_fast import rundir
 from nash_fast.checkpoint import write_json_atomic
-from nash_fast.config import _opt, _parse_bool, join_problems
+from nash_fast.config import _base_type, _opt, add_bool_option, flag, join_problems, option_converter
 from nash_fast.data.loading import check_local_path
 from nash_fast.interrupt import Interrupted, stop_requested
 
@@ -72,7 +72,8 @@ class SelfPlayConfig:
                       "tiny Llama, saved to OUTPUT/policy_1).")
     prompts: str = _opt("tiny", "Prompts: a .jsonl/.json/.parquet file or a datasets name with a 'prompt' column "
                         "(TRL's prompt-only format: a string, or a list of {role, content} messages), or 'tiny' "
-                        "for the shipped nash_fast/data/files/prompts.jsonl.")
+                        "for the shipped nash_fast/data/files/prompts.jsonl. Each prompt once: a file that repeats "
+                        "one is refused, naming the rows.")
     prompt_column: str = _opt("prompt", "Column holding the prompt (text or messages).")
     num_prompts: int | None = _opt(None, "Training prompts per iteration, taken in file order after the held-out ones "
                                    "are set aside (default: all; 64 for --prompts tiny).")
@@ -234,8 +235,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load_prompts(cfg: SelfPlayConfig) -> tuple[list, list]:
-    """(training prompts, held-out prompts): distinct prompts in file order; the last --eval-prompts are
-    held out. A prompt is a string or a conversation (a list of {role, content} messages)."""
+    """(training prompts, held-out prompts) in file order; the last --eval-prompts are held out. A prompt is a
+    string or a conversation (a list of {role, content} messages).
+
+    A prompt given twice is refused (one line naming the rows): it would be trained on twice as often, count twice
+    in the win rates, or be trained on and held out at once. Nothing is dropped silently; the user removes it."""
     from nash_fast.data import load_tiny_prompts
     from nash_fast.data.formats import check_prompt, prompt_key
     from nash_fast.data.loading import load_rows
@@ -245,13 +249,16 @@ def load_prompts(cfg: SelfPlayConfig) -> tuple[list, list]:
     for index, row in enumerate(rows):
         where = f"--prompts {cfg.prompts}: row {index}: column {cfg.prompt_column!r}"
         prompts.append(check_prompt(row.get(cfg.prompt_column) if isinstance(row, dict) else None, where))
-    by_key = {}
-    for prompt in prompts:  # a prompt in both sets would leak the held-out evaluation
-        by_key.setdefault(prompt_key(prompt), prompt)
-    unique = list(by_key.values())
-    if len(unique) < len(prompts):
-        log(f"--prompts: {len(prompts) - len(unique)} repeated prompts counted once ({len(unique)} distinct)")
-    prompts = unique
+    first_row, repeats = {}, []
+    for index, prompt in enumerate(prompts):
+        first = first_row.setdefault(prompt_key(prompt), index)
+        if first != index:
+            repeats.append(f"row {index} repeats row {first}")
+    if repeats:
+        shown = ", ".join(repeats[:5]) + (f" and {len(repeats) - 5} more" if len(repeats) > 5 else "")
+        raise ValueError(f"--prompts {cfg.prompts}: {len(repeats)} duplicate prompt{'s' * (len(repeats) > 1)} "
+                         f"({shown}; rows count from 0); remove them: a repeated prompt weighs twice in training and "
+                         "in the win rates, or is trained on and held out at once")
     if len(prompts) <= cfg.eval_prompts:
         raise ValueError(f"--prompts has {len(prompts)} prompts; --eval-prompts {cfg.eval_prompts} leaves none "
                          "to train on")
@@ -284,7 +291,6 @@ class Run:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "eval").mkdir(exist_ok=True)
         self._judge = None
-        self._tokenizer = None
 
     def iter_dir(self, t: int) -> Path:
         path = self.root / f"iter_{t}"
@@ -339,13 +345,6 @@ class Run:
 
                 torch.cuda.empty_cache()
 
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.policy(1))
-        return self._tokenizer
-
 
 def _cuda() -> bool:
     import torch
@@ -371,9 +370,11 @@ def prepare_initial_policy(run: Run) -> None:
     rundir.done(tmp)
 
 
-def sample(run: Run, policy: str, prompts: list[str], *, num_samples: int, seed: int) -> list[list[str]]:
-    """K samples per prompt from `policy`. vLLM runs in a subprocess (python -m nash_fast.generate) so that
-    its GPU memory is returned before training starts; the per-sample seeds are the same either way."""
+def sample(run: Run, policy: str, prompts: list[str], *, num_samples: int,
+           seed: int) -> tuple[list[list[str]], list[list[int]]]:
+    """K samples per prompt from `policy`, and each one's generated token count. vLLM runs in a subprocess
+    (python -m nash_fast.generate) so that its GPU memory is returned before training starts; the per-sample
+    seeds are the same either way."""
     from nash_fast.generate import generate_responses, resolve_backend
 
     cfg = run.cfg
@@ -391,19 +392,21 @@ def sample(run: Run, policy: str, prompts: list[str], *, num_samples: int, seed:
         status = run_child(command, forward_stop=False)
         if status != 0:
             raise RuntimeError(f"generation subprocess {shlex.join(command[:4])} ... failed with exit status {status}")
-        return [row["responses"] for row in read_jsonl(work / "responses.jsonl")]
+        rows = read_jsonl(work / "responses.jsonl")
+        return [row["responses"] for row in rows], [row["response_tokens"] for row in rows]
     return generate_responses(
         policy, prompts, backend="hf", chat_template=cfg.chat_template,
-        batch_size=cfg.generation_batch_size, **options)
+        batch_size=cfg.generation_batch_size, return_token_counts=True, **options)
 
 
 def stage_generate(run: Run, t: int, prompts: list[str]) -> dict:
-    groups = sample(run, run.policy(t), prompts, num_samples=run.cfg.num_samples, seed=run.cfg.seed + 1000 * t)
+    groups, counts = sample(run, run.policy(t), prompts, num_samples=run.cfg.num_samples,
+                            seed=run.cfg.seed + 1000 * t)
     write_jsonl_atomic(run.iter_dir(t) / "responses.jsonl",
-                       [{"prompt": p, "responses": g} for p, g in zip(prompts, groups)])
+                       [{"prompt": p, "responses": g, "response_tokens": c} for p, g, c in zip(prompts, groups, counts)])
     flat = [r for g in groups for r in g]
     return {"responses": len(flat), "empty_responses": sum(build_rules.is_empty(r) for r in flat),
-            "mean_response_tokens": mean_tokens(run, flat)}
+            "mean_response_tokens": mean_tokens(counts)}
 
 
 def stage_judge(run: Run, t: int) -> dict:
@@ -522,18 +525,20 @@ def stage_train(run: Run, t: int) -> dict:
     return {"train_args": argv, "steps": last.get("step"), "last_loss": last.get("loss")}
 
 
-def eval_responses(run: Run, t: int, held_out: list[str]) -> list[list[str]]:
-    """pi_t's --eval-samples responses to each held-out prompt (cached in eval/policy_t.jsonl); every
-    policy uses the same per-sample seeds, so comparisons are paired sample by sample."""
+def eval_responses(run: Run, t: int, held_out: list[str]) -> tuple[list[list[str]], list[list[int]]]:
+    """pi_t's --eval-samples responses to each held-out prompt and their generated token counts (cached in
+    eval/policy_t.jsonl); every policy uses the same per-sample seeds, so comparisons are paired sample by sample."""
     path = run.root / "eval" / f"policy_{t}.jsonl"
     n = run.cfg.eval_samples
     if path.is_file():
         rows = read_jsonl(path)
-        if [r["prompt"] for r in rows] == held_out and all(len(r["responses"]) == n for r in rows):
-            return [r["responses"] for r in rows]
-    groups = sample(run, run.policy(t), held_out, num_samples=n, seed=run.cfg.seed + 999_983)
-    write_jsonl_atomic(path, [{"prompt": p, "responses": g} for p, g in zip(held_out, groups)])
-    return groups
+        if [r["prompt"] for r in rows] == held_out and all(len(r["responses"]) == n == len(r.get("response_tokens", ()))
+                                                           for r in rows):
+            return [r["responses"] for r in rows], [r["response_tokens"] for r in rows]
+    groups, counts = sample(run, run.policy(t), held_out, num_samples=n, seed=run.cfg.seed + 999_983)
+    write_jsonl_atomic(path, [{"prompt": p, "responses": g, "response_tokens": c}
+                              for p, g, c in zip(held_out, groups, counts)])
+    return groups, counts
 
 
 def win_rate(judge, prompts: list[str], first: list[list[str]], second: list[list[str]]) -> float:
@@ -543,22 +548,23 @@ def win_rate(judge, prompts: list[str], first: list[list[str]], second: list[lis
 
 
 def stage_evaluate(run: Run, t: int, held_out: list[str]) -> dict:
-    new = eval_responses(run, t + 1, held_out)
-    previous = eval_responses(run, t, held_out)
-    initial = eval_responses(run, 1, held_out)
+    new, new_counts = eval_responses(run, t + 1, held_out)
+    previous, _ = eval_responses(run, t, held_out)
+    initial, _ = eval_responses(run, 1, held_out)
     judge = run.judge()
     stats = {"win_rate_vs_previous": win_rate(judge, held_out, new, previous),
              "win_rate_vs_initial": win_rate(judge, held_out, new, initial),
-             "mean_response_tokens": mean_tokens(run, [r for g in new for r in g]), "policy": run.policy(t + 1)}
+             "mean_response_tokens": mean_tokens(new_counts), "policy": run.policy(t + 1)}
     write_json_atomic(run.iter_dir(t) / "evaluation.json", stats)
     return stats
 
 
-def mean_tokens(run: Run, responses: Sequence[str]) -> float:
-    tokenizer = run.tokenizer()
-    if not responses:
-        return 0.0
-    return sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses) / len(responses)
+def mean_tokens(counts: Sequence[Sequence[int]]) -> float:
+    """Mean generated token count of the responses (counts per prompt, as sample returns them): the tokens the
+    policy generated, end-of-sequence not counted, so never more than --max-new-tokens. (Decoding and
+    re-tokenizing the text can give more: a token sequence need not be the tokenizer's own encoding.)"""
+    flat = [c for group in counts for c in group]
+    return sum(flat) / len(flat) if flat else 0.0
 
 
 STAGES = ("generate", "judge", "build", "train", "evaluate")
@@ -764,10 +770,11 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f.metadata["help"]
         if "default" not in help_text.lower():
             help_text += f" (default: {f.default!r})"
-        base = str(f.type).split("|")[0].strip()
-        convert = {"int": int, "float": float, "str": str, "bool": _parse_bool}[base]
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=convert, default=f.default,
-                            choices=f.metadata.get("choices"), help=help_text)
+        if _base_type(f.type)[0] is bool:  # --flag, --flag BOOL, --no-flag: as the trainer's on/off options
+            add_bool_option(parser, [flag(f.name)], dest=f.name, help=help_text, default=f.default)
+        else:  # numbers and 'none' read as the trainer reads them (5e-7, 1_000, 1e3)
+            parser.add_argument(flag(f.name), dest=f.name, type=option_converter(f), default=f.default,
+                                choices=f.metadata.get("choices"), help=help_text)
     parser.add_argument("--debug", dest="_debug", action="store_true",
                         help="Print the full Python traceback of an error (also NASH_FAST_DEBUG=1).")
     return parser

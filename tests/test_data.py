@@ -105,7 +105,7 @@ def test_shipped_preferences_are_correct_and_tokenize():
 
 def test_shipped_prompts_have_answers():
     prompts = load_tiny_prompts()
-    assert len(prompts) == 200
+    assert len(prompts) == len({p["prompt"] for p in prompts}) == 168  # distinct: self-play refuses repeats
     for p in prompts:
         word = re.fullmatch(r"Spell the word '(\w+)' backwards\.", p["prompt"])
         if word:

@@ -6,13 +6,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 
 from nash_fast import generate, selfplay
-from nash_fast.data import tokenize_prompt
+from nash_fast.data import load_tiny_prompts, tokenize_prompt
 from nash_fast.tiny import build_tiny_model, build_tiny_tokenizer
 
 PROMPTS = ["What is 19 + 74?", "Spell the word 'rapid' backwards.",
@@ -53,6 +54,37 @@ def test_each_sample_has_its_own_seed(tiny):
     assert generate.sample_seed(7, 0, 1) != generate.sample_seed(7, 1, 0)
 
 
+def test_token_counts_are_the_tokens_generated(tiny):
+    """mean_response_tokens counts the tokens each response was sampled with (end-of-sequence not counted), never
+    the re-tokenized decoded text (which need not give the same count), so it is at most max_new_tokens."""
+    model, tokenizer = tiny
+    kwargs = dict(num_samples=3, max_new_tokens=10, seed=7, tokenizer=tokenizer)
+    groups, counts = generate.generate_responses(model, PROMPTS, return_token_counts=True, **kwargs)
+    assert groups == generate.generate_responses(model, PROMPTS, **kwargs)
+    rows = [tokenize_prompt(tokenizer, p) for p in PROMPTS for _ in range(3)]
+    seeds = [generate.sample_seed(7, i, k) for i in range(len(PROMPTS)) for k in range(3)]
+    tokens = generate.hf_sample(model, tokenizer, rows, seeds, temperature=1.0, top_p=1.0, max_new_tokens=10)
+    assert [c for g in counts for c in g] == [len(t) for t in tokens]
+    assert all(0 <= c <= 10 for g in counts for c in g)
+    assert selfplay.mean_tokens(counts) == sum(len(t) for t in tokens) / len(tokens)  # exact: integer sums
+    assert selfplay.mean_tokens([]) == 0.0
+
+
+def test_sampling_passes_the_kv_cache_as_the_installed_transformers_names_it(tiny):
+    """transformers 5.x takes the cache as `cache` and deprecates `past_key_values` with a FutureWarning (the
+    suite turns that warning into an error, pyproject.toml); older versions take `past_key_values`."""
+    import inspect
+
+    model, tokenizer = tiny
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert generate._cache_argument(model) == expected
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate.hf_sample(model, tokenizer, [tokenize_prompt(tokenizer, PROMPTS[0])], [0], temperature=1.0,
+                           top_p=1.0, max_new_tokens=4)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_generate_cli_matches_in_process(tmp_path, tiny):
     model, tokenizer = tiny
     model.save_pretrained(tmp_path / "policy")
@@ -65,6 +97,8 @@ def test_generate_cli_matches_in_process(tmp_path, tiny):
     assert [r["prompt"] for r in rows] == PROMPTS
     assert [r["responses"] for r in rows] == generate.generate_responses(
         model, PROMPTS, num_samples=2, seed=3, max_new_tokens=8, tokenizer=tokenizer)
+    assert ([r["responses"] for r in rows], [r["response_tokens"] for r in rows]) == generate.generate_responses(
+        model, PROMPTS, num_samples=2, seed=3, max_new_tokens=8, tokenizer=tokenizer, return_token_counts=True)
 
 
 def test_win_rate_pairs_samples():
@@ -121,10 +155,51 @@ def test_config_validation_names_the_option(tmp_path):
         small_config(tmp_path, method="inpo", tau=2.0).validate()
 
 
+@pytest.mark.parametrize("option", ["progress_bar", "disjoint_prompts"])
+def test_on_off_options_parse_as_the_trainers(option, capsys):
+    """--flag, --flag BOOL, --flag=BOOL and --no-flag, as the trainer's on/off options (one helper for both CLIs)."""
+    from nash_fast.config import build_parser as trainer_parser
+
+    name = "--" + option.replace("_", "-")
+    for argv, value in [([name], True), ([name, "true"], True), ([f"{name}=yes"], True), ([name, "off"], False),
+                        ([name, "0"], False), (["--no-" + name[2:]], False), ([name, "--no-" + name[2:]], False),
+                        (["--no-" + name[2:], name, "on"], True), ([name, "--iterations", "3"], True)]:
+        assert vars(selfplay.build_parser().parse_args(argv))[option] is value, argv
+        if option == "progress_bar":  # the trainer has the same option
+            trainer_argv = [a for a in argv if a not in ("--iterations", "3")]
+            assert vars(trainer_parser().parse_args(trainer_argv))[option] is value, argv
+    assert vars(selfplay.build_parser().parse_args([]))[option] is False
+    for parser in (selfplay.build_parser(), trainer_parser()):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--progress-bar", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_duplicate_prompts_are_refused_naming_the_rows(tmp_path):
+    """A repeated prompt would weigh twice in training and in the win rates (or be trained on and held out): the
+    file is refused in one line naming the rows, strings and conversations alike (message key order aside)."""
+    conversation = [{"role": "user", "content": "Hi"}]
+    rows = ["a", "b", conversation, "a", "c", [{"content": "Hi", "role": "user"}], "b", "d"]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+    with pytest.raises(ValueError) as error:
+        selfplay.load_prompts(small_config(tmp_path, prompts=str(path), eval_prompts=1))
+    message = str(error.value)
+    assert message.startswith(f"--prompts {path}: 3 duplicate prompts (row 3 repeats row 0, row 5 repeats row 2, "
+                              "row 6 repeats row 1; rows count from 0); remove them")
+    assert "\n" not in message
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"prompt": "same"}) + "\n" for _ in range(8)))
+    with pytest.raises(ValueError, match=r"7 duplicate prompts \(row 1 repeats row 0, .*, row 5 repeats row 0 and 2 more;"):
+        selfplay.load_prompts(small_config(tmp_path, prompts=str(many), eval_prompts=1))
+    shipped = [r["prompt"] for r in load_tiny_prompts()]
+    assert len(shipped) == len(set(shipped)) == 168
+
+
 def test_prompt_split(tmp_path):
     cfg = small_config(tmp_path, num_prompts=50, eval_prompts=20, disjoint_prompts=True)
     train, held_out = selfplay.load_prompts(cfg)
-    # the shipped file repeats some prompts: each counts once, so none is both trained on and held out
+    # the shipped prompts are distinct, so none is both trained on and held out
     assert len(set(train)) == len(train) and len(held_out) == 20 and not set(train) & set(held_out)
     assert selfplay.iteration_prompts(cfg, train, 2) == train[50:100]
     assert len(train) < 200
@@ -220,6 +295,10 @@ def test_resume_after_a_crash_in_each_stage(tmp_path, monkeypatch):
     root = tmp_path / "run"
     responses = [json.loads(line) for line in (root / "iter_2" / "responses.jsonl").read_text().splitlines()]
     assert len(responses) == 6 and all(len(r["responses"]) == 3 for r in responses)
+    counts = [c for r in responses for c in r["response_tokens"]]  # generated tokens, at most --max-new-tokens 8
+    assert len(counts) == 18 and all(0 <= c <= 8 for c in counts)
+    generated = json.loads((root / "iter_2" / "manifest.json").read_text())["stages"]["generate"]
+    assert generated["mean_response_tokens"] == sum(counts) / len(counts)
     judgments = [json.loads(line) for line in (root / "iter_2" / "judgments.jsonl").read_text().splitlines()]
     assert all(len(j["comparisons"]) == 3 for j in judgments)  # SPPO: K (K - 1) / 2
     dataset = [json.loads(line) for line in (root / "iter_2" / "dataset.jsonl").read_text().splitlines()]
@@ -227,6 +306,8 @@ def test_resume_after_a_crash_in_each_stage(tmp_path, monkeypatch):
     assert (root / "iter_2" / "train" / "final" / "config.json").is_file()
     evaluation = [json.loads(line) for line in (root / "eval" / "policy_3.jsonl").read_text().splitlines()]
     assert len(evaluation) == 4 and all(len(r["responses"]) == 2 for r in evaluation)
+    counts = [c for r in evaluation for c in r["response_tokens"]]
+    assert rows[1]["mean_response_tokens"] == sum(counts) / len(counts) and all(0 <= c <= 8 for c in counts)
     assert json.loads((root / "report.json").read_text()) == rows
     ET.fromstring((root / "report.svg").read_text())  # well-formed plot
     assert "| 2 |" in (root / "report.md").read_text()
@@ -301,10 +382,10 @@ def test_conversational_prompt_files(tmp_path):
     questions = list(dict.fromkeys(r["prompt"] for r in load_tiny_prompts()))[:10]
     conversations = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}] for q in questions]
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in conversations + conversations[:2]))
+    path.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in conversations))
     cfg = small_config(tmp_path, prompts=str(path))
     train, held_out = selfplay.load_prompts(cfg)
-    assert train + held_out == conversations  # repeats counted once, order kept
+    assert train + held_out == conversations  # order kept (repeats are refused: test_duplicate_prompts_...)
     (row,) = selfplay.selfplay(cfg)
     assert 0.0 <= row["win_rate_vs_initial"] <= 1.0
     root = tmp_path / "run" / "iter_1"

@@ -62,7 +62,7 @@ def test_shipped_files_are_what_the_generator_makes(tmp_path):
     assert [json.loads(line) for line in (files / "prefs.jsonl").read_text().splitlines()] == make_tiny_data.make_preferences()
     assert [json.loads(line) for line in (files / "prompts.jsonl").read_text().splitlines()] == make_tiny_data.make_prompts()
     texts = [r[k] for r in make_tiny_data.make_preferences() for k in ("prompt", "chosen", "rejected")]
-    texts += [p["prompt"] for p in make_tiny_data.make_prompts()]
+    texts += [p["prompt"] for p in make_tiny_data.draw_prompts()]  # the tokenizer saw every draw, repeats included
     make_tiny_data.train_tokenizer(texts, tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert json.loads((tmp_path / name).read_text()) == json.loads((TOKENIZER_DIR / name).read_text())

@@ -7,9 +7,10 @@ Everything here is synthetic and deterministic (seeded), so tests and examples n
   list of words, counting letters). `chosen` is the correct answer and `rejected` a plausible wrong one.
   `preference` = P(chosen beats rejected) (a noisy judge, 0.6-0.95) and the per-response win rates
   P(y beats the current policy) feed the soft-label losses (SPPO, SPCE); hard-label losses ignore them.
-- prompts.jsonl: {prompt, answer, task} for self-play; `answer` lets a rule-based judge score generations.
+- prompts.jsonl: {prompt, answer, task} for self-play, 168 distinct prompts (the first draw of each among 200);
+  `answer` lets a rule-based judge score generations.
 - tiny_tokenizer/: a byte-level BPE tokenizer (vocabulary 512) trained with Hugging Face `tokenizers` on the
-  text above, with <s>, </s>, <pad> and a minimal chat template.
+  text above (all 200 prompt draws), with <s>, </s>, <pad> and a minimal chat template.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def make_preferences(n: int = 320, seed: int = 0) -> list[dict]:
     return records
 
 
-def make_prompts(n: int = 200, seed: int = 1) -> list[dict]:
+def draw_prompts(n: int = 200, seed: int = 1) -> list[dict]:
+    """n random prompts; the tasks' small ranges draw some prompts more than once."""
     rng = random.Random(seed)
     names = sorted(TASKS)
     prompts = []
@@ -103,6 +105,17 @@ def make_prompts(n: int = 200, seed: int = 1) -> list[dict]:
         task = names[i % len(names)]
         prompt, answer, _, _ = TASKS[task](rng)
         prompts.append({"prompt": prompt, "answer": answer, "task": task})
+    return prompts
+
+
+def make_prompts(n: int = 200, seed: int = 1) -> list[dict]:
+    """The distinct prompts of draw_prompts(n, seed), each at its first draw (168 of the default 200): self-play
+    refuses a prompt file that repeats a prompt (it would weigh twice in training and in the win rates)."""
+    seen, prompts = set(), []
+    for row in draw_prompts(n, seed):
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            prompts.append(row)
     return prompts
 
 
@@ -142,7 +155,8 @@ def main() -> None:
     prefs, prompts = make_preferences(), make_prompts()
     _write_jsonl(FILES / "prefs.jsonl", prefs)
     _write_jsonl(FILES / "prompts.jsonl", prompts)
-    texts = [r[k] for r in prefs for k in ("prompt", "chosen", "rejected")] + [p["prompt"] for p in prompts]
+    # The tokenizer was trained on all 200 drawn prompts, repeats included; it stays the same.
+    texts = [r[k] for r in prefs for k in ("prompt", "chosen", "rejected")] + [p["prompt"] for p in draw_prompts()]
     train_tokenizer(texts, FILES / "tiny_tokenizer")
     print(f"wrote {len(prefs)} preference records, {len(prompts)} prompts and the tokenizer to {FILES}")
 
