@@ -31,7 +31,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -131,6 +130,19 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """VmHWM, this address space's high-water mark (ru_maxrss would also count the parent's resident size at
+    the fork, which Linux carries across execve)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _reset_peak_rss() -> None:
+    """VmHWM back to the current resident size (Linux >= 4.0), so the peak is the timed steps' alone."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def build_attn(args) -> str:
     if args.attn != "auto":
         return args.attn
@@ -172,6 +184,7 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()
         base = _rss_mb()
     seconds = float("inf")
     for _ in range(args.repeats):
@@ -187,7 +200,7 @@ def worker(args) -> dict:
     if device.type == "cuda":
         peak, kind = (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda_max_allocated_delta"
     else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, "cpu_peak_rss_delta"
+        peak, kind = _peak_rss_mb() - base, "cpu_peak_rss_delta"
     return {
         "mode": args.worker, "attn_implementation": attn, "batches": args.batches, "repeats": args.repeats,
         "threads": torch.get_num_threads(),
