@@ -30,6 +30,17 @@ naming the holder). SIGINT / SIGTERM stop the run at the next stage boundary; tr
 after its current optimizer step with a checkpoint. Everything done so far is kept and the same command resumes.
 Children (vLLM generation, a --train-launcher run) run in their own session: a Ctrl-C reaches only this process,
 which lets generation finish its stage and forwards the stop (SIGTERM) to training; a second Ctrl-C kills them.
+
+Under a launcher (torchrun, the deepspeed launcher, srun: RANK, WORLD_SIZE, LOCAL_RANK set) the same command runs
+on every rank (nash_fast.shards): generation and judging are sharded over the ranks in units of prompts (one
+engine per GPU, or per group of --tensor-parallel-size GPUs with vLLM; the Hugging Face backend on the rank's
+GPU or the CPU), each finished unit is written atomically with its digest, and rank 0 merges the units in order
+and writes the stage's artifact, the manifest and the report; building and the evaluation's win rates run on
+rank 0; training runs on every rank through the trainer's DeepSpeed path (--zero-stage 0 unless --train-args
+chooses). Every sample's seed depends only on (iteration, prompt index, sample index), so the artifacts do not
+depend on the world size. A rerun redoes only the unfinished units of the unfinished stage; a failing rank stops
+every rank with one line naming it and the stage (gloo messages with --collective-timeout). Rank 0 holds the
+run lock; the other ranks check that it names this job.
 """
 
 from __future__ import annotations
@@ -119,7 +130,8 @@ class SelfPlayConfig:
     train_args: str = _opt("", "Extra nash_fast.train flags, e.g. '--zero-stage 2 --bf16 --grad-accum 4' "
                            "(they override the ones self-play sets).")
     train_launcher: str = _opt("", "Run training in a subprocess with this prefix, e.g. 'deepspeed --num_gpus 8 "
-                               "--module' or 'torchrun --nproc-per-node 8 -m' (default: in this process).")
+                               "--module' or 'torchrun --nproc-per-node 8 -m' (default: in this process). Not under "
+                               "a launcher: there every rank trains in-process.")
     # ---------------------------------------------------------------- run
     seed: int = _opt(0, "Seed of model init (tiny), sampling and training.")
     output_dir: str = _opt("outputs/selfplay", "Run directory: iter_1/, iter_2/, ..., eval/, report.*")
@@ -388,8 +400,8 @@ def generation_workers(world: shards.World, backend: str, tensor_parallel_size: 
     if world.local_world_size % tensor_parallel_size:
         raise ValueError(f"--tensor-parallel-size {tensor_parallel_size} must divide the ranks per node "
                          f"(LOCAL_WORLD_SIZE={world.local_world_size}): each engine uses the GPUs of that many ranks")
-    first_local = world.rank - world.local_rank  # ranks are numbered node by node (torchrun, deepspeed, srun)
-    return [r for r in range(world.world_size) if (r - first_local) % tensor_parallel_size == 0]
+    # ranks are numbered node by node (torchrun, deepspeed, srun), so each group's first rank is a multiple of tp
+    return list(range(0, world.world_size, tensor_parallel_size))
 
 
 def _engine_devices(world: shards.World, tensor_parallel_size: int) -> dict:
@@ -998,6 +1010,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 choices=f.metadata.get("choices"), help=help_text)
     parser.add_argument("--debug", dest="_debug", action="store_true",
                         help="Print the full Python traceback of an error (also NASH_FAST_DEBUG=1).")
+    # the deepspeed launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment
+    parser.add_argument("--local_rank", "--local-rank", dest="_local_rank", help=argparse.SUPPRESS)
     return parser
 
 
@@ -1014,6 +1028,9 @@ def _main(argv: list[str]) -> int:
 
     args = vars(build_parser().parse_args(argv))
     args.pop("_debug")
+    args.pop("_local_rank")
+    argv = [a for k, a in enumerate(argv) if not a.startswith(("--local_rank", "--local-rank"))
+            and not (k and argv[k - 1] in ("--local_rank", "--local-rank"))]
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load drowns the log

@@ -83,7 +83,8 @@ class World:
             world_size = int(env.get("WORLD_SIZE", "1"))
             rank = int(env.get("RANK", "0"))
             local_rank = int(env.get("LOCAL_RANK", "0"))
-            local_world_size = int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
+            # torchrun: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE
+            local_world_size = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world_size)
         except ValueError:
             raise ValueError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (set by the "
                              f"launcher); got {', '.join(f'{k}={env.get(k)!r}' for k in LAUNCHER_VARIABLES)}") from None
@@ -349,8 +350,8 @@ class ShardedStage:
             self.directory.mkdir(parents=True, exist_ok=True)
             todo = self.pending()
             mine = self.mine()
-            if mine:
-                kept = len(mine) - len(todo)
+            kept = len(mine) - len(todo)
+            if mine and (self.world.distributed or kept):
                 self.log(f"{self.where}: rank {self.world.rank}: {len(todo)} of its {len(mine)} shards to do"
                          + (f" ({kept} kept from an earlier run)" if kept else ""))
             for unit, rows, stats in (work(todo) if todo else ()):

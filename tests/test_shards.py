@@ -109,6 +109,23 @@ def test_units_and_assignment():
             assert max(map(len, dealt.values())) - min(map(len, dealt.values())) <= 1
 
 
+def test_a_shard_of_prompts_draws_the_samples_of_the_whole_list():
+    """sample_seed(seed, i, k) with i the prompt's index in the whole list: a shard given its indices draws the same
+    samples as the whole list does (one generation batch per prompt here, so batches hold the same rows)."""
+    from nash_fast.generate import generate_responses
+    from nash_fast.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer), seed=1)
+    prompts = ["What is 19 + 74?", "Spell the word 'rapid' backwards.", "Name a colour."]
+    options = dict(tokenizer=tokenizer, backend="hf", num_samples=2, max_new_tokens=6, seed=3, batch_size=2)
+    whole = generate_responses(model, prompts, **options)
+    assert generate_responses(model, prompts[2:], prompt_indices=[2], **options) == whole[2:]
+    assert generate_responses(model, prompts[2:], **options) != whole[2:]  # index 0's seeds: other samples
+    with pytest.raises(ValueError, match="prompt_indices has 2 entries for 1 prompts"):
+        generate_responses(model, prompts[:1], prompt_indices=[0, 1], **options)
+
+
 def test_two_ranks_write_the_same_bytes_as_one_and_a_killed_rank_redoes_only_its_shard(tmp_path):
     (tmp_path / "spy_judge.py").write_text(JUDGE_MODULE)
     judge = ["--judge", "callable:spy_judge:judge"]
