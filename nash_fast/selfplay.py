@@ -699,7 +699,7 @@ def eval_responses(run: Run, t: int, held_out: list[str]) -> tuple[list[list[str
     if groups is not None:
         write_jsonl_atomic(path, [{"prompt": p, "responses": g, "response_tokens": c}
                                   for p, g, c in zip(held_out, groups, counts)])
-        rundir.remove_tree(run.shard_dir(None, f"policy_{t}"))
+        shards.remove_shards(run.shard_dir(None, f"policy_{t}"))
     return groups, counts
 
 
@@ -984,7 +984,7 @@ def _run_stage(run: Run, t: int, stage: str, train_prompts: list, held_out: list
     if not run.world.is_main:
         return
     run.mark_done(t, stage, ARTIFACTS[stage], seconds, **stats)
-    rundir.remove_tree(run.iter_dir(t) / ".shards" / stage)
+    shards.remove_shards(run.iter_dir(t) / ".shards" / stage)
     shown = {k: v for k, v in stats.items() if k not in ("train_args", "policy")}
     log(f"iteration {t} {stage}: {seconds:.1f}s {json.dumps(shown)}")
 

@@ -372,7 +372,16 @@ class ShardedStage:
         return rows, stats
 
     def remove(self) -> None:
-        rundir.remove_tree(self.directory)
+        remove_shards(self.directory)
+
+
+def remove_shards(directory: Path) -> None:
+    """Delete a stage's shard directory once its artifact is in place (and .shards/ when that leaves it empty)."""
+    rundir.remove_tree(directory)
+    try:
+        directory.parent.rmdir()
+    except OSError:
+        pass  # other stages' shards, or already gone
 
 
 def in_units(items: Sequence, unit_ranges: Sequence[range], indices: Iterable[int]) -> Iterator[tuple[int, list]]:
