@@ -176,7 +176,7 @@ class SelfPlayConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not self.collective_timeout > 0:
+        if not 0 < self.collective_timeout < 1e9:  # timedelta refuses inf
             problems.append(f"--collective-timeout must be a positive number of seconds, got {self.collective_timeout}")
         if not self.temperature >= 0:
             problems.append(f"--temperature must be >= 0, got {self.temperature}")

@@ -41,7 +41,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 from nash_fast import rundir
 from nash_fast.cli import RunFailed
@@ -211,10 +211,6 @@ class World:
         requests = [r for r in self._gather_json(stop_requested(), where) if r]
         return "SIGINT" if "SIGINT" in requests else (requests[0] if requests else None)
 
-    def barrier(self, where: str) -> None:
-        if self.distributed:
-            self._gather_json(None, where)
-
 
 def job_id() -> str:
     """An id for this job: the launcher's (torchrun, SLURM) when it has one, plus rank 0's pid@host and start time."""
@@ -371,9 +367,6 @@ class ShardedStage:
             stats.append(unit_stats)
         return rows, stats
 
-    def remove(self) -> None:
-        remove_shards(self.directory)
-
 
 def remove_shards(directory: Path) -> None:
     """Delete a stage's shard directory once its artifact is in place (and .shards/ when that leaves it empty)."""
@@ -382,8 +375,3 @@ def remove_shards(directory: Path) -> None:
         directory.parent.rmdir()
     except OSError:
         pass  # other stages' shards, or already gone
-
-
-def in_units(items: Sequence, unit_ranges: Sequence[range], indices: Iterable[int]) -> Iterator[tuple[int, list]]:
-    for u in indices:
-        yield u, [items[i] for i in unit_ranges[u]]
