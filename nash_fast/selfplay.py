@@ -412,7 +412,10 @@ def _engine_devices(world: shards.World, tensor_parallel_size: int) -> dict:
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(d) for d in range(torch.cuda.device_count())]
-    mine = devices[world.local_rank:world.local_rank + tensor_parallel_size]
+    if len(devices) == tensor_parallel_size and world.local_rank:
+        mine = devices  # the scheduler gave each rank only its own GPUs (e.g. srun --gpus-per-task)
+    else:
+        mine = devices[world.local_rank:world.local_rank + tensor_parallel_size]
     if len(mine) < tensor_parallel_size:
         raise ValueError(f"rank {world.rank} (LOCAL_RANK={world.local_rank}) needs {tensor_parallel_size} GPUs for its "
                          f"vLLM engine; this node shows {len(devices)}")

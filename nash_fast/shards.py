@@ -185,6 +185,8 @@ class World:
         summary = f"rank {first} failed in {where}{others}: {text}"
         if error is not None and not isinstance(error, (ValueError, OSError, RunFailed)):
             error.agreed_by_ranks = True
+            if hasattr(error, "add_note"):
+                error.add_note(summary)
             raise error  # a bug on this rank: its traceback (the other ranks print the one line)
         if error is not None and isinstance(error, ValueError):
             raised = ValueError(summary)  # bad input or options: exit status 2 as in a world of one

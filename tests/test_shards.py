@@ -192,3 +192,22 @@ def test_other_ranks_check_the_lock_rank_0_holds(tmp_path):
         shards.verify_lock(tmp_path, {**holder, "job": "other"}, 1)
     with pytest.raises(ValueError, match="shared file system"):
         shards.verify_lock(tmp_path / "elsewhere", holder, 1)
+
+
+def test_generation_engines_per_gpu_or_per_tensor_parallel_group(monkeypatch):
+    from nash_fast import selfplay
+
+    world = shards.World(rank=2, world_size=16, local_rank=2, local_world_size=8)
+    assert selfplay.generation_workers(world, "hf", 2) == list(range(16))  # tensor parallelism is vLLM's
+    assert selfplay.generation_workers(world, "vllm", 1) == list(range(16))  # one engine per GPU
+    assert selfplay.generation_workers(world, "vllm", 2) == [0, 2, 4, 6, 8, 10, 12, 14]
+    with pytest.raises(ValueError, match="--tensor-parallel-size 3 must divide the ranks per node"):
+        selfplay.generation_workers(world, "vllm", 3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert selfplay._engine_devices(world, 2) == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    assert selfplay._engine_devices(shards.World(rank=9, world_size=16, local_rank=1, local_world_size=8), 1) == \
+        {"CUDA_VISIBLE_DEVICES": "1"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # a scheduler that shows each rank its own GPU only
+    assert selfplay._engine_devices(shards.World(rank=3, world_size=8, local_rank=3, local_world_size=8), 1) == \
+        {"CUDA_VISIBLE_DEVICES": "5"}
+    assert selfplay._engine_devices(shards.World(), 2) == {}  # a world of one: vLLM sees what this process sees
