@@ -118,11 +118,13 @@ class SelfPlayConfig:
     backend: str = _opt("auto", "Generation backend: auto (vLLM on a GPU when installed), hf, vllm.",
                         choices=("auto", "hf", "vllm"))
     tensor_parallel_size: int = _opt(1, "vLLM tensor parallelism (GPUs per generation engine).")
-    generation_batch_size: int = _opt(64, "Hugging Face backend: sequences sampled together.")
+    generation_batch_size: int = _opt(64, "Hugging Face backend: sequences sampled together. Also sets the shard "
+                                      "unit of generation and judging: lcm(this, K) / K prompts.")
     # ---------------------------------------------------------------- judge
     judge: str = _opt("offline", "Preference oracle: offline | self (OSP: pi_1 judges with its A/B logits) | "
                       "pairwise:PATH | reward:PATH | callable:package.module:function.")
-    judge_batch_size: int = _opt(8, "Judge forward batch size (LM judges).")
+    judge_batch_size: int = _opt(8, "Queries per judge call (and the LM judges' forward batch); the manifest reports "
+                                 "pairs/s.")
     # ---------------------------------------------------------------- training
     lr: float | None = _opt(None, "Learning rate (default 5e-7 as in SPPO; 1e-3 for --model tiny).")
     num_epochs: float | None = _opt(None, "Epochs over each iteration's dataset (default 1; 4 for --model tiny).")
