@@ -1042,7 +1042,8 @@ def _main(argv: list[str]) -> int:
     try:
         selfplay(SelfPlayConfig(**args))
     except Interrupted as stop:
-        log(f"{stop.signal_name}: {stop}. Resume with: {shlex.join([*PROG.split(), *argv])}")
+        if os.environ.get("RANK", "0") in ("", "0"):  # under a launcher, rank 0 says it for the job
+            log(f"{stop.signal_name}: {stop}. Resume with: {shlex.join([*PROG.split(), *argv])}")
         return exit_status(stop.signal_name)
     mark_finished()
     return 0
