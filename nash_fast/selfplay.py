@@ -690,8 +690,8 @@ def eval_responses(run: Run, t: int, held_out: list[str]) -> tuple[list[list[str
     def cached():
         if path.is_file():
             rows = read_jsonl(path)
-            if [r["prompt"] for r in rows] == held_out and all(len(r["responses"]) == n == len(r.get("response_tokens", ()))
-                                                               for r in rows):
+            if [r["prompt"] for r in rows] == held_out and all(
+                    len(r["responses"]) == n == len(r.get("response_tokens", ())) for r in rows):
                 return [r["responses"] for r in rows], [r["response_tokens"] for r in rows]
         return None
 
