@@ -154,13 +154,20 @@ def generate_responses(model, prompts: Sequence[str | list[dict]], *, num_sample
                        top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, tokenizer=None,
                        use_chat_template: bool | None = None, chat_template: str | None = None,
                        backend: str = "auto", tensor_parallel_size: int = 1, batch_size: int = 16,
-                       gpu_memory_utilization: float = 0.85, return_token_counts: bool = False):
+                       gpu_memory_utilization: float = 0.85, return_token_counts: bool = False,
+                       prompt_indices: Sequence[int] | None = None):
     """K = num_samples responses for each prompt (a string, or a conversation: a list of {role, content}
     messages) from `model` (a path, or a loaded causal LM for the Hugging Face backend, with `tokenizer`).
     chat_template is a --chat-template option (auto / on / off / a template) and overrides use_chat_template.
+    prompt_indices: the index i of each prompt in sample_seed(seed, i, k) (default 0, 1, ...), so that a shard of
+    a larger prompt list draws the same samples as the whole list.
     Returns one list of K strings per prompt; with return_token_counts=True, (those lists, the same lists of
     each response's generated token count, end-of-sequence not counted)."""
     _check(num_samples, temperature, top_p, max_new_tokens)
+    if prompt_indices is None:
+        prompt_indices = range(len(prompts))
+    elif len(prompt_indices) != len(prompts):
+        raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(prompts)} prompts")
     from nash_fast.data import apply_chat_template_option, tokenize_prompt
 
     backend = resolve_backend(backend)
@@ -175,7 +182,7 @@ def generate_responses(model, prompts: Sequence[str | list[dict]], *, num_sample
     rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
     encoded = [tokenize_prompt(tokenizer, p, use_chat_template=use_chat_template) for p in prompts]
     prompt_ids = [encoded[i] for i, _ in rows]
-    seeds = [sample_seed(seed, i, k) for i, k in rows]
+    seeds = [sample_seed(seed, prompt_indices[i], k) for i, k in rows]
     if backend == "vllm":
         from transformers import GenerationConfig
 
@@ -217,7 +224,8 @@ def _main(argv: list[str]) -> int:
     from nash_fast.cli import ArgumentParser
 
     parser = ArgumentParser(prog=PROG, description="Sample K responses per prompt (jsonl with a 'prompt' field: a "
-                            "string or a list of {role, content} messages).")
+                            "string or a list of {role, content} messages, and optionally an integer 'index': the "
+                            "prompt's i in the sample seeds, default its line number from 0).")
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompts", required=True, help="jsonl file, one {'prompt': ...} per line")
     parser.add_argument("--output", required=True, help="jsonl file: {'prompt', 'responses', 'response_tokens'} per "
@@ -239,17 +247,23 @@ def _main(argv: list[str]) -> int:
 
     if not Path(args.prompts).is_file():
         raise ValueError(f"--prompts {args.prompts}: no such file")
-    prompts = []
+    prompts, indices = [], []
     for line, row in enumerate(load_jsonl(args.prompts), 1):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
             raise ValueError(f"--prompts {args.prompts}: record {line} has no field 'prompt' (a string or a list "
                              "of {role, content} messages)")
+        index = row.get("index", line - 1)
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"--prompts {args.prompts}: record {line}: 'index' must be a non-negative integer, "
+                             f"got {index!r}")
         prompts.append(row["prompt"])
+        indices.append(index)
     groups, counts = generate_responses(
         args.model, prompts, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed, backend=args.backend,
         chat_template=args.chat_template,
-        tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size, return_token_counts=True)
+        tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size, return_token_counts=True,
+        prompt_indices=indices)
     tmp = temporary_path(Path(args.output))
     with open(tmp, "w") as f:
         for prompt, responses, tokens in zip(prompts, groups, counts):

@@ -49,7 +49,7 @@ def check_judgments(probs, prompts: Sequence[str], judge_name: str = "judge") ->
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"{judge_name} returned P(a > b) = {array[i]!r} for prompt {prompts[i]!r} (comparison {i}); "
+            f"{judge_name} returned P(a > b) = {float(array[i])!r} for prompt {prompts[i]!r} (comparison {i}); "
             "a judge must return probabilities in [0, 1]"
         )
     return array

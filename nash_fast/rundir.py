@@ -163,8 +163,10 @@ def describe_holder(holder: dict) -> str:
 class RunLock:
     """Exclusive lock on a run directory for a `with` block (or acquire() / release())."""
 
-    def __init__(self, directory: str | os.PathLike, *, option: str = "--output-dir", log=None):
+    def __init__(self, directory: str | os.PathLike, *, option: str = "--output-dir", log=None,
+                 extra: dict | None = None):
         self.directory = Path(directory)
+        self.extra = dict(extra or {})  # more fields for the lock file (self-play: the job id its other ranks check)
         self.path = self.directory / LOCK_NAME
         self.option = option
         self.log = log
@@ -199,7 +201,7 @@ class RunLock:
         self.fd = fd
         self.previous = _read_holder(self.path)
         holder = {"pid": os.getpid(), "host": hostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": " ".join(sys.argv)[:500]}
+                  "command": " ".join(sys.argv)[:500], **self.extra}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         os.fsync(fd)

@@ -30,6 +30,17 @@ naming the holder). SIGINT / SIGTERM stop the run at the next stage boundary; tr
 after its current optimizer step with a checkpoint. Everything done so far is kept and the same command resumes.
 Children (vLLM generation, a --train-launcher run) run in their own session: a Ctrl-C reaches only this process,
 which lets generation finish its stage and forwards the stop (SIGTERM) to training; a second Ctrl-C kills them.
+
+Under a launcher (torchrun, the deepspeed launcher, srun: RANK, WORLD_SIZE, LOCAL_RANK set) the same command runs
+on every rank (nash_fast.shards): generation and judging are sharded over the ranks in units of prompts (one
+engine per GPU, or per group of --tensor-parallel-size GPUs with vLLM; the Hugging Face backend on the rank's
+GPU or the CPU), each finished unit is written atomically with its digest, and rank 0 merges the units in order
+and writes the stage's artifact, the manifest and the report; building and the evaluation's win rates run on
+rank 0; training runs on every rank through the trainer's DeepSpeed path (--zero-stage 0 unless --train-args
+chooses). Every sample's seed depends only on (iteration, prompt index, sample index), so the artifacts do not
+depend on the world size. A rerun redoes only the unfinished units of the unfinished stage; a failing rank stops
+every rank with one line naming it and the stage (gloo messages with --collective-timeout). Rank 0 holds the
+run lock; the other ranks check that it names this job.
 """
 
 from __future__ import annotations
@@ -47,12 +58,13 @@ import shlex
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from nash_fast import build as build_rules
-from nash_fast import rundir
+from nash_fast import rundir, shards
 from nash_fast.checkpoint import write_json_atomic
 from nash_fast.config import _base_type, _opt, add_bool_option, flag, join_problems, option_converter
 from nash_fast.data.loading import check_local_path
@@ -62,7 +74,7 @@ METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "pairs": "inpo", "osp": "spce"}
 PAIR_LOSSES = ("inpo", "ipo", "dpo", "spce")
 # Options that may change between a run and its resumption (execution details, or extending the run).
 RESUMABLE_CHANGES = ("iterations", "backend", "tensor_parallel_size", "generation_batch_size", "judge_batch_size",
-                     "train_launcher", "progress_bar")
+                     "train_launcher", "progress_bar", "collective_timeout")
 
 
 @dataclass
@@ -106,11 +118,13 @@ class SelfPlayConfig:
     backend: str = _opt("auto", "Generation backend: auto (vLLM on a GPU when installed), hf, vllm.",
                         choices=("auto", "hf", "vllm"))
     tensor_parallel_size: int = _opt(1, "vLLM tensor parallelism (GPUs per generation engine).")
-    generation_batch_size: int = _opt(64, "Hugging Face backend: sequences sampled together.")
+    generation_batch_size: int = _opt(64, "Hugging Face backend: sequences sampled together. Also sets the shard "
+                                      "unit of generation and judging: lcm(this, K) / K prompts.")
     # ---------------------------------------------------------------- judge
     judge: str = _opt("offline", "Preference oracle: offline | self (OSP: pi_1 judges with its A/B logits) | "
                       "pairwise:PATH | reward:PATH | callable:package.module:function.")
-    judge_batch_size: int = _opt(8, "Judge forward batch size (LM judges).")
+    judge_batch_size: int = _opt(8, "Queries per judge call (and the LM judges' forward batch); the manifest reports "
+                                 "pairs/s.")
     # ---------------------------------------------------------------- training
     lr: float | None = _opt(None, "Learning rate (default 5e-7 as in SPPO; 1e-3 for --model tiny).")
     num_epochs: float | None = _opt(None, "Epochs over each iteration's dataset (default 1; 4 for --model tiny).")
@@ -118,11 +132,14 @@ class SelfPlayConfig:
     train_args: str = _opt("", "Extra nash_fast.train flags, e.g. '--zero-stage 2 --bf16 --grad-accum 4' "
                            "(they override the ones self-play sets).")
     train_launcher: str = _opt("", "Run training in a subprocess with this prefix, e.g. 'deepspeed --num_gpus 8 "
-                               "--module' or 'torchrun --nproc-per-node 8 -m' (default: in this process).")
+                               "--module' or 'torchrun --nproc-per-node 8 -m' (default: in this process). Not under "
+                               "a launcher: there every rank trains in-process.")
     # ---------------------------------------------------------------- run
     seed: int = _opt(0, "Seed of model init (tiny), sampling and training.")
     output_dir: str = _opt("outputs/selfplay", "Run directory: iter_1/, iter_2/, ..., eval/, report.*")
     progress_bar: bool = _opt(False, "Show the trainer's progress bar.")
+    collective_timeout: float = _opt(1800.0, "Under a launcher (torchrun, deepspeed, srun): seconds a rank waits for "
+                                     "the others at a stage's end before the job stops naming the missing rank.")
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -161,6 +178,8 @@ class SelfPlayConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not 0 < self.collective_timeout < 1e9:  # timedelta refuses inf
+            problems.append(f"--collective-timeout must be a positive number of seconds, got {self.collective_timeout}")
         if not self.temperature >= 0:
             problems.append(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -285,8 +304,9 @@ def iteration_prompts(cfg: SelfPlayConfig, train: list[str], t: int) -> list[str
 class Run:
     """Paths, manifests and shared objects of one self-play run."""
 
-    def __init__(self, cfg: SelfPlayConfig):
+    def __init__(self, cfg: SelfPlayConfig, world: shards.World | None = None):
         self.cfg = cfg
+        self.world = world or shards.World()
         self.root = Path(cfg.output_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "eval").mkdir(exist_ok=True)
@@ -321,6 +341,10 @@ class Run:
         manifest = self.manifest(t)
         manifest["stages"][stage] = {"done": True, "artifact": artifact, "seconds": round(seconds, 3), **stats}
         write_json_atomic(self.manifest_path(t), manifest)
+
+    def shard_dir(self, t: int | None, name: str) -> Path:
+        """Where the ranks write the finished shards of a stage (iteration t, or the evaluation when t is None)."""
+        return (self.root / "eval" if t is None else self.iter_dir(t)) / ".shards" / name
 
     def policy(self, t: int) -> str:
         """Path (or hub name) of pi_t."""
@@ -370,38 +394,120 @@ def prepare_initial_policy(run: Run) -> None:
     rundir.done(tmp)
 
 
-def sample(run: Run, policy: str, prompts: list[str], *, num_samples: int,
-           seed: int) -> tuple[list[list[str]], list[list[int]]]:
-    """K samples per prompt from `policy`, and each one's generated token count. vLLM runs in a subprocess
-    (python -m nash_fast.generate) so that its GPU memory is returned before training starts; the per-sample
-    seeds are the same either way."""
-    from nash_fast.generate import generate_responses, resolve_backend
+def generation_workers(world: shards.World, backend: str, tensor_parallel_size: int) -> list[int]:
+    """The ranks that run a generation engine: every rank (Hugging Face, or vLLM with one GPU per engine), or the
+    first rank of each group of --tensor-parallel-size ranks of a node (vLLM over that group's GPUs)."""
+    if backend != "vllm" or tensor_parallel_size == 1 or not world.distributed:
+        return list(range(world.world_size))
+    if world.local_world_size % tensor_parallel_size:
+        raise ValueError(f"--tensor-parallel-size {tensor_parallel_size} must divide the ranks per node "
+                         f"(LOCAL_WORLD_SIZE={world.local_world_size}): each engine uses the GPUs of that many ranks")
+    # ranks are numbered node by node (torchrun, deepspeed, srun), so each group's first rank is a multiple of tp
+    return list(range(0, world.world_size, tensor_parallel_size))
 
-    cfg = run.cfg
+
+def _engine_devices(world: shards.World, tensor_parallel_size: int) -> dict:
+    """CUDA_VISIBLE_DEVICES of this rank's vLLM engine: the GPUs of local ranks [local_rank, local_rank + tp)."""
+    if not world.distributed:
+        return {}
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(d) for d in range(torch.cuda.device_count())]
+    if len(devices) == tensor_parallel_size and world.local_rank:
+        mine = devices  # the scheduler gave each rank only its own GPUs (e.g. srun --gpus-per-task)
+    else:
+        mine = devices[world.local_rank:world.local_rank + tensor_parallel_size]
+    if len(mine) < tensor_parallel_size:
+        raise ValueError(f"rank {world.rank} (LOCAL_RANK={world.local_rank}) needs {tensor_parallel_size} GPUs for its "
+                         f"vLLM engine; this node shows {len(devices)}")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(mine)}
+
+
+def sample(run: Run, policy: str, prompts: list, *, num_samples: int, seed: int, name: str, where: str,
+           t: int | None = None) -> tuple[list[list[str]] | None, list[list[int]] | None]:
+    """K samples per prompt from `policy`, sharded over the ranks (nash_fast.shards): each rank samples its units
+    of prompts and writes each one as it finishes; rank 0 merges them. Sample k of prompt i has the seed
+    sample_seed(seed, i, k) whichever rank draws it. vLLM runs in a subprocess (python -m nash_fast.generate) so
+    that its GPU memory is returned before training starts. Returns (the groups, each response's generated token
+    count) on rank 0, (None, None) on the others."""
+    from nash_fast.generate import resolve_backend
+
+    cfg, world = run.cfg, run.world
+    backend = resolve_backend(cfg.backend)
     options = dict(num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                    max_new_tokens=cfg.resolved("max_new_tokens"), seed=seed)
-    if resolve_backend(cfg.backend) == "vllm":
-        work = run.root / ".generate"
-        work.mkdir(exist_ok=True)
-        write_jsonl_atomic(work / "prompts.jsonl", [{"prompt": p} for p in prompts])
-        command = [sys.executable, "-m", "nash_fast.generate", "--model", policy, "--prompts",
-                   str(work / "prompts.jsonl"), "--output", str(work / "responses.jsonl"), "--backend", "vllm",
-                   "--chat-template", cfg.chat_template, "--tensor-parallel-size", str(cfg.tensor_parallel_size)]
-        for name, value in options.items():
-            command += ["--" + name.replace("_", "-"), str(value)]
-        status = run_child(command, forward_stop=False)
-        if status != 0:
-            raise RuntimeError(f"generation subprocess {shlex.join(command[:4])} ... failed with exit status {status}")
-        rows = read_jsonl(work / "responses.jsonl")
-        return [row["responses"] for row in rows], [row["response_tokens"] for row in rows]
-    return generate_responses(
-        policy, prompts, backend="hf", chat_template=cfg.chat_template,
-        batch_size=cfg.generation_batch_size, return_token_counts=True, **options)
+    ranges = shards.units(len(prompts), shards.unit_size(cfg.generation_batch_size, num_samples))
+    common = {"policy": policy, "backend": backend, "chat_template": cfg.chat_template, **options,
+              "batch_rows": cfg.generation_batch_size if backend == "hf" else None}
+    keys = [shards.digest({**common, "first": r.start, "prompts": [prompts[i] for i in r]}) for r in ranges]
+    stage = shards.ShardedStage(world, run.shard_dir(t, name), where, keys, ranges,
+                                generation_workers(world, backend, cfg.tensor_parallel_size), log=rank_log)
+
+    def work(todo: list[int]):
+        if backend == "vllm":
+            yield from _vllm_units(run, policy, prompts, ranges, todo, options)
+        else:
+            yield from _hf_units(run, policy, prompts, ranges, todo, options)
+
+    stage.run(work)
+    if not world.is_main:
+        return None, None
+    rows, _ = stage.merge()
+    return [row["responses"] for row in rows], [row["response_tokens"] for row in rows]
+
+
+def _hf_units(run: Run, policy: str, prompts: list, ranges: list[range], todo: list[int], options: dict):
+    """Hugging Face sampling, one unit at a time with the policy loaded once (on this rank's GPU, or the CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nash_fast.generate import generate_responses
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype="auto").to("cuda" if _cuda() else "cpu").eval()
+    for unit in todo:
+        start = time.perf_counter()
+        groups, counts = generate_responses(
+            model, [prompts[i] for i in ranges[unit]], tokenizer=tokenizer, backend="hf",
+            chat_template=run.cfg.chat_template, batch_size=run.cfg.generation_batch_size, return_token_counts=True,
+            prompt_indices=list(ranges[unit]), **options)
+        rows = [{"responses": g, "response_tokens": c} for g, c in zip(groups, counts)]
+        yield unit, rows, {"seconds": round(time.perf_counter() - start, 3)}
+
+
+def _vllm_units(run: Run, policy: str, prompts: list, ranges: list[range], todo: list[int], options: dict):
+    """One vLLM engine (a subprocess on this rank's GPUs) for all of this rank's pending units."""
+    cfg = run.cfg
+    work = run.root / ".generate" / f"rank_{run.world.rank}"
+    work.mkdir(parents=True, exist_ok=True)
+    indices = [i for u in todo for i in ranges[u]]
+    write_jsonl_atomic(work / "prompts.jsonl", [{"prompt": prompts[i], "index": i} for i in indices])
+    command = [sys.executable, "-m", "nash_fast.generate", "--model", policy, "--prompts",
+               str(work / "prompts.jsonl"), "--output", str(work / "responses.jsonl"), "--backend", "vllm",
+               "--chat-template", cfg.chat_template, "--tensor-parallel-size", str(cfg.tensor_parallel_size)]
+    for name, value in options.items():
+        command += ["--" + name.replace("_", "-"), str(value)]
+    start = time.perf_counter()
+    status = run_child(command, forward_stop=False, env=_engine_devices(run.world, cfg.tensor_parallel_size))
+    if status != 0:
+        raise RuntimeError(f"generation subprocess {shlex.join(command[:4])} ... failed with exit status {status}")
+    rows = read_jsonl(work / "responses.jsonl")
+    if len(rows) != len(indices):
+        raise RuntimeError(f"generation subprocess wrote {len(rows)} rows for {len(indices)} prompts")
+    seconds = round((time.perf_counter() - start) / max(1, len(todo)), 3)
+    position = 0
+    for unit in todo:
+        size = len(ranges[unit])
+        yield unit, [{"responses": row["responses"], "response_tokens": row["response_tokens"]}
+                     for row in rows[position:position + size]], {"seconds": seconds}
+        position += size
 
 
 def stage_generate(run: Run, t: int, prompts: list[str]) -> dict:
     groups, counts = sample(run, run.policy(t), prompts, num_samples=run.cfg.num_samples,
-                            seed=run.cfg.seed + 1000 * t)
+                            seed=run.cfg.seed + 1000 * t, name="generate", where=f"iteration {t} generate", t=t)
+    if groups is None:
+        return {}
     write_jsonl_atomic(run.iter_dir(t) / "responses.jsonl",
                        [{"prompt": p, "responses": g, "response_tokens": c} for p, g, c in zip(prompts, groups, counts)])
     flat = [r for g in groups for r in g]
@@ -409,22 +515,65 @@ def stage_generate(run: Run, t: int, prompts: list[str]) -> dict:
             "mean_response_tokens": mean_tokens(counts)}
 
 
+def batched_judge(judge, batch_size: int, counter: dict):
+    """The judge called on at most batch_size queries at a time, counting queries and seconds in `counter`."""
+    import numpy as np
+
+    def call(prompts, first, second):
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            began = time.perf_counter()
+            out.append(judge(prompts[start:start + batch_size], first[start:start + batch_size],
+                             second[start:start + batch_size]))
+            counter["seconds"] += time.perf_counter() - began
+            counter["queries"] += len(out[-1])
+        return np.concatenate(out) if out else np.zeros(0)
+
+    return call
+
+
 def stage_judge(run: Run, t: int) -> dict:
+    """The method's comparisons, sharded over the ranks in units of prompts (each rank loads the judge once and
+    sends it batches of --judge-batch-size queries); rank 0 merges the judgments in prompt order."""
+    began = time.perf_counter()
+    cfg, world = run.cfg, run.world
     rows = read_jsonl(run.iter_dir(t) / "responses.jsonl")
-    judge = run.judge()
-    calls = {"queries": 0}
+    ranges = shards.units(len(rows), shards.unit_size(cfg.generation_batch_size, cfg.num_samples))
+    common = {"judge": cfg.judge, "method": cfg.method, "policy_1": run.policy(1)}
+    keys = [shards.digest({**common, "first": r.start, "rows": [rows[i] for i in r]}) for r in ranges]
+    stage = shards.ShardedStage(world, run.shard_dir(t, "judge"), f"iteration {t} judge", keys, ranges,
+                                list(range(world.world_size)), log=rank_log)
 
-    def counted(prompts, first, second):
-        calls["queries"] += len(prompts)
-        return judge(prompts, first, second)
+    def work(todo: list[int]):
+        judge = run.judge()
+        total = {"queries": 0, "seconds": 0.0}
+        for unit in todo:
+            counter = {"queries": 0, "seconds": 0.0}
+            unit_rows = [rows[i] for i in ranges[unit]]
+            judgments = build_rules.judge_groups(batched_judge(judge, cfg.judge_batch_size, counter), cfg.method,
+                                                 [r["prompt"] for r in unit_rows], [r["responses"] for r in unit_rows])
+            yield unit, judgments, {"queries": counter["queries"], "seconds": round(counter["seconds"], 6)}
+            total = {k: total[k] + counter[k] for k in total}
+        if world.distributed and total["seconds"] > 0:
+            rank_log(f"iteration {t} judge: rank {world.rank}: {total['queries']} pairs in {total['seconds']:.2f}s "
+                     f"({total['queries'] / total['seconds']:.1f} pairs/s)")
 
-    judgments = build_rules.judge_groups(counted, run.cfg.method, [r["prompt"] for r in rows],
-                                         [r["responses"] for r in rows])
+    stage.run(work)
+    if not world.is_main:
+        return {}
+    judgments, unit_stats = stage.merge()
     write_jsonl_atomic(run.iter_dir(t) / "judgments.jsonl", judgments)
-    return {"judge_queries": calls["queries"]}
+    queries = sum(u.get("queries", 0) for u in unit_stats)
+    judge_seconds = sum(u.get("seconds", 0.0) for u in unit_stats)
+    wall = time.perf_counter() - began
+    return {"judge_queries": queries, "judge_seconds": round(judge_seconds, 3),
+            "pairs_per_s": round(queries / wall, 3) if wall > 0 else None,
+            "pairs_per_judge_s": round(queries / judge_seconds, 3) if judge_seconds > 0 else None}
 
 
 def stage_build(run: Run, t: int) -> dict:
+    if not run.world.is_main:
+        return {}  # rank 0 builds (a pure function of the judgments, seconds of work)
     judgments = read_jsonl(run.iter_dir(t) / "judgments.jsonl")
     records, stats = build_rules.build_records(run.cfg.method, judgments, sppo_mode=run.cfg.sppo_mode,
                                                seed=run.cfg.seed + t)
@@ -443,6 +592,9 @@ def train_arguments(run: Run, t: int) -> list[str]:
             "--num-epochs", repr(cfg.resolved("num_epochs")), "--max-tokens", str(cfg.max_tokens),
             "--seed", str(cfg.seed + t), "--chat-template", cfg.chat_template,
             "--progress-bar", str(cfg.progress_bar).lower(), "--save-steps", "50"]
+    user = shlex.split(cfg.train_args)
+    if run.world.distributed and not any(a.split("=")[0] in ("--zero-stage", "--deepspeed") for a in user):
+        args += ["--zero-stage", "0"]  # every rank trains: data parallel through DeepSpeed (the trainer's only path)
     if loss == "sppo":
         pass  # reference = the initial policy of this run of the trainer = pi_t
     elif loss == "inpo":
@@ -455,7 +607,7 @@ def train_arguments(run: Run, t: int) -> list[str]:
         value = cfg.resolved(name)
         if value is not None:
             args += [f"--{name}", repr(value)]
-    return args + shlex.split(cfg.train_args)
+    return args + user
 
 
 def _die_with_parent() -> None:
@@ -468,13 +620,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_child(command: list[str], *, forward_stop: bool) -> int:
+def run_child(command: list[str], *, forward_stop: bool, env: dict | None = None) -> int:
     """Run a child in its own session (a terminal's Ctrl-C reaches only this process). On a stop request, a
     training child gets SIGTERM (it checkpoints and exits); a generation child finishes its stage. A second
     Ctrl-C (KeyboardInterrupt here) kills the child's whole process group at once."""
     import signal
 
-    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent,
+                             env={**os.environ, **env} if env else None)
     forwarded = False
     try:
         while True:
@@ -517,6 +670,8 @@ def stage_train(run: Run, t: int) -> dict:
     if not run_training(run, argv):
         raise Interrupted(stop_requested() or "SIGTERM", f"iteration {t} train stopped with a checkpoint in "
                           f"{run.iter_dir(t) / 'train' / 'checkpoints'}")
+    if not run.world.is_main:
+        return {}
     final = run.iter_dir(t) / "train" / "final"
     if not (final / "config.json").is_file():
         raise RuntimeError(f"iteration {t}: training finished without a model in {final}")
@@ -525,19 +680,31 @@ def stage_train(run: Run, t: int) -> dict:
     return {"train_args": argv, "steps": last.get("step"), "last_loss": last.get("loss")}
 
 
-def eval_responses(run: Run, t: int, held_out: list[str]) -> tuple[list[list[str]], list[list[int]]]:
+def eval_responses(run: Run, t: int, held_out: list[str]) -> tuple[list[list[str]] | None, list[list[int]] | None]:
     """pi_t's --eval-samples responses to each held-out prompt and their generated token counts (cached in
-    eval/policy_t.jsonl); every policy uses the same per-sample seeds, so comparisons are paired sample by sample."""
+    eval/policy_t.jsonl); every policy uses the same per-sample seeds, so comparisons are paired sample by sample.
+    Sharded over the ranks; (None, None) on the ranks other than 0."""
     path = run.root / "eval" / f"policy_{t}.jsonl"
     n = run.cfg.eval_samples
-    if path.is_file():
-        rows = read_jsonl(path)
-        if [r["prompt"] for r in rows] == held_out and all(len(r["responses"]) == n == len(r.get("response_tokens", ()))
-                                                           for r in rows):
-            return [r["responses"] for r in rows], [r["response_tokens"] for r in rows]
-    groups, counts = sample(run, run.policy(t), held_out, num_samples=n, seed=run.cfg.seed + 999_983)
-    write_jsonl_atomic(path, [{"prompt": p, "responses": g, "response_tokens": c}
-                              for p, g, c in zip(held_out, groups, counts)])
+
+    def cached():
+        if path.is_file():
+            rows = read_jsonl(path)
+            if [r["prompt"] for r in rows] == held_out and all(
+                    len(r["responses"]) == n == len(r.get("response_tokens", ())) for r in rows):
+                return [r["responses"] for r in rows], [r["response_tokens"] for r in rows]
+        return None
+
+    # rank 0 reads the cache and says whether it holds (every rank must then take the same path)
+    found = cached() if run.world.is_main else None
+    if run.world.broadcast(found is not None, f"evaluation of policy {t}"):
+        return found if found is not None else (None, None)
+    groups, counts = sample(run, run.policy(t), held_out, num_samples=n, seed=run.cfg.seed + 999_983,
+                            name=f"policy_{t}", where=f"evaluation samples of policy {t}")
+    if groups is not None:
+        write_jsonl_atomic(path, [{"prompt": p, "responses": g, "response_tokens": c}
+                                  for p, g, c in zip(held_out, groups, counts)])
+        shards.remove_shards(run.shard_dir(None, f"policy_{t}"))
     return groups, counts
 
 
@@ -551,6 +718,8 @@ def stage_evaluate(run: Run, t: int, held_out: list[str]) -> dict:
     new, new_counts = eval_responses(run, t + 1, held_out)
     previous, _ = eval_responses(run, t, held_out)
     initial, _ = eval_responses(run, 1, held_out)
+    if not run.world.is_main:
+        return {}  # rank 0 judges the win rates (a few hundred queries)
     judge = run.judge()
     stats = {"win_rate_vs_previous": win_rate(judge, held_out, new, previous),
              "win_rate_vs_initial": win_rate(judge, held_out, new, initial),
@@ -591,6 +760,7 @@ def report_rows(run: Run, iterations: int) -> list[dict]:
             "records": stages.get("build", {}).get("records"),
             "skipped": stages.get("build", {}).get("skipped"),
             "judge_queries": stages.get("judge", {}).get("judge_queries"),
+            "judge_pairs_per_s": stages.get("judge", {}).get("pairs_per_s"),
             "seconds": {s: stages[s]["seconds"] for s in STAGES if s in stages},
         })
     return rows
@@ -694,66 +864,134 @@ def check_stored_config(run: Run) -> None:
     write_json_atomic(path, current)
 
 
+_LOG = {"rank": 0}
+
+
 def log(message: str) -> None:
-    print(f"[selfplay] {message}", flush=True)
+    """The run's log: rank 0 only (the other ranks' shard lines go through rank_log)."""
+    if _LOG["rank"] == 0:
+        print(f"[selfplay] {message}", flush=True)
+
+
+def rank_log(message: str) -> None:
+    print(f"[selfplay rank {_LOG['rank']}] {message}" if _LOG["rank"] else f"[selfplay] {message}", flush=True)
 
 
 def selfplay(cfg: SelfPlayConfig) -> list[dict]:
-    """Run (or resume) all iterations; returns the report rows. Holds OUTPUT's run lock throughout; a SIGINT /
-    SIGTERM stops it at the next stage boundary (training: after its current step, with a checkpoint) with
-    nash_fast.interrupt.Interrupted."""
+    """Run (or resume) all iterations; returns the report rows (on rank 0; [] on the other ranks). Holds OUTPUT's
+    run lock throughout (rank 0 under a launcher); a SIGINT / SIGTERM stops it at the next stage boundary
+    (training: after its current step, with a checkpoint) with nash_fast.interrupt.Interrupted."""
     from nash_fast.interrupt import stop_signals
 
     cfg.validate()
-    with stop_signals("selfplay"), rundir.RunLock(cfg.output_dir, log=log):
-        return _selfplay(cfg)
+    world = shards.World.from_environment(cfg.collective_timeout)
+    if world.distributed and cfg.train_launcher:
+        raise ValueError(f"--train-launcher {cfg.train_launcher!r}: under a launcher (WORLD_SIZE={world.world_size}) "
+                         "every rank trains in this process through DeepSpeed; drop --train-launcher")
+    _LOG["rank"] = world.rank
+    try:
+        with stop_signals("selfplay"), _job_lock(cfg, world):
+            return _selfplay(cfg, world)
+    finally:
+        _LOG["rank"] = 0
+
+
+@contextmanager
+def _job_lock(cfg: SelfPlayConfig, world: shards.World):
+    """One run per OUTPUT: rank 0 holds its lock with this job's id in the lock file; every other rank checks that
+    the lock file names rank 0's process and this job (the directory is the same, shared, directory)."""
+    if not world.distributed:
+        with rundir.RunLock(cfg.output_dir, log=log):
+            yield
+        return
+    lock = None
+    holder = {"job": shards.job_id(), "world_size": world.world_size} if world.is_main else None
+
+    def acquire():
+        nonlocal lock
+        lock = rundir.RunLock(cfg.output_dir, log=log, extra=holder).acquire()
+        return {"pid": os.getpid(), "host": rundir.hostname(), "job": holder["job"]}
+
+    try:
+        owner = world.main_step(f"locking --output-dir {cfg.output_dir}", acquire)
+        world.step("checking the run lock",
+                   lambda: world.is_main or shards.verify_lock(Path(cfg.output_dir), owner, world.rank))
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _remove_dead_temporaries(run: Run) -> None:
-    for directory in [run.root, run.root / "eval", run.root / ".generate", *sorted(run.root.glob("iter_*"))]:
+    directories = [run.root, run.root / "eval", run.root / ".generate", *sorted(run.root.glob(".generate/rank_*"))]
+    for directory in [*sorted(run.root.glob("iter_*")), run.root / "eval"]:
+        directories += [directory, *sorted(directory.glob(".shards/*"))]
+    for directory in directories:
         rundir.remove_dead_temporaries(directory, locked=True, log=log)
 
 
-def _selfplay(cfg: SelfPlayConfig) -> list[dict]:
-    run = Run(cfg)
-    _remove_dead_temporaries(run)
-    check_stored_config(run)
-    train_prompts, held_out = load_prompts(cfg)
-    prepare_initial_policy(run)
+def _selfplay(cfg: SelfPlayConfig, world: shards.World | None = None) -> list[dict]:
+    world = world or shards.World()
+    run = Run(cfg, world)
+    main = world.is_main
+
+    def setup():
+        if main:
+            _remove_dead_temporaries(run)
+            check_stored_config(run)
+        prompts = load_prompts(cfg)  # every rank: the same file, the same prompts
+        if main:
+            prepare_initial_policy(run)
+        return prompts
+
+    train_prompts, held_out = world.step("setting up the run", setup)
     iterations = cfg.resolved("iterations")
     for t in range(1, iterations + 1):
         iteration_prompts(cfg, train_prompts, t)  # not enough prompts: fail now, not in iteration t
     log(f"{iterations} iterations of {cfg.method} (loss {cfg.resolved('loss')}), K={cfg.num_samples}, "
         f"{len(iteration_prompts(cfg, train_prompts, 1))} training prompts per iteration, {len(held_out)} held-out, "
-        f"judge {cfg.judge}, output {run.root}")
+        f"judge {cfg.judge}, output {run.root}"
+        + (f", {world.world_size} ranks" if world.distributed else ""))
     for t in range(1, iterations + 1):
         for stage in STAGES:
-            if run.stage_done(t, stage):
+            where = f"iteration {t} {stage}"
+            if world.broadcast(run.stage_done(t, stage) if main else None, where):
                 continue
-            signal_name = stop_requested()
+            signal_name = world.stop_requested(where)
             if signal_name:
                 raise Interrupted(signal_name, f"stopped before iteration {t} {stage}; every finished stage is kept")
-            start = time.perf_counter()
-            if stage == "generate":
-                stats = stage_generate(run, t, iteration_prompts(cfg, train_prompts, t))
-            elif stage == "judge":
-                stats = stage_judge(run, t)
-            elif stage == "build":
-                stats = stage_build(run, t)
-            elif stage == "train":
-                stats = stage_train(run, t)
-            else:
-                stats = stage_evaluate(run, t, held_out)
-            seconds = time.perf_counter() - start
-            run.mark_done(t, stage, ARTIFACTS[stage], seconds, **stats)
-            shown = {k: v for k, v in stats.items() if k not in ("train_args", "policy")}
-            log(f"iteration {t} {stage}: {seconds:.1f}s {json.dumps(shown)}")
-        write_report(run, iterations)
+            world.step(where, lambda: _run_stage(run, t, stage, train_prompts, held_out))
+        if main:
+            write_report(run, iterations)
+    if not main:
+        return []
     rows = write_report(run, iterations)
     log(f"done; report: {run.root / 'report.md'} (plot {run.root / 'report.svg'}), "
         f"final policy: {run.policy(iterations + 1)}")
     print((run.root / "report.md").read_text(), flush=True)
     return rows
+
+
+def _run_stage(run: Run, t: int, stage: str, train_prompts: list, held_out: list) -> None:
+    """One stage on this rank; rank 0 then marks it done in the manifest and removes its shards."""
+    start = time.perf_counter()
+    if stage == "generate":
+        stats = stage_generate(run, t, iteration_prompts(run.cfg, train_prompts, t))
+    elif stage == "judge":
+        stats = stage_judge(run, t)
+    elif stage == "build":
+        stats = stage_build(run, t)
+    elif stage == "train":
+        stats = stage_train(run, t)
+    else:
+        stats = stage_evaluate(run, t, held_out)
+    seconds = time.perf_counter() - start
+    if not run.world.is_main:
+        return
+    run.mark_done(t, stage, ARTIFACTS[stage], seconds, **stats)
+    shards.remove_shards(run.iter_dir(t) / ".shards" / stage)
+    shown = {k: v for k, v in stats.items() if k not in ("train_args", "policy")}
+    log(f"iteration {t} {stage}: {seconds:.1f}s {json.dumps(shown)}")
 
 
 # =============================================================================================== cli
@@ -777,6 +1015,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 choices=f.metadata.get("choices"), help=help_text)
     parser.add_argument("--debug", dest="_debug", action="store_true",
                         help="Print the full Python traceback of an error (also NASH_FAST_DEBUG=1).")
+    # the deepspeed launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment
+    parser.add_argument("--local_rank", "--local-rank", dest="_local_rank", help=argparse.SUPPRESS)
     return parser
 
 
@@ -793,13 +1033,17 @@ def _main(argv: list[str]) -> int:
 
     args = vars(build_parser().parse_args(argv))
     args.pop("_debug")
+    args.pop("_local_rank")
+    argv = [a for k, a in enumerate(argv) if not a.startswith(("--local_rank", "--local-rank"))
+            and not (k and argv[k - 1] in ("--local_rank", "--local-rank"))]
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load drowns the log
     try:
         selfplay(SelfPlayConfig(**args))
     except Interrupted as stop:
-        log(f"{stop.signal_name}: {stop}. Resume with: {shlex.join([*PROG.split(), *argv])}")
+        if os.environ.get("RANK", "0") in ("", "0"):  # under a launcher, rank 0 says it for the job
+            log(f"{stop.signal_name}: {stop}. Resume with: {shlex.join([*PROG.split(), *argv])}")
         return exit_status(stop.signal_name)
     mark_finished()
     return 0
