@@ -381,10 +381,12 @@ def save_run_checkpoint(run: Run) -> Path | None:
     rank = run.dist.rank
 
     def write(tmp: Path) -> None:
-        if run.engine is not None:
-            run.engine.save_checkpoint(str(tmp), tag="engine", client_state={}, save_latest=False)
+        if run.engine is not None:  # adapters: the frozen base is --model, not saved
+            run.engine.save_checkpoint(str(tmp), tag="engine", client_state={}, save_latest=False,
+                                       exclude_frozen_parameters=run.adapters is not None)
         elif rank == 0:
-            torch.save(run.model.state_dict(), tmp / "model.pt")
+            torch.save(run.model.state_dict() if run.adapters is None else run.adapters.checkpoint_state(),
+                       tmp / "model.pt")
             torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
         if rank == 0:
             torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -412,7 +414,7 @@ _RESUMABLE_CHANGES = {"output_dir", "resume", "max_steps", "num_epochs", "save_s
                       "progress_bar", "plot", "tensorboard", "max_consecutive_bad_steps", "cache_dir",
                       "precompute_max_tokens", "device", "deepspeed", "zero_stage", "offload_optimizer",
                       "offload_param", "grad_accum", "gradient_checkpointing", "logprob_backend", "attn_implementation",
-                      "allow_schedule_change"}
+                      "allow_schedule_change", "merge_adapters"}
 
 
 def _check_resumable(saved_config: dict, cfg: TrainConfig, path: Path) -> None:
@@ -579,9 +581,13 @@ def _apply_checkpoint(run: Run, loaded: LoadedCheckpoint) -> None:
     if run.engine is not None:
         with _weights_only_torch_load():
             load_path, _ = run.engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
+                                                      load_lr_scheduler_states=False,
+                                                      load_module_strict=run.adapters is None)
         if load_path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {path}")
+    elif run.adapters is not None:  # adapters hook: model.pt holds the trainable tensors only
+        run.adapters.load_checkpoint_state(loaded.model, path)
+        run.optimizer.load_state_dict(loaded.optimizer)
     else:
         run.model.load_state_dict(loaded.model)
         run.optimizer.load_state_dict(loaded.optimizer)

@@ -117,6 +117,23 @@ class TrainConfig:
     cpu_threads: int | None = _opt(None, "torch intra-op threads (default: 1 for --model tiny on CPU, where per-op "
                                    "overhead dominates and more threads only contend with other processes; "
                                    "torch's own default otherwise).")
+    # ---------------------------------------------------------------- adapters (LoRA / QLoRA, nash_fast.adapters)
+    lora_r: int | None = _opt(None, "Train LoRA adapters of this rank (PEFT, the optional extra 'peft') instead of the "
+                              "full weights. The reference is the base model with the adapters disabled; checkpoints "
+                              "hold the adapters; final/ is a PEFT adapter directory. Default: full fine-tuning.")
+    lora_alpha: float | None = _opt(None, "LoRA scaling numerator alpha (the update is alpha / r * B A; default 2 x "
+                                    "--lora-r).")
+    lora_dropout: float = _opt(0.05, "Dropout on the LoRA branch's input while training (default 0.05, as TRL).")
+    lora_target_modules: str = _opt("all-linear", "Comma-separated module names to adapt (e.g. q_proj,v_proj), or "
+                                    "all-linear: every linear layer of attention and MLP. The LM head and embeddings "
+                                    "stay frozen unless named (lm_head / embed_tokens are then trained in full).")
+    init_adapter: str | None = _opt(None, "A PEFT adapter directory (a previous run's final/) to continue training "
+                                    "from; its base is --model. The initial policy (the default reference) is then "
+                                    "base + this adapter.")
+    merge_adapters: bool = _opt(False, "Also write OUTPUT_DIR/merged/: the adapters merged into the base, loadable "
+                                "with AutoModelForCausalLM.from_pretrained (and vLLM).")
+    load_in_4bit: bool = _opt(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes; CUDA only; needs --lora-r).")
+    load_in_8bit: bool = _opt(False, "Load the base in 8-bit (bitsandbytes; CUDA only; needs --lora-r).")
     # ---------------------------------------------------------------- DeepSpeed
     deepspeed: str | None = _opt(None, "DeepSpeed JSON config file; its 'auto' values are filled from these flags. "
                                  "Giving it (or --zero-stage) routes training through the DeepSpeed engine.")
@@ -306,6 +323,10 @@ class TrainConfig:
                 self.column_mapping()
             except ValueError as error:
                 problem("columns", str(error))
+        from nash_fast.adapters import config_problems  # LoRA / QLoRA options (nash_fast.adapters)
+
+        for name, message in config_problems(self, ok):
+            problem(name, message)
         return problems
 
     def _check_loss_hyperparameters(self) -> None:

@@ -132,7 +132,8 @@ def print_summary(summary: dict) -> None:
             f"[nash_fast] done: {summary['steps']} steps ({summary['skipped_steps']} skipped){trend}",
             f"  metrics: {summary['metrics']}",
             f"  plots:   {summary['plots']}",
-            f"  model:   {summary['model']}  (transformers.AutoModelForCausalLM.from_pretrained)",
-        ]),
+            f"  model:   {summary['model']}  ({summary.get('model_kind', 'transformers.AutoModelForCausalLM.from_pretrained')})",
+        ] + ([f"  merged:  {summary['merged_model']}  (transformers.AutoModelForCausalLM.from_pretrained)"]
+             if summary.get("merged_model") else [])),
         flush=True,
     )

@@ -131,6 +131,15 @@ class SelfPlayConfig:
     max_tokens: int = _opt(1024, "Token budget of a packed micro-batch.")
     train_args: str = _opt("", "Extra nash_fast.train flags, e.g. '--zero-stage 2 --bf16 --grad-accum 4' "
                            "(they override the ones self-play sets).")
+    lora_r: int | None = _opt(None, "Train LoRA adapters of this rank (PEFT extra) instead of full weights: every "
+                              "iteration's training writes its adapter (train/final) and the merged model "
+                              "(train/merged), and pi_{t+1} generates from the merged weights. More LoRA options "
+                              "through --train-args (--lora-alpha, --lora-target-modules, --load-in-4bit, ...).")
+    lora_iterations: str = _opt("fresh", "With --lora-r: fresh trains a new adapter each iteration on the merged "
+                                "pi_t (whose adapter-free base is then the reference / previous iterate); continue "
+                                "trains one adapter on pi_1's weights across iterations (iteration t starts from "
+                                "iteration t-1's adapter; pi_1 is the base with adapters disabled).",
+                                choices=("fresh", "continue"))
     train_launcher: str = _opt("", "Run training in a subprocess with this prefix, e.g. 'deepspeed --num_gpus 8 "
                                "--module' or 'torchrun --nproc-per-node 8 -m' (default: in this process). Not under "
                                "a launcher: there every rank trains in-process.")
@@ -194,6 +203,9 @@ class SelfPlayConfig:
             check_local_path("--model", self.model)
         except ValueError as error:
             problems.append(str(error))
+        from nash_fast.adapters import selfplay_problems  # adapters hook (nash_fast.adapters)
+
+        problems += selfplay_problems(self)
         if problems and any(p.startswith(("--method", "--loss")) for p in problems):
             raise ValueError(join_problems(problems))  # the checks below read the method and the loss
         loss = self.resolved("loss")
@@ -348,6 +360,11 @@ class Run:
 
     def policy(self, t: int) -> str:
         """Path (or hub name) of pi_t."""
+        from nash_fast.adapters import selfplay_policy  # adapters hook: pi_t's merged weights
+
+        merged = selfplay_policy(self, t)
+        if merged is not None:
+            return merged
         if t == 1:
             return str(self.root / "policy_1") if self.cfg.tiny else self.cfg.model
         return str(self.iter_dir(t - 1) / "train" / "final")
@@ -595,7 +612,12 @@ def train_arguments(run: Run, t: int) -> list[str]:
     user = shlex.split(cfg.train_args)
     if run.world.distributed and not any(a.split("=")[0] in ("--zero-stage", "--deepspeed") for a in user):
         args += ["--zero-stage", "0"]  # every rank trains: data parallel through DeepSpeed (the trainer's only path)
-    if loss == "sppo":
+    from nash_fast.adapters import selfplay_train_arguments
+
+    lora_args = selfplay_train_arguments(run, t, loss, run.policy)  # adapters hook: model, adapter, ref, prev
+    if lora_args is not None:
+        args = args[2:] + lora_args
+    elif loss == "sppo":
         pass  # reference = the initial policy of this run of the trainer = pi_t
     elif loss == "inpo":
         args += ["--ref-model", run.policy(1)]
@@ -673,8 +695,11 @@ def stage_train(run: Run, t: int) -> dict:
     if not run.world.is_main:
         return {}
     final = run.iter_dir(t) / "train" / "final"
-    if not (final / "config.json").is_file():
-        raise RuntimeError(f"iteration {t}: training finished without a model in {final}")
+    expected = [final / "config.json"] if run.cfg.lora_r is None else [  # adapters: the adapter and merged weights
+        final / "adapter_config.json", run.iter_dir(t) / "train" / "merged" / "config.json"]
+    for path in expected:
+        if not path.is_file():
+            raise RuntimeError(f"iteration {t}: training finished without a model in {path.parent} ({path.name})")
     metrics = run.iter_dir(t) / "train" / "metrics.jsonl"
     last = read_jsonl(metrics)[-1] if metrics.is_file() and metrics.stat().st_size else {}
     return {"train_args": argv, "steps": last.get("step"), "last_loss": last.get("loss")}

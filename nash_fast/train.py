@@ -102,9 +102,12 @@ def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str | None:
     return None
 
 
-def load_model(name: str, cfg: TrainConfig, *, vocab_size: int, dtype: torch.dtype, device: torch.device):
-    """A causal LM by hub name / local path, or the tiny random-init model (fixed weights)."""
+def load_model(name: str, cfg: TrainConfig, *, vocab_size: int, dtype: torch.dtype, device: torch.device,
+               quantize: bool = False):
+    """A causal LM by hub name / local path, or the tiny random-init model (fixed weights). quantize: load it
+    4-/8-bit as --load-in-4bit / --load-in-8bit ask (the LoRA policy's base)."""
     attn = _attn_implementation(cfg, device)
+    placed = False  # a quantized model is placed by the loader and cannot be moved
     if name == "tiny":
         from nash_fast.tiny import build_tiny_model
 
@@ -117,11 +120,16 @@ def load_model(name: str, cfg: TrainConfig, *, vocab_size: int, dtype: torch.dty
         kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
         if attn is not None:
             kwargs["attn_implementation"] = attn
+        if quantize:  # adapters hook: QLoRA's bitsandbytes config (nash_fast.adapters)
+            from nash_fast.adapters import model_load_kwargs
+
+            kwargs.update(model_load_kwargs(cfg, device))
+            placed = "device_map" in kwargs
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if model.get_input_embeddings().weight.shape[0] < vocab_size:
         raise ValueError(f"model {name!r} has {model.get_input_embeddings().weight.shape[0]} embeddings, fewer than "
                          f"the tokenizer's {vocab_size} tokens")
-    return model.to(device)
+    return model if placed else model.to(device)
 
 
 # =============================================================================================== loss
@@ -247,6 +255,7 @@ class Run:
     total_steps: int
     warmup_steps: int
     forward: Any = None  # batch -> hidden states: the DeepSpeed engine, or the plain PackedBackbone
+    adapters: Any = None  # nash_fast.adapters.Adapters with --lora-r (model is then the base with LoRA layers)
     zero0_skipped: bool = False
     stage0_grad_norm: float | None = None
     state: TrainerState = field(default_factory=TrainerState)
@@ -480,14 +489,24 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
     # 2. precompute with the frozen models, released afterwards; completed shards survive a stop
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     vocab_size = len(tokenizer)
+    policy_dtype = dtype if cfg.uses_deepspeed() else torch.float32
+    lora = None
+    if cfg.lora_r is not None:  # adapters hook: base + LoRA loaded first; the reference is its base (nash_fast.adapters)
+        from nash_fast.adapters import load_policy
+
+        lora = load_policy(cfg, lambda: load_model(cfg.model, cfg, vocab_size=vocab_size, dtype=policy_dtype,
+                                                   device=device, quantize=True))
+        trainable, total = lora.parameter_counts()
+        if dist.is_main:
+            log(f"LoRA r={cfg.lora_r}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3g}%)")
     try:
-        _precompute(cfg, dist, device, dtype, vocab_size, examples, plan)
+        _precompute(cfg, dist, device, dtype, vocab_size, examples, plan, lora=lora)
     except Interrupted as stop:
         return _stopped(stop.signal_name, f"during precompute ({stop})", None, None, dist, output_dir)
 
     # 3. policy, optimizer, schedule, engine
-    model = load_model(cfg.model, cfg, vocab_size=vocab_size,
-                       dtype=dtype if cfg.uses_deepspeed() else torch.float32, device=device)
+    model = lora.model if lora is not None else load_model(cfg.model, cfg, vocab_size=vocab_size, dtype=policy_dtype,
+                                                           device=device)
     if cfg.gradient_checkpointing:
         from nash_fast.model import enable_activation_checkpointing
 
@@ -508,7 +527,8 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
         # The scheduler stays on the client optimizer: DeepSpeed's wrapper steps it with the same param-group
         # dicts, and we step the schedule ourselves only for applied (not skipped) steps.
     run = Run(cfg, dist, device, model, optimizer, scheduler, engine, build_loss_fn(cfg), plan, plan.collator(),
-              examples, stream, sampler, total_steps, warmup, forward=engine if engine is not None else PackedBackbone(model))
+              examples, stream, sampler, total_steps, warmup, forward=engine if engine is not None else PackedBackbone(model),
+              adapters=lora)
     if engine is not None and engine.zero_optimization_stage() == 0 and not cfg.bf16:
         _install_zero0_guard(run)
 
@@ -573,7 +593,7 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
     return summary
 
 
-def _precompute(cfg, dist, device, dtype, vocab_size, examples, plan) -> None:
+def _precompute(cfg, dist, device, dtype, vocab_size, examples, plan, lora=None) -> None:
     from nash_fast.precompute import attach_logprobs, cached_sequence_logprobs
 
     cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "precompute")
@@ -589,13 +609,18 @@ def _precompute(cfg, dist, device, dtype, vocab_size, examples, plan) -> None:
     def loader(name):
         return lambda: load_model(name, cfg, vocab_size=vocab_size, dtype=dtype, device=device)
 
-    ref, _ = cached_sequence_logprobs("ref", ref_name, loader(ref_name), examples, **common)
+    def logprobs(label, option, name):
+        if lora is not None:  # adapters hook: the policy with adapters disabled / on, or a model of its own
+            return lora.cached_logprobs(label, option, examples, cached_sequence_logprobs, common, loader)
+        return cached_sequence_logprobs(label, name, loader(name), examples, **common)
+
+    ref, _ = logprobs("ref", cfg.ref_model, ref_name)
     attach_logprobs(examples, ref, "ref_logps", augment=plan.augment)
     if cfg.loss == "inpo":
         if cfg.prev_model is None:  # first INPO iteration: pi_1 = pi_ref
             prev = ref
         else:
-            prev, _ = cached_sequence_logprobs("prev", cfg.prev_model, loader(cfg.prev_model), examples, **common)
+            prev, _ = logprobs("prev", cfg.prev_model, cfg.prev_model)
         attach_logprobs(examples, prev, "prev_logps", augment=plan.augment)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -613,6 +638,13 @@ def _save_final_model(run: Run, tokenizer) -> Path:
     """save_pretrained (+ tokenizer) into OUTPUT/final, written aside and renamed."""
     from nash_fast.rundir import done, remove_tree, temporary_path
 
+    if run.adapters is not None:  # adapters hook: final/ is a PEFT adapter directory (+ merged/, nash_fast.adapters)
+        from nash_fast.adapters import save_final
+
+        cfg = run.cfg
+        return save_final(run, tokenizer, run.adapters, lambda: load_model(
+            cfg.model, cfg, vocab_size=len(tokenizer), dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+            device=torch.device("cpu")))
     final = run.output_dir / "final"
     state_dict = None
     if run.engine is not None and run.engine.zero_optimization_stage() == 3:
