@@ -283,6 +283,10 @@ def attach(cfg, model) -> Adapters:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed)
         if cfg.init_adapter is not None:
+            saved = json.loads((Path(cfg.init_adapter) / ADAPTER_FILES[0]).read_text())
+            if saved.get("r") != cfg.lora_r:
+                raise ValueError(f"--init-adapter {cfg.init_adapter} has rank r={saved.get('r')}; --lora-r is "
+                                 f"{cfg.lora_r} (give the adapter's rank)")
             peft_model = peft.PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
         else:
             targets, full = target_modules(cfg)

@@ -586,6 +586,10 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
     # A stop requested from here on changes nothing: the final checkpoint and model are what remains to do.
     save_run_checkpoint(run)
     summary["model"] = str(_save_final_model(run, tokenizer))
+    if run.adapters is not None:  # adapters hook: final/ is a PEFT adapter directory
+        summary["model_kind"] = "a PEFT adapter: peft.AutoPeftModelForCausalLM.from_pretrained"
+        if cfg.merge_adapters:
+            summary["merged_model"] = str(output_dir / "merged")
     if dist.is_main:
         summary["plots"] = write_plots(cfg, output_dir)
         print_summary(summary)
