@@ -19,7 +19,8 @@ fresh subprocess (no allocator state carried over):
                  (V H 4 bytes in fp32) and 2 N H V fewer FLOPs
 
 tokens_per_s: real tokens of the packed row per second of the fastest of --repeats timed steps (after --warmup
-steps, which also allocate the optimizer states). peak_rss_mb: the process's resident high-water mark (VmHWM)
+steps, which also allocate the optimizer states); cpu_seconds: the least CPU time (user + system, all threads) the
+process spent on one timed step: on a shared machine it tracks the work done better than wall time does. peak_rss_mb: the process's resident high-water mark (VmHWM)
 over the whole run (weights, gradients, optimizer states, activations: what the machine must hold);
 step_peak_delta_mb: VmHWM growth during the timed steps above the resident memory just before them (reset via
 /proc/self/clear_refs): the step's transient memory. On CUDA: torch.cuda.max_memory_allocated and its growth.
@@ -53,7 +54,7 @@ MODELS = {
 }
 MODES = ("full", "lora", "head_trainable", "head_frozen")
 COLUMNS = ["date", "device", "cpu_or_gpu", "threads", "model", "mode", "dtype", "tokens", "scored_tokens",
-           "trainable_params", "total_params", "step_seconds", "tokens_per_s", "peak_rss_mb", "step_peak_delta_mb",
+           "trainable_params", "total_params", "step_seconds", "cpu_seconds", "tokens_per_s", "peak_rss_mb", "step_peak_delta_mb",
            "d_weight_bytes", "d_weight_gflop", "note", "torch", "transformers", "peft", "commit"]
 
 
@@ -148,13 +149,15 @@ def _timed(args, fn):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_kb("VmRSS") * 1024
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    CPU_SECONDS[0] = min(cpu_times)
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _status_kb("VmHWM") * 1024
     return times, (peak - base) / 2**20
 
@@ -192,6 +195,7 @@ def worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = head_worker(args) if args.mode.startswith("head") else train_step_worker(args)
+    result["cpu_seconds"] = CPU_SECONDS[0]
     if args.device == "cuda":
         result["peak_rss_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -201,6 +205,7 @@ def worker(args) -> None:
 
 
 PEAK_BEFORE = [0]  # VmHWM (bytes) before _timed reset it
+CPU_SECONDS = [float("nan")]  # the least process CPU time (all threads) of one timed step
 
 
 def _version(name: str) -> str:
@@ -265,7 +270,8 @@ def main() -> int:
         for key, value in result.items():
             row[key] = f"{value:.6g}" if isinstance(value, float) else value
         rows.append(row)
-        print(" ".join(f"{k}={row[k]}" for k in ("mode", "tokens", "trainable_params", "step_seconds", "tokens_per_s",
+        print(" ".join(f"{k}={row[k]}" for k in ("mode", "tokens", "trainable_params", "step_seconds", "cpu_seconds",
+                                                  "tokens_per_s",
                                                   "peak_rss_mb", "step_peak_delta_mb", "d_weight_bytes",
                                                   "d_weight_gflop")), flush=True)
     if args.out and rows:
