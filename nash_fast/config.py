@@ -128,8 +128,9 @@ class TrainConfig:
                                     "all-linear: every linear layer of attention and MLP. The LM head and embeddings "
                                     "stay frozen unless named (lm_head / embed_tokens are then trained in full).")
     init_adapter: str | None = _opt(None, "A PEFT adapter directory (a previous run's final/) to continue training "
-                                    "from; its base is --model. The initial policy (the default reference) is then "
-                                    "base + this adapter.")
+                                    "from; its base is --model, its rank must be --lora-r, and its alpha and target "
+                                    "modules are kept. The initial policy (the default reference) is then base + this "
+                                    "adapter.")
     merge_adapters: bool = _opt(False, "Also write OUTPUT_DIR/merged/: the adapters merged into the base, loadable "
                                 "with AutoModelForCausalLM.from_pretrained (and vLLM).")
     load_in_4bit: bool = _opt(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes; CUDA only; needs --lora-r).")
