@@ -31,6 +31,10 @@ Every option is a field of nash_fast.config.TrainConfig (see --help). The run, t
 5. Output (OUTPUT_DIR): metrics.jsonl (one line per step; nash_fast.metrics), checkpoints/step-N/, final/
    (save_pretrained model + tokenizer), plots/*.png, tensorboard/ when tensorboard is installed.
 
+With --lora-r the policy is the base with PEFT LoRA adapters (nash_fast.adapters, hooks marked "adapters
+hook"): it is loaded before the precompute pass, whose reference is its base with the adapters disabled;
+checkpoints hold the adapters; final/ is a PEFT adapter directory (+ merged/ with --merge-adapters).
+
 Multi-process runs need DeepSpeed (--deepspeed FILE or --zero-stage N; nash_fast.distributed: the process group, a
 world of one without a launcher, the DeepSpeed config). One packed row is one micro-batch
 (train_micro_batch_size_per_gpu = 1; its size is --max-tokens), the global batch is W x --grad-accum rows.
