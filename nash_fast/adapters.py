@@ -401,7 +401,8 @@ def selfplay_problems(cfg) -> list[str]:
     for flag in ("--lora-r", "--lora_r", "--init-adapter", "--init_adapter", "--merge-adapters", "--merge_adapters"):
         if flag in train_flags:
             problems.append(f"--train-args: {flag} is set by self-play (use self-play's --lora-r / --lora-iterations)")
-    lora_only = [f for f in train_flags if f.replace("_", "-").startswith(("--lora-", "--load-in-"))]
+    lora_only = [f for f in train_flags if f.replace("_", "-").startswith(("--lora-", "--load-in-"))
+                 and f.replace("_", "-") != "--lora-r"]  # --lora-r there is reported above
     if cfg.lora_r is None and lora_only:
         problems.append(f"--train-args {lora_only[0]} needs self-play's --lora-r")
     return problems

@@ -430,3 +430,15 @@ def test_missing_peft_is_one_line_naming_the_extra(monkeypatch, tmp_path, capsys
         adapters.require_peft()
     with pytest.raises(ValueError, match="--lora-r needs PEFT"):
         selfplay.SelfPlayConfig(lora_r=4).validate()
+
+
+@pytest.mark.parametrize("train_args, message", [
+    ("--lora-r 4", "--train-args: --lora-r is set by self-play"),
+    ("--merge-adapters", "--train-args: --merge-adapters is set by self-play"),
+    ("--lora-alpha 4", "--train-args --lora-alpha needs self-play's --lora-r"),
+])
+def test_selfplay_adapter_options_are_checked(train_args, message):
+    with pytest.raises(ValueError, match=message):
+        selfplay.SelfPlayConfig(train_args=train_args).validate()
+    with pytest.raises(ValueError, match="--lora-r must be a positive integer"):
+        selfplay.SelfPlayConfig(lora_r=0).validate()
