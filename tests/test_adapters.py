@@ -442,3 +442,15 @@ def test_selfplay_adapter_options_are_checked(train_args, message):
         selfplay.SelfPlayConfig(train_args=train_args).validate()
     with pytest.raises(ValueError, match="--lora-r must be a positive integer"):
         selfplay.SelfPlayConfig(lora_r=0).validate()
+
+
+def test_lm_head_named_in_target_modules_is_trained_in_full(tmp_path, small_data):
+    """--lora-target-modules all-linear,lm_head: the head is a fully trained copy (PEFT's modules_to_save) that the
+    fused loss reads and final/ holds; the embeddings stay frozen."""
+    trainer.train(parse_config(run_args(small_data, tmp_path, "--lora-target-modules", "all-linear,lm_head",
+                                        "--max-steps", "2")))
+    saved = adapter_weights(tmp_path)
+    head = [k for k in saved if "lm_head" in k]
+    assert head == ["base_model.model.lm_head.weight"] and not any("embed_tokens" in k for k in saved)
+    base = base_model(parse_config([]), saved[head[0]].shape[0])
+    assert not torch.equal(saved[head[0]], base.lm_head.weight)
