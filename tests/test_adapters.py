@@ -4,6 +4,7 @@ checkpoints resume bitwise, ZeRO-2 / ZeRO-3 (world of one) equal the plain adapt
 backward computes no d_weight, self-play with adapters, one-line option errors."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -32,6 +33,19 @@ U64 = 2.0 ** -53
 def gamma(n: int, u: float = U32) -> float:
     """Higham's gamma_n = n u / (1 - n u): |fl(sum of n terms) - sum| <= gamma_n * sum of |terms|, any order."""
     return n * u / (1 - n * u)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _deepspeed_logger_as_found():
+    """Merging saves a full model, and transformers' save_pretrained imports DeepSpeed in this process, whose import
+    gives the "DeepSpeed" logger a stdout handler that stops propagating; later modules (test_console) expect the
+    logger as they found it, so it is put back after this module."""
+    logger = logging.getLogger("DeepSpeed")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture(scope="module")
