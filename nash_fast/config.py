@@ -86,8 +86,8 @@ class TrainConfig:
     lam: float | None = _opt(None, "Sr-DPO / Sr-IPO refinement weight lambda (required for those).")
     average_log_prob: bool = _opt(False, "Average each sequence's log-prob over its response tokens instead of "
                                   "summing (common for IPO).")
-    logprob_backend: str = _opt("auto", "sequence_logprobs backend: auto (triton on CUDA, native on CPU when "
-                                "built, else torch), triton, native, torch.", choices=("auto", "torch", "triton", "native"))
+    logprob_backend: str = _opt("auto", "sequence_logprobs backend: auto (triton on CUDA, native on CPU for "
+                                "bf16 when built, else torch), triton, native, torch.", choices=("auto", "torch", "triton", "native"))
     # ---------------------------------------------------------------- optimization
     optimizer: str = _opt("adamw", "adamw, or rmsprop as in the SPPO paper.", choices=OPTIMIZERS)
     lr: float | None = _opt(None, f"Peak learning rate (default {DEFAULT_LR} as in the SPPO paper; "

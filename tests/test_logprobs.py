@@ -401,13 +401,26 @@ def test_native_unavailable_is_a_clear_error_and_auto_warns_once(monkeypatch):
     args = (torch.randn(4, 6), torch.randn(7, 6), torch.tensor([0, 1, 6, -100]))
     with pytest.raises(ValueError, match=r"backend='native' is unavailable: nash_fast._C is not built; build it with `pip install -e \.`"):
         sequence_logprobs(*args, backend="native")
+    bf16 = (args[0].bfloat16(), args[1].bfloat16(), args[2])  # the dtype "auto" would run natively
     with pytest.warns(UserWarning, match="native CPU kernels unavailable") as record:
-        first = sequence_logprobs(*args)
+        first = sequence_logprobs(*bf16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call does not warn again
-        second = sequence_logprobs(*args)
+        second = sequence_logprobs(*bf16)
     assert len(record) == 1 and torch.equal(first, second)
-    torch.testing.assert_close(first, sequence_logprobs(*args, backend="torch"), rtol=0, atol=0)
+    torch.testing.assert_close(first, sequence_logprobs(*bf16, backend="torch"), rtol=0, atol=0)
+
+
+def test_auto_runs_native_only_where_it_beats_naive():
+    """On CPU, "auto" takes the native kernels for bf16 (AMX: faster than naive PyTorch) and the torch
+    backend for fp32 / fp16, where the native paths measured slower than naive (nash_fast/logprobs.py)."""
+    h32 = torch.randn(3, 4)
+    assert lp_mod._resolve_backend("auto", h32) == "torch"
+    assert lp_mod._resolve_backend("auto", h32.half()) == "torch"
+    expected = "native" if lp_mod.native_status()[0] else "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert lp_mod._resolve_backend("auto", h32.bfloat16()) == expected
 
 
 @pytest.mark.skipif(not native_paths_here(), reason="nash_fast._C is not built")
