@@ -77,7 +77,8 @@ FALLBACK = textwrap.dedent("""
     import warnings, torch
     import nash_fast
     from nash_fast import sequence_logprobs
-    h, w, y = torch.randn(6, 4), torch.randn(9, 4), torch.randint(0, 9, (6,))
+    # bf16: the dtype backend="auto" runs natively on CPU (fp32 / fp16 go to the torch backend anyway)
+    h, w, y = torch.randn(6, 4).bfloat16(), torch.randn(9, 4).bfloat16(), torch.randint(0, 9, (6,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         a = sequence_logprobs(h, w, y)
