@@ -880,6 +880,9 @@ def check_stored_config(run: Run) -> None:
         except ValueError as error:
             raise ValueError(f"--output-dir {run.root}: {path.name} is damaged ({error}); restore it or use a new "
                              "--output-dir") from None
+        # An option added after the run was written (absent from its file) had that option's default then.
+        defaults = {f.name: f.default for f in dataclasses.fields(run.cfg) if f.default is not dataclasses.MISSING}
+        stored = {k: stored.get(k, defaults.get(k)) for k in current} | stored
         changed = [k for k in current
                    if k not in RESUMABLE_CHANGES and k != "output_dir" and stored.get(k) != current[k]]
         if changed:

@@ -463,3 +463,20 @@ def test_selfplay_owns_its_output_dir_and_cli_errors_are_one_line(tmp_path, caps
         assert selfplay.main(["--output-dir", str(tmp_path / "other"), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_a_run_written_before_an_option_existed_resumes_with_its_default(tmp_path):
+    """selfplay_config.json from an older nash-fast lacks options added since (lora_iterations): the missing
+    option had its default then, so the same command resumes; another value is still refused."""
+    cfg = small_config(tmp_path)
+    run = selfplay.Run(cfg)
+    selfplay.check_stored_config(run)
+    path = run.root / "selfplay_config.json"
+    stored = json.loads(path.read_text())
+    del stored["lora_iterations"]
+    path.write_text(json.dumps(stored))
+    selfplay.check_stored_config(selfplay.Run(small_config(tmp_path)))
+    path.write_text(json.dumps(stored))
+    other = "continue" if cfg.lora_iterations != "continue" else "fresh"
+    with pytest.raises(ValueError, match="--lora-iterations"):
+        selfplay.check_stored_config(selfplay.Run(small_config(tmp_path, lora_iterations=other)))
