@@ -124,18 +124,7 @@ def fsync_tree(directory: Path) -> None:
 
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON to a temporary unique to this process, fsync, rename over path."""
-    path = Path(path)
-    tmp = rundir.temporary_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-        rundir.done(tmp)
+    rundir.write_bytes_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def _read_manifest(directory: Path) -> dict:

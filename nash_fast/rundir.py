@@ -73,6 +73,23 @@ def done(path: str | os.PathLike) -> None:
     _live.discard(str(path))
 
 
+def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    """Write payload to a temporary unique to this process, fsync, rename over path: readers see the old file
+    or the whole new one, never a part; the temporary is removed if anything fails."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        done(tmp)
+
+
 def remove_tree(path: Path) -> None:
     """Delete a file or directory so that a crash part-way never leaves a half-deleted directory under its name:
     a directory is first renamed to a temporary (atomic), then removed."""

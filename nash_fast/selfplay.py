@@ -245,18 +245,7 @@ class SelfPlayConfig:
 
 
 def write_jsonl_atomic(path: Path, rows) -> None:
-    tmp = rundir.temporary_path(path)
-    try:
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-        rundir.done(tmp)
+    rundir.write_bytes_atomic(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 def read_jsonl(path: Path) -> list[dict]:

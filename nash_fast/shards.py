@@ -287,17 +287,7 @@ def write_unit(directory: Path, index: int, key: str, rows: Sequence, stats: dic
 
     data, record_path = _names(directory, index)
     payload = "".join(json.dumps(row) + "\n" for row in rows).encode()
-    tmp = rundir.temporary_path(data)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, data)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-        rundir.done(tmp)
+    rundir.write_bytes_atomic(data, payload)
     write_json_atomic(record_path, {"format": RECORD_FORMAT, "index": index, "key": key, "bytes": len(payload),
                                     "sha256": hashlib.sha256(payload).hexdigest(), "rows": len(rows), "rank": rank,
                                     "stats": stats})

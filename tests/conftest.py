@@ -48,3 +48,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     seed = getattr(config, "_nash_fast_hypothesis_seed", None)
     if seed is not None and exitstatus != 0:
         terminalreporter.write_line(f"hypothesis seed {seed}: rerun these draws with --hypothesis-seed={seed}")
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """The first 16 shipped preference records as a JSONL file: the trainer tests' small --dataset."""
+    import json
+
+    from nash_fast.data import load_tiny_preferences
+
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in load_tiny_preferences()[:16]))
+    return str(path)

@@ -21,7 +21,6 @@ import nash_fast.train as trainer
 from nash_fast import adapters, selfplay
 from nash_fast.checkpoint import checkpoint_step, latest_checkpoint
 from nash_fast.config import parse_config
-from nash_fast.data import load_tiny_preferences
 from nash_fast.precompute import attach_logprobs, dataset_sequence_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,15 +45,6 @@ def _deepspeed_logger_as_found():
     logger.handlers[:] = handlers
     logger.setLevel(level)
     logger.propagate = propagate
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
-    with open(path, "w") as f:
-        for record in load_tiny_preferences()[:16]:
-            f.write(json.dumps(record) + "\n")
-    return str(path)
 
 
 def run_args(small_data, out, *extra):

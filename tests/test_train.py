@@ -32,15 +32,6 @@ LOSS_FLAGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
-    with open(path, "w") as f:
-        for record in load_tiny_preferences()[:16]:
-            f.write(json.dumps(record) + "\n")
-    return str(path)
-
-
 def run_args(small_data, out, *extra):
     return ["--dataset", small_data, "--output-dir", str(out), "--progress-bar", "false", "--plot", "false",
             "--max-tokens", "512", "--tensorboard", "false", *extra]

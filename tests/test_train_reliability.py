@@ -31,13 +31,6 @@ ARGS = ["--max-steps", "6", "--save-steps", "2", "--save-total-limit", "3", "--s
         "--precompute-max-tokens", "300"]  # several precompute batches, so a stop can land between them
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in load_tiny_preferences()[:16]))
-    return str(path)
-
-
 def argv(small_data, out, *extra):
     return ["--dataset", small_data, "--output-dir", str(out), "--progress-bar", "false", "--plot", "false",
             "--max-tokens", "512", "--tensorboard", "false", *ARGS, *extra]
