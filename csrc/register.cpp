@@ -17,6 +17,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward(
     const at::Tensor& labels, std::optional<double> softcap, const at::Tensor& lse, const at::Tensor& grad,
     bool need_hidden, bool need_weight, bool need_bias, int64_t max_chunk_elements);
 std::string cpu_isa(at::ScalarType dtype);
+std::string cpu_gemm(at::ScalarType dtype);
+int64_t cpu_parallel_threads();
 }  // namespace nash_fast::cpu
 
 namespace {
@@ -49,6 +51,12 @@ TORCH_LIBRARY(nash_fast, m) {
         " -> (Tensor d_hidden, Tensor d_weight, Tensor d_bias)");
   // The CPU code path inputs of `dtype` take: amx, avx512, avx2 or portable.
   m.def("cpu_isa(ScalarType dtype) -> str", &nash_fast::cpu::cpu_isa);
+  // The GEMMs that path runs on: brgemm-vnni (16-bit operands, AMX), mkl (fp32 operands through MKL's
+  // packed sgemm) or brgemm (fp32 operands through oneDNN, where MKL is absent or NASH_FAST_CPU_MKL=0).
+  m.def("cpu_gemm(ScalarType dtype) -> str", &nash_fast::cpu::cpu_gemm);
+  // How many threads an at::parallel_for of the kernels runs on now (torch.get_num_threads() when the
+  // library was built with OpenMP; 1 without, which is the regression tests/test_native_build.py catches).
+  m.def("cpu_parallel_threads() -> int", &nash_fast::cpu::cpu_parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(nash_fast, CPU, m) {

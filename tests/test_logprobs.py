@@ -36,26 +36,35 @@ NATIVE_PATHS = ["amx", "avx512", "avx2", "portable"]
 
 
 def native_paths_here():
-    """The native code paths this machine runs (best first), empty without nash_fast._C."""
+    """The native code paths this machine runs (best first), empty without nash_fast._C. A path named
+    "<isa>+brgemm" is <isa> with NASH_FAST_CPU_MKL=0: its fp32 GEMMs on oneDNN's brgemm instead of MKL
+    (the fallback where torch has no MKL), listed once, for the best fp32 path."""
     if not lp_mod.native_status()[0]:
         return []
     with forced_isa(None):
         best = lp_mod.native_cpu_isa(torch.bfloat16)
-    return NATIVE_PATHS[NATIVE_PATHS.index(best):]
+        fp32_best = lp_mod.native_cpu_isa(torch.float32)
+        mkl = torch.ops.nash_fast.cpu_gemm(torch.float32) == "mkl"
+    return NATIVE_PATHS[NATIVE_PATHS.index(best):] + ([f"{fp32_best}+brgemm"] if mkl else [])
 
 
 @contextlib.contextmanager
 def forced_isa(isa):
-    """NASH_FAST_CPU_ISA=isa (None: unset) for the block; the native ops read it on every call."""
-    old = os.environ.pop("NASH_FAST_CPU_ISA", None)
+    """NASH_FAST_CPU_ISA=isa (None: unset) for the block, and NASH_FAST_CPU_MKL=0 for an "<isa>+brgemm"
+    path; the native ops read both on every call."""
+    saved = {k: os.environ.pop(k, None) for k in ("NASH_FAST_CPU_ISA", "NASH_FAST_CPU_MKL")}
     if isa is not None:
+        isa, _, gemm = isa.partition("+")
         os.environ["NASH_FAST_CPU_ISA"] = isa
+        if gemm == "brgemm":
+            os.environ["NASH_FAST_CPU_MKL"] = "0"
     try:
         yield
     finally:
-        os.environ.pop("NASH_FAST_CPU_ISA", None)
-        if old is not None:
-            os.environ["NASH_FAST_CPU_ISA"] = old
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 # (backend, native path): the Triton backend runs compiled on a GPU machine and under the interpreter

@@ -25,6 +25,20 @@ def test_install_built_the_native_library():
     assert lp_mod.native_cpu_isa(torch.float32) in ("amx", "avx512", "avx2", "portable")
 
 
+@pytest.mark.skipif(not HAVE_TOOLCHAIN, reason="no cmake / C++ compiler here")
+def test_kernels_run_on_torch_threads():
+    """The kernels' at::parallel_for runs on as many threads as torch.get_num_threads(): ATen's parallel_for is a
+    header template that silently runs serially in a library compiled without OpenMP (this library once was,
+    and every "2-thread" native measurement ran on one core)."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.ops.nash_fast.cpu_parallel_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 CHECK_LIBRARY = textwrap.dedent("""
     import importlib.util, sys, torch
     spec = importlib.util.spec_from_file_location("nash_fast._C", sys.argv[1])

@@ -1,5 +1,6 @@
 // Which CPU code path runs: what the CPU and this build support, lowered by NASH_FAST_CPU_ISA.
 #include "common.h"
+#include "mkl.h"
 
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
@@ -76,6 +77,14 @@ bool brgemm_takes_vnni(at::ScalarType dtype) {
 }
 
 }  // namespace
+
+bool mkl_available() {
+  static const bool linked = sgemm_ != nullptr && cblas_sgemm_pack_get_size != nullptr &&
+                             cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr &&
+                             MKL_Set_Num_Threads_Local != nullptr;
+  const char* wanted = std::getenv("NASH_FAST_CPU_MKL");  // read on every call, like NASH_FAST_CPU_ISA
+  return linked && !(wanted != nullptr && std::strcmp(wanted, "0") == 0);
+}
 
 Isa supported_isa(at::ScalarType dtype) {
   if (cpu_has_avx512()) return brgemm_takes_vnni(dtype) ? Isa::Amx : Isa::Avx512;

@@ -1,10 +1,16 @@
 // nash_fast::token_logprobs_forward / _backward on CPU tensors: argument checks, outputs, dispatch to
 // the kernel compiled for the active instruction-set path (isa.cpp).
 #include "sequence_logprobs.h"
+#include "mkl.h"
 
 #include <ATen/ATen.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <vector>
 #include <optional>
 #include <tuple>
 
@@ -134,5 +140,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward(
 }
 
 std::string cpu_isa(at::ScalarType dtype) { return isa_name(active_isa(dtype)); }
+
+std::string cpu_gemm(at::ScalarType dtype) {
+  if (active_isa(dtype) == Isa::Amx) return "brgemm-vnni";
+  return mkl_available() ? "mkl" : "brgemm";
+}
+
+int64_t cpu_parallel_threads() {
+  std::vector<int> used(std::max(at::get_num_threads(), 1), 0);
+  at::parallel_for(0, 64 * int64_t(used.size()), 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    if (tid >= 0 && tid < int(used.size())) used[tid] = 1;
+  });
+  return std::accumulate(used.begin(), used.end(), int64_t(0));
+}
 
 }  // namespace nash_fast::cpu
