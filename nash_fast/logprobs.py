@@ -14,7 +14,7 @@ Three backends compute the same function on scored tokens:
   "native"  nash_fast._C (csrc/): C++ tile kernels on the CPU's matrix units (AMX) or vector units
   "torch"   plain PyTorch over token chunks (forward) and vocabulary slices (backward): the readable
             reference, and the CPU fallback when nash_fast._C is not built
-"auto" picks triton on CUDA, native on CPU for bf16 when built, torch otherwise. All keep logits in fp32
+"auto" picks triton on CUDA, native on CPU when built, torch otherwise. All keep logits in fp32
 for bf16/fp16 inputs (never rounded to 16 bits) and return fp32. A gradient nobody asked for (a
 frozen LM head, frozen hidden states) is not computed: no [V, H] buffer, 2NHV fewer FLOPs.
 
@@ -166,13 +166,16 @@ def _validate_values(labels, cu_seqlens, num_tokens, ignore_index, vocab):
         raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
 
 
-# The dtypes for which "auto" picks the native backend on CPU: where it beats the naive code. Measured
-# (2 threads, AMX machine, N=4096 in 3 sequences, H=1024, V=32000, forward+backward, interleaved best of 3):
-#   bf16: naive 2.67 s, torch 5.35 s, native 1.89 s   (AMX tiles)
-#   fp16: naive 4.98 s, torch 5.21 s, native 11.6 s   (no fp16 matrix path here: converted tiles)
-#   fp32: naive 3.52 s, torch 4.40 s, native 9.78 s   (fp32 brgemm on AVX-512, far below MKL's sgemm)
-# so fp16 / fp32 go to the torch backend (recompute makes it 8NHV against naive's 6NHV: <= 1.33x naive).
-_NATIVE_AUTO_DTYPES = (torch.bfloat16,)
+# The dtypes for which "auto" picks the native backend on CPU: all three, where it is the fastest of ours.
+# Measured (2 threads, AMX machine, N=4096 in 3 sequences, H=1024, V=32000, forward+backward, interleaved
+# best of 3, bench/cpu_interleaved.py):
+#   bf16: naive 1.98 s, torch 4.41 s, native 1.02 s   (AMX tiles)
+#   fp16: naive 4.39 s, torch 5.34 s, native 4.82 s   (converted exactly to fp32: no fp16 matrix path here)
+#   fp32: naive 4.11 s, torch 5.01 s, native 4.25 s   (MKL packed sgemm)
+# fp16 / fp32 stay 3-12% behind naive: recompute makes the fused op 8NHV against naive's 6NHV, and the fp32
+# GEMMs already run at the sgemm peak (<= 1.33x naive when GEMMs dominate, less the passes naive makes over
+# its [N, V] logits).
+_NATIVE_AUTO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
@@ -515,7 +518,7 @@ def sequence_logprobs(
         average: divide each sequence's sum by its own count of scored tokens (0 if it has none).
         bias: optional LM-head bias [V].
         softcap: optional final-logit soft-cap c (Gemma-2): logits -> c * tanh(logits / c).
-        backend: "auto" (triton on CUDA, native on CPU for bf16 when built, torch otherwise), "triton",
+        backend: "auto" (triton on CUDA, native on CPU when built, torch otherwise), "triton",
             "native" or "torch".
 
     Returns:
