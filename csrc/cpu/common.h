@@ -1,8 +1,9 @@
 // Shared pieces of the CPU kernels: instruction-set levels, tile sizes, kernel arguments.
 //
-// The GEMMs run through ATen's batch-reduce GEMM (at::native::cpublas::brgemm, oneDNN's ukernel):
-// 16-bit operands in VNNI layout use the CPU's matrix units (AMX) or AVX-512-BF16/FP16 dot products,
-// accumulating in fp32; fp32 operands use oneDNN's AVX-512/AVX2 FMA kernels. Everything around the
+// The GEMMs: 16-bit operands in VNNI layout run through ATen's batch-reduce GEMM (at::native::cpublas::brgemm,
+// oneDNN's ukernel) on the CPU's matrix units (AMX) or AVX-512-BF16 dot products, accumulating in fp32;
+// fp32 operands (and 16-bit inputs converted exactly) through MKL's packed sgemm where torch links MKL
+// (mkl.h), else oneDNN's fp32 brgemm. Everything around the
 // GEMM tiles (bias, soft-cap, log-sum-exp, gather, d_z) is our code, compiled once per vector ISA
 // (sequence_logprobs_kernel.cpp, built for AVX512, AVX2 and DEFAULT: see CMakeLists.txt).
 #pragma once
