@@ -503,6 +503,36 @@ inline void store_row(const float* src, op_t* dst) {
   }
 }
 
+// ------------------------------------------------------------------------------------------ shared steps
+
+// The bias as fp32 ([V], empty without one).
+template <typename scalar_t>
+Buffer<float> bias_fp32(const void* bias, int64_t V) {
+  Buffer<float> out(bias ? V : 0);
+  for (int64_t v = 0; bias && v < V; ++v) out[v] = static_cast<float>(static_cast<const scalar_t*>(bias)[v]);
+  return out;
+}
+
+// Every token block's hidden^T as the logits' B operand, [ceil(N / BLOCK_T), K, BLOCK_T], in parallel.
+template <typename scalar_t, typename op_t>
+void pack_hidden_blocks(const scalar_t* hidden, int64_t N, int64_t H, int64_t K, op_t* out) {
+  at::parallel_for(0, ceil_div(N, BLOCK_T), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t tb = b0; tb < b1; ++tb)
+      pack_hidden_for_logits(hidden + tb * BLOCK_T * H, std::min(BLOCK_T, N - tb * BLOCK_T), H, K,
+                             out + tb * K * BLOCK_T);
+  });
+}
+
+// lse = max + log(sum of exp), logp = target - lse, from the per-token running values.
+inline void finish_forward(const ForwardArgs& a, const float* run_max, const float* run_sum, const float* target) {
+  at::parallel_for(0, a.N, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      a.lse[i] = run_max[i] + std::log(run_sum[i]);
+      a.logp[i] = target[i] - a.lse[i];
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------------------ forward
 
 template <typename scalar_t, typename op_t>
@@ -513,17 +543,12 @@ void forward_impl(const ForwardArgs& a) {
   const int64_t K = is_vnni<op_t>() ? round_up(H, 2) : H;  // VNNI pairs need an even depth
   const bool weight_as_is = std::is_same_v<scalar_t, op_t> && K == H;
   const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
-  Buffer<float> bias(a.bias ? V : 0);
-  for (int64_t v = 0; a.bias && v < V; ++v) bias[v] = static_cast<float>(static_cast<const scalar_t*>(a.bias)[v]);
+  const Buffer<float> bias = bias_fp32<scalar_t>(a.bias, V);
 
   PhaseClock clock("forward");
   const int64_t num_token_blocks = ceil_div(N, BLOCK_T);
   Buffer<op_t> hidden_packed(num_token_blocks * K * BLOCK_T);
-  at::parallel_for(0, num_token_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t tb = b0; tb < b1; ++tb)
-      pack_hidden_for_logits(hidden + tb * BLOCK_T * H, std::min(BLOCK_T, N - tb * BLOCK_T), H, K,
-                             hidden_packed.data() + tb * K * BLOCK_T);
-  });
+  pack_hidden_blocks(hidden, N, H, K, hidden_packed.data());
   const int64_t Vs = std::clamp(FORWARD_SLICE_BYTES / int64_t(sizeof(op_t) * K) / BLOCK_V * BLOCK_V, BLOCK_V,
                                 round_up(V, BLOCK_V));
   Buffer<op_t> weight_rows(weight_as_is ? 0 : Vs * K);
@@ -567,12 +592,7 @@ void forward_impl(const ForwardArgs& a) {
     });
     clock("tiles");
   }
-  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      a.lse[i] = run_max[i] + std::log(run_sum[i]);
-      a.logp[i] = target[i] - a.lse[i];
-    }
-  });
+  finish_forward(a, run_max.data(), run_sum.data(), target.data());
 }
 
 // ------------------------------------------------------------------------------------------ backward
@@ -594,8 +614,7 @@ void backward_impl(const BackwardArgs& a) {
   const int64_t Vs = std::clamp(a.max_chunk_elements / N_pad / BLOCK_V * BLOCK_V, std::min(MIN_BACKWARD_SLICE, round_up(V, BLOCK_V)),
                                 round_up(V, BLOCK_V));
   const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
-  Buffer<float> bias(a.bias ? V : 0);
-  for (int64_t v = 0; a.bias && v < V; ++v) bias[v] = static_cast<float>(static_cast<const scalar_t*>(a.bias)[v]);
+  const Buffer<float> bias = bias_fp32<scalar_t>(a.bias, V);
 
   // Per-token inputs padded to whole token blocks: pad lanes get lse = +inf and grad = 0, so their
   // d_z = exp(s - inf) * 0 = 0 whatever their (bias-only) logits are.
@@ -818,17 +837,12 @@ void forward_mkl(const ForwardArgs& a) {
   const auto* hidden = static_cast<const scalar_t*>(a.hidden);
   const auto* weight = static_cast<const scalar_t*>(a.weight);
   const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
-  Buffer<float> bias(a.bias ? V : 0);
-  for (int64_t v = 0; a.bias && v < V; ++v) bias[v] = static_cast<float>(static_cast<const scalar_t*>(a.bias)[v]);
+  const Buffer<float> bias = bias_fp32<scalar_t>(a.bias, V);
 
   PhaseClock clock("forward(mkl)");
   const int64_t num_token_blocks = ceil_div(N, BLOCK_T);
   Buffer<float> hidden_packed(num_token_blocks * H * BLOCK_T);
-  at::parallel_for(0, num_token_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t tb = b0; tb < b1; ++tb)
-      pack_hidden_for_logits(hidden + tb * BLOCK_T * H, std::min(BLOCK_T, N - tb * BLOCK_T), H, H,
-                             hidden_packed.data() + tb * H * BLOCK_T);
-  });
+  pack_hidden_blocks(hidden, N, H, H, hidden_packed.data());
   const int64_t rows_per_pack = mkl_subslice_rows(H, V);
   Buffer<float> packed(cblas_sgemm_pack_get_size(NASH_FAST_CBLAS_A_MATRIX, int(rows_per_pack), int(BLOCK_T), int(H)) /
                            sizeof(float) + 1);
@@ -865,12 +879,7 @@ void forward_mkl(const ForwardArgs& a) {
     });
     clock("tiles");
   }
-  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      a.lse[i] = run_max[i] + std::log(run_sum[i]);
-      a.logp[i] = target[i] - a.lse[i];
-    }
-  });
+  finish_forward(a, run_max.data(), run_sum.data(), target.data());
 }
 
 // fp32 rows [rows x H] into a 16-bit (or fp32) destination, rounded once.
@@ -908,8 +917,7 @@ void backward_mkl(const BackwardArgs& a) {
   const int64_t Vs = std::clamp(2 * a.max_chunk_elements / N_pad / rows_per_pack * rows_per_pack, rows_per_pack,
                                 round_up(V, rows_per_pack));
   const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
-  Buffer<float> bias(a.bias ? V : 0);
-  for (int64_t v = 0; a.bias && v < V; ++v) bias[v] = static_cast<float>(static_cast<const scalar_t*>(a.bias)[v]);
+  const Buffer<float> bias = bias_fp32<scalar_t>(a.bias, V);
 
   // Per-token inputs padded to whole token blocks: pad lanes get lse = +inf and grad = 0, so d_z = 0 there.
   Buffer<float> lse(N_pad, std::numeric_limits<float>::infinity()), grad(N_pad, 0.0f);
@@ -917,11 +925,7 @@ void backward_mkl(const BackwardArgs& a) {
   std::copy(a.grad, a.grad + N, grad.begin());
 
   Buffer<float> hidden_packed(num_token_blocks * H * BLOCK_T);
-  at::parallel_for(0, num_token_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t tb = b0; tb < b1; ++tb)
-      pack_hidden_for_logits(hidden + tb * BLOCK_T * H, std::min(BLOCK_T, N - tb * BLOCK_T), H, H,
-                             hidden_packed.data() + tb * H * BLOCK_T);
-  });
+  pack_hidden_blocks(hidden, N, H, H, hidden_packed.data());
   Buffer<float> hidden_converted(need_w && !FP32 ? N * H : 0);  // the d_weight sgemm's B
   const float* hidden_fp32 = nullptr;
   if constexpr (FP32) {
