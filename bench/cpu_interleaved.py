@@ -4,6 +4,12 @@ processes on a shared machine falls on all three alike. bench/run.py measures on
 this is the check behind backend="auto"'s choice on CPU (nash_fast/logprobs.py, _NATIVE_AUTO_DTYPES).
 
     python bench/cpu_interleaved.py --dtype bf16,fp16,fp32          # N=4096 in 3 sequences, H=1024, V=32000
+    python bench/cpu_interleaved.py --dtype bf16 --roofline 5       # + native vs the matmul peak, in pairs
+
+--roofline K: K rounds of (dense n=4096 matmul in the dtype, native no-grad forward, native forward+backward),
+each timed best of --repeats, and the native rates as fractions of the peak measured in the same round
+(2NHV no-grad, 8NHV forward+backward). On a host whose speed drifts between runs (this project's CPU machines:
+the bf16 peak read 0.43-1.44 TFLOP/s on one day), a peak measured once at the start misstates every fraction.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--roofline", type=int, default=0, metavar="K", help="rounds of native vs matmul peak")
     args = parser.parse_args()
     N, H, V = args.n, args.hidden, args.vocab
     for name in args.dtype.split(","):
@@ -53,7 +60,42 @@ def main() -> None:
                 best[m] = min(best[m], time.perf_counter() - start)
         print(json.dumps({"dtype": name, "N": N, "H": H, "V": V, "threads": torch.get_num_threads(),
                           "fwd_bwd_s": {m: round(s, 3) for m, s in best.items()},
-                          "vs_naive": {m: round(s / best["naive"], 2) for m, s in best.items()}}))
+                          "vs_naive": {m: round(s / best["naive"], 2) for m, s in best.items()}}), flush=True)
+        if args.roofline:
+            roofline(args, hidden, weight, labels, cu)
+
+
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def roofline(args, hidden, weight, labels, cu) -> None:
+    N, H, V, dtype = args.n, args.hidden, args.vocab, hidden.dtype
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(4096, 4096, generator=g).to(dtype) for _ in range(2))
+
+    def no_grad_forward():
+        with torch.no_grad():
+            sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, backend="native")
+
+    def forward_backward():
+        hidden.grad = weight.grad = None
+        sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, backend="native").sum().backward()
+
+    a @ b
+    for round_ in range(args.roofline):
+        peak = 2 * 4096**3 / best_of(lambda: a @ b, args.repeats) / 1e12
+        fwd = 2 * N * H * V / best_of(no_grad_forward, args.repeats) / 1e12
+        fwd_bwd = 8 * N * H * V / best_of(forward_backward, args.repeats) / 1e12
+        print(json.dumps({"dtype": str(dtype).removeprefix("torch."), "round": round_, "matmul_peak_tflops": round(peak, 3),
+                          "native_fwd_only_tflops": round(fwd, 3), "fwd_only_peak_fraction": round(fwd / peak, 2),
+                          "native_fwd_bwd_tflops": round(fwd_bwd, 3), "fwd_bwd_peak_fraction": round(fwd_bwd / peak, 2)}),
+              flush=True)
 
 
 if __name__ == "__main__":
