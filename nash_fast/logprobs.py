@@ -172,7 +172,7 @@ def _validate_values(labels, cu_seqlens, num_tokens, ignore_index, vocab):
 #   bf16: naive 1.98 s, torch 4.41 s, native 1.02 s   (AMX tiles)
 #   fp16: naive 4.39 s, torch 5.34 s, native 4.82 s   (converted exactly to fp32: no fp16 matrix path here)
 #   fp32: naive 4.11 s, torch 5.01 s, native 4.25 s   (MKL packed sgemm)
-# fp16 / fp32 stay 3-12% behind naive: recompute makes the fused op 8NHV against naive's 6NHV, and the fp32
+# fp16 / fp32 stay 3-20% behind naive (run to run; 1.20x fp32 in another run): recompute makes the fused op 8NHV against naive's 6NHV, and the fp32
 # GEMMs already run at the sgemm peak (<= 1.33x naive when GEMMs dominate, less the passes naive makes over
 # its [N, V] logits).
 _NATIVE_AUTO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -533,6 +533,14 @@ inline void finish_forward(const ForwardArgs& a, const float* run_max, const flo
   });
 }
 
+// Per-token backward inputs padded to whole token blocks: pad lanes get lse = +inf and grad = 0, so their
+// d_z = exp(s - inf) * 0 = 0 whatever their (bias-only) logits are.
+inline Buffer<float> padded_tokens(const float* values, int64_t N, int64_t N_pad, float fill) {
+  Buffer<float> out(N_pad, fill);
+  std::copy(values, values + N, out.begin());
+  return out;
+}
+
 // ------------------------------------------------------------------------------------------ forward
 
 template <typename scalar_t, typename op_t>
@@ -616,11 +624,8 @@ void backward_impl(const BackwardArgs& a) {
   const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
   const Buffer<float> bias = bias_fp32<scalar_t>(a.bias, V);
 
-  // Per-token inputs padded to whole token blocks: pad lanes get lse = +inf and grad = 0, so their
-  // d_z = exp(s - inf) * 0 = 0 whatever their (bias-only) logits are.
-  Buffer<float> lse(N_pad, std::numeric_limits<float>::infinity()), grad(N_pad, 0.0f);
-  std::copy(a.lse, a.lse + N, lse.begin());
-  std::copy(a.grad, a.grad + N, grad.begin());
+  const Buffer<float> lse = padded_tokens(a.lse, N, N_pad, std::numeric_limits<float>::infinity());
+  const Buffer<float> grad = padded_tokens(a.grad, N, N_pad, 0.0f);
 
   Buffer<op_t> hidden_packed(num_token_blocks * K * BLOCK_T);
   Buffer<op_t> hidden_dweight(need_w ? (VNNI ? num_h_blocks * Np * BLOCK_H : (std::is_same_v<scalar_t, float> ? 0 : N * H)) : 0);
@@ -919,10 +924,8 @@ void backward_mkl(const BackwardArgs& a) {
   const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
   const Buffer<float> bias = bias_fp32<scalar_t>(a.bias, V);
 
-  // Per-token inputs padded to whole token blocks: pad lanes get lse = +inf and grad = 0, so d_z = 0 there.
-  Buffer<float> lse(N_pad, std::numeric_limits<float>::infinity()), grad(N_pad, 0.0f);
-  std::copy(a.lse, a.lse + N, lse.begin());
-  std::copy(a.grad, a.grad + N, grad.begin());
+  const Buffer<float> lse = padded_tokens(a.lse, N, N_pad, std::numeric_limits<float>::infinity());
+  const Buffer<float> grad = padded_tokens(a.grad, N, N_pad, 0.0f);
 
   Buffer<float> hidden_packed(num_token_blocks * H * BLOCK_T);
   pack_hidden_blocks(hidden, N, H, H, hidden_packed.data());
