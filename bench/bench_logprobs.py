@@ -17,8 +17,8 @@ import torch
 
 import methods as M
 from common import (
-    GiB, PeakMemory, available_gib, free_memory, grad_rel_err, is_oom, make_inputs, max_rel_err,
-    reference_logprobs, short_error, sync, time_call,
+    GiB, PeakMemory, available_gib, free_memory, grad_rel_err, is_oom, make_inputs, matmul_peak_tflops,
+    max_rel_err, reference_logprobs, short_error, sync, time_call,
 )
 
 MODES = ("fwd", "fwd_bwd", "fwd_only")
@@ -149,7 +149,11 @@ def run(args, device, dtype, log, peak_tflops: float, deadline, shapes: dict, ns
                         continue
                     flops = FLOPS_PER_TOKEN_HV[mode] * inp.n_scored * H * V
                     tflops = flops / (res["ms_median"] * 1e-3) / 1e12
-                    log.write("logprobs", status="ok", tflops=tflops, peak_fraction=tflops / peak_tflops,
+                    # A shared CPU host's speed drifts within a run (the bf16 peak read 0.43-1.70 TFLOP/s on
+                    # one evening): there the roofline is measured again next to each case.
+                    case_peak = matmul_peak_tflops(device, dtype, quick=args.quick) if device.type == "cpu" else peak_tflops
+                    row["matmul_peak_tflops"] = case_peak
+                    log.write("logprobs", status="ok", tflops=tflops, peak_fraction=tflops / case_peak,
                               tokens_per_s=N / (res["ms_median"] * 1e-3), **row, **res)
                     free_memory(device)
             del inp, ref, grad_seq
