@@ -73,14 +73,14 @@ CSV_COLUMNS = [
 
 # ----------------------------------------------------------------------------- environment
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
@@ -128,10 +128,10 @@ def environment(device: torch.device) -> dict:
         "gpu": gpu,
         "torch": torch.__version__,
         "triton": triton_version,
-        "liger_kernel": _version("liger-kernel"),
-        "cut_cross_entropy": _version("cut-cross-entropy"),
-        "transformers": _version("transformers"),
-        "nash_fast_commit": _git_commit(),
+        "liger_kernel": package_version("liger-kernel"),
+        "cut_cross_entropy": package_version("cut-cross-entropy"),
+        "transformers": package_version("transformers"),
+        "nash_fast_commit": git_commit(),
     }
 
 

@@ -1,7 +1,7 @@
 """Forward+backward of per-sequence log-probs on the CPU, naive PyTorch against both nash-fast CPU backends,
 interleaved (naive, torch, native, naive, ...) and each one's best of --repeats kept, so that load from other
 processes on a shared machine falls on all three alike. bench/run.py measures one method after another;
-this is the check behind backend="auto"'s choice on CPU (nash_fast/logprobs.py, _NATIVE_AUTO_DTYPES).
+this is the check behind backend="auto"'s choice on CPU (nash_fast/logprobs.py, _resolve_backend).
 
     python bench/cpu_interleaved.py --dtype bf16,fp16,fp32          # N=4096 in 3 sequences, H=1024, V=32000
     python bench/cpu_interleaved.py --dtype bf16 --roofline 5       # + native vs the matmul peak, in pairs
@@ -62,7 +62,7 @@ def main() -> None:
                           "fwd_bwd_s": {m: round(s, 3) for m, s in best.items()},
                           "vs_naive": {m: round(s / best["naive"], 2) for m, s in best.items()}}), flush=True)
         if args.roofline:
-            roofline(args, hidden, weight, labels, cu)
+            roofline(args, name, hidden, weight, labels, cu)
 
 
 def best_of(fn, repeats: int) -> float:
@@ -74,7 +74,7 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
-def roofline(args, hidden, weight, labels, cu) -> None:
+def roofline(args, name, hidden, weight, labels, cu) -> None:
     N, H, V, dtype = args.n, args.hidden, args.vocab, hidden.dtype
     g = torch.Generator().manual_seed(1)
     a, b = (torch.randn(4096, 4096, generator=g).to(dtype) for _ in range(2))
@@ -92,7 +92,7 @@ def roofline(args, hidden, weight, labels, cu) -> None:
         peak = 2 * 4096**3 / best_of(lambda: a @ b, args.repeats) / 1e12
         fwd = 2 * N * H * V / best_of(no_grad_forward, args.repeats) / 1e12
         fwd_bwd = 8 * N * H * V / best_of(forward_backward, args.repeats) / 1e12
-        print(json.dumps({"dtype": str(dtype).removeprefix("torch."), "round": round_, "matmul_peak_tflops": round(peak, 3),
+        print(json.dumps({"dtype": name, "round": round_, "matmul_peak_tflops": round(peak, 3),
                           "native_fwd_only_tflops": round(fwd, 3), "fwd_only_peak_fraction": round(fwd / peak, 2),
                           "native_fwd_bwd_tflops": round(fwd_bwd, 3), "fwd_bwd_peak_fraction": round(fwd_bwd / peak, 2)}),
               flush=True)

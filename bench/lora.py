@@ -208,15 +208,6 @@ PEAK_BEFORE = [0]  # VmHWM (bytes) before _timed reset it
 CPU_SECONDS = [float("nan")]  # the least process CPU time (all threads) of one timed step
 
 
-def _version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -241,13 +232,12 @@ def main() -> int:
         args.mode = args.worker
         worker(args)
         return 0
-    from common import cpu_description
+    from common import cpu_description, git_commit, package_version
 
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.device == "cuda" else cpu_description()
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     rows = []
     for mode in args.modes.split(","):
         command = [sys.executable, __file__, "--worker", mode] + [
@@ -265,8 +255,8 @@ def main() -> int:
         row = {c: "" for c in COLUMNS}
         row.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), device=args.device,
                    cpu_or_gpu=where, threads=args.threads or torch.get_num_threads(), model=args.model, mode=mode,
-                   dtype=args.dtype, note=args.note, torch=torch.__version__, transformers=_version("transformers"),
-                   peft=_version("peft"), commit=commit)
+                   dtype=args.dtype, note=args.note, torch=torch.__version__, transformers=package_version("transformers"),
+                   peft=package_version("peft"), commit=commit)
         for key, value in result.items():
             row[key] = f"{value:.6g}" if isinstance(value, float) else value
         rows.append(row)

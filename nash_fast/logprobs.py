@@ -41,8 +41,9 @@ __all__ = ["sequence_logprobs", "token_logprobs", "native_status", "native_cpu_i
 # Largest [chunk x V]-shaped buffer the Triton backend allocates, in elements (its backward d_z slice).
 # 2**26 bf16 = 128 MiB; with V = 128256 that is 523 tokens' worth.
 MAX_CHUNK_ELEMENTS = 2**26
-# The native backward keeps d_z for N x Vs elements (twice, in two layouts) in the input dtype; Vs is at
-# least 512 (csrc/cpu/common.h). Measured on AMX (1 thread): Vs = 512-1024 keeps the slice buffers in L2
+# The native backward keeps d_z for N x Vs elements (twice, in two layouts) in the input dtype on the AMX
+# path, and for 2 N x Vs elements once in fp32 on the MKL path (csrc/cpu/sequence_logprobs_kernel.cpp,
+# backward_mkl: a deeper d_hidden sgemm); Vs is at least 512 (csrc/cpu/common.h). Measured on AMX (1 thread): Vs = 512-1024 keeps the slice buffers in L2
 # and beats 2048-4096 by 10-30% per backward phase.
 NATIVE_CHUNK_ELEMENTS = 2**21
 # The torch backend allocates several fp32 [chunk x V] temporaries, so its chunks are smaller.
@@ -166,16 +167,15 @@ def _validate_values(labels, cu_seqlens, num_tokens, ignore_index, vocab):
         raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
 
 
-# The dtypes for which "auto" picks the native backend on CPU: all three, where it is the fastest of ours.
+# "auto" picks the native backend on CPU for every dtype it takes (_NATIVE_DTYPES): the fastest of ours for each.
 # Measured (2 threads, AMX machine, N=4096 in 3 sequences, H=1024, V=32000, forward+backward, interleaved
 # best of 3, bench/cpu_interleaved.py):
 #   bf16: naive 1.98 s, torch 4.41 s, native 1.02 s   (AMX tiles)
 #   fp16: naive 4.39 s, torch 5.34 s, native 4.82 s   (converted exactly to fp32: no fp16 matrix path here)
 #   fp32: naive 4.11 s, torch 5.01 s, native 4.25 s   (MKL packed sgemm)
-# fp16 / fp32 stay 3-20% behind naive (run to run; 1.20x fp32 in another run): recompute makes the fused op 8NHV against naive's 6NHV, and the fp32
-# GEMMs already run at the sgemm peak (<= 1.33x naive when GEMMs dominate, less the passes naive makes over
-# its [N, V] logits).
-_NATIVE_AUTO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# fp16 / fp32 stay 3-20% behind naive run to run (fp32 1.20x in another run) when every token is scored:
+# recompute makes the fused op 8NHV against naive's 6NHV, and the fp32 GEMMs already run at the sgemm peak
+# (<= 1.33x naive when GEMMs dominate, less the passes naive makes over its [N, V] logits).
 
 
 def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
@@ -183,7 +183,7 @@ def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
     if backend == "auto":
         if device.type == "cuda":
             return "triton"
-        if device.type == "cpu" and dtype in _NATIVE_AUTO_DTYPES:
+        if device.type == "cpu" and dtype in _NATIVE_DTYPES:
             ok, why = native_status()
             if ok:
                 return "native"

@@ -60,3 +60,26 @@ def small_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in load_tiny_preferences()[:16]))
     return str(path)
+
+
+@pytest.fixture
+def sigterm_after_step():
+    """arm(patch, step): the trainer sends its own process SIGTERM right after optimizer step `step`, as a signal
+    from outside would arrive (its handler checkpoints, then stops the loop). `patch` is the test's monkeypatch
+    or one of its contexts, which decides when nash_fast.train._train_step is restored."""
+    import signal
+
+    import nash_fast.train as trainer
+
+    def arm(patch, step):
+        real_step = trainer._train_step
+
+        def step_then_sigterm(run):
+            record = real_step(run)
+            if run.state.step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return record
+
+        patch.setattr(trainer, "_train_step", step_then_sigterm)
+
+    return arm

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -259,7 +258,7 @@ def _native_built() -> bool:
 
 # ------------------------------------------------------------------------------------------------ trainer
 
-def test_trainer_with_adapters_end_to_end_and_resume_bitwise(tmp_path, small_data, monkeypatch):
+def test_trainer_with_adapters_end_to_end_and_resume_bitwise(tmp_path, small_data, monkeypatch, sigterm_after_step):
     """6 steps straight == 3 steps stopped by SIGTERM + the same command again, with adapters: checkpoints hold
     the adapters only, final/ is a PEFT adapter directory, merged/ loads with AutoModelForCausalLM."""
     args = ["--max-steps", "6", "--save-steps", "100", "--seed", "3", "--lr", "3e-3", "--lora-dropout", "0.1",
@@ -272,15 +271,7 @@ def test_trainer_with_adapters_end_to_end_and_resume_bitwise(tmp_path, small_dat
     assert rows[0]["chosen_logratio"] == 0.0 and rows[0]["rejected_logratio"] == 0.0
 
     interrupted = tmp_path / "interrupted"
-    real_step = trainer._train_step
-
-    def step_then_sigterm(run):
-        record = real_step(run)
-        if run.state.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return record
-
-    monkeypatch.setattr(trainer, "_train_step", step_then_sigterm)
+    sigterm_after_step(monkeypatch, 3)
     assert trainer.train(parse_config(run_args(small_data, interrupted, *args)))["stopped_by_signal"]
     monkeypatch.undo()
     checkpoint = latest_checkpoint(interrupted / "checkpoints")

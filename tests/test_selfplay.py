@@ -401,7 +401,7 @@ def test_conversational_prompt_files(tmp_path):
 # ------------------------------------------------------------------ one run per directory, signals
 
 
-def test_a_stop_request_ends_selfplay_at_a_stage_boundary(tmp_path, monkeypatch):
+def test_a_stop_request_ends_selfplay_at_a_stage_boundary(tmp_path, monkeypatch, sigterm_after_step):
     """SIGINT during judging: judging finishes and is marked done, nothing after it starts; SIGTERM during training:
     the trainer checkpoints after its step and the stage stays undone. Each rerun continues where it stopped."""
     import os
@@ -425,18 +425,8 @@ def test_a_stop_request_ends_selfplay_at_a_stage_boundary(tmp_path, monkeypatch)
     stages = json.loads((tmp_path / "run" / "iter_1" / "manifest.json").read_text())["stages"]
     assert set(stages) == {"generate", "judge"}
 
-    import nash_fast.train as trainer
-
-    real_step = trainer._train_step
-
-    def step_then_sigterm(run):
-        record = real_step(run)
-        if run.state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return record
-
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_train_step", step_then_sigterm)
+        sigterm_after_step(patch, 2)
         with pytest.raises(Interrupted, match="iteration 1 train stopped with a checkpoint"):
             selfplay.selfplay(cfg)
     assert (tmp_path / "run" / "iter_1" / "train" / "checkpoints" / "step-00000002" / "complete.json").is_file()

@@ -140,22 +140,14 @@ def test_metrics_epoch_is_the_epoch_the_step_trains_on(tmp_path, small_data, gra
 
 # ------------------------------------------------------------------------------------------------ resume
 
-def test_resume_equals_straight_run_and_sigterm_saves(tmp_path, small_data, monkeypatch):
+def test_resume_equals_straight_run_and_sigterm_saves(tmp_path, small_data, monkeypatch, sigterm_after_step):
     """6 steps straight == 3 steps stopped by SIGTERM (checkpoint, clean exit) + rerun of the same command."""
     args = ["--max-steps", "6", "--save-steps", "100", "--seed", "3", "--lr", "3e-3"]
     straight = tmp_path / "straight"
     trainer.train(parse_config(run_args(small_data, straight, *args)))
 
     interrupted = tmp_path / "interrupted"
-    real_step = trainer._train_step
-
-    def step_then_sigterm(run):
-        record = real_step(run)
-        if run.state.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # delivered to our handler: checkpoint, then exit the loop
-        return record
-
-    monkeypatch.setattr(trainer, "_train_step", step_then_sigterm)
+    sigterm_after_step(monkeypatch, 3)  # delivered to our handler: checkpoint, then exit the loop
     summary = trainer.train(parse_config(run_args(small_data, interrupted, *args)))
     monkeypatch.undo()
     assert summary["stopped_by_signal"] and summary["steps"] == 3

@@ -541,6 +541,19 @@ inline Buffer<float> padded_tokens(const float* values, int64_t N, int64_t N_pad
   return out;
 }
 
+// One fp32 row of H values into the output dtype, rounded once (a copy for fp32).
+template <typename scalar_t>
+inline void row_from_fp32(const float* src, int64_t H, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(dst, src, H * sizeof(float));
+  } else {
+    int64_t h = 0;
+    for (; h + 2 * LANES <= H; h += 2 * LANES)
+      at::vec::convert_from_float<scalar_t>(fVec::loadu(src + h), fVec::loadu(src + h + LANES)).store(dst + h);
+    for (; h < H; ++h) dst[h] = static_cast<scalar_t>(src[h]);
+  }
+}
+
 // ------------------------------------------------------------------------------------------ forward
 
 template <typename scalar_t, typename op_t>
@@ -775,18 +788,7 @@ void backward_impl(const BackwardArgs& a) {
       for (int64_t n0 = b0 * 16; n0 < std::min(N, b1 * 16); n0 += 16) {
         const int64_t n = std::min<int64_t>(16, N - n0);
         at::vec::transpose_mxn<float>(d_hidden_t.data() + n0, N, rows.data(), H, int(H), int(n));
-        for (int64_t r = 0; r < n; ++r) {
-          const float* src = rows.data() + r * H;
-          scalar_t* dst = out + (n0 + r) * H;
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            std::memcpy(dst, src, H * sizeof(float));
-          } else {
-            int64_t h = 0;
-            for (; h + 2 * LANES <= H; h += 2 * LANES)
-              at::vec::convert_from_float<scalar_t>(fVec::loadu(src + h), fVec::loadu(src + h + LANES)).store(dst + h);
-            for (; h < H; ++h) dst[h] = static_cast<scalar_t>(src[h]);
-          }
-        }
+        for (int64_t r = 0; r < n; ++r) row_from_fp32(rows.data() + r * H, H, out + (n0 + r) * H);
       }
     });
   }
@@ -811,9 +813,9 @@ inline int64_t mkl_subslice_rows(int64_t H, int64_t V) {
                     std::min<int64_t>(512, round_up(V, BLOCK_V)));
 }
 
-// rows x H of weight as fp32 (a view when already fp32, else converted into `scratch`).
+// rows x H (weight rows or hidden states) as fp32: a view when already fp32, else converted into `scratch`.
 template <typename scalar_t>
-const float* weight_rows_fp32(const scalar_t* W, int64_t rows, int64_t H, Buffer<float>& scratch) {
+const float* rows_as_fp32(const scalar_t* W, int64_t rows, int64_t H, Buffer<float>& scratch) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return W;
   } else {
@@ -858,7 +860,7 @@ void forward_mkl(const ForwardArgs& a) {
 
   for (int64_t v0 = 0; v0 < V; v0 += rows_per_pack) {
     const int64_t nv = std::min(rows_per_pack, V - v0);
-    mkl_pack_rows(weight_rows_fp32(weight + v0 * H, nv, H, converted), nv, H, packed.data());
+    mkl_pack_rows(rows_as_fp32(weight + v0 * H, nv, H, converted), nv, H, packed.data());
     clock("pack");
     at::parallel_for(0, num_token_blocks, 1, [&](int64_t t_begin, int64_t t_end) {
       MklSequential sequential;
@@ -891,18 +893,7 @@ void forward_mkl(const ForwardArgs& a) {
 template <typename scalar_t>
 void store_rows(const float* src, int64_t rows, int64_t H, scalar_t* dst) {
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* s = src + r * H;
-      scalar_t* d = dst + r * H;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        std::memcpy(d, s, H * sizeof(float));
-      } else {
-        int64_t h = 0;
-        for (; h + 2 * LANES <= H; h += 2 * LANES)
-          at::vec::convert_from_float<scalar_t>(fVec::loadu(s + h), fVec::loadu(s + h + LANES)).store(d + h);
-        for (; h < H; ++h) d[h] = static_cast<scalar_t>(s[h]);
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) row_from_fp32(src + r * H, H, dst + r * H);
   });
 }
 
@@ -934,7 +925,7 @@ void backward_mkl(const BackwardArgs& a) {
   if constexpr (FP32) {
     hidden_fp32 = hidden;
   } else {
-    if (need_w) hidden_fp32 = weight_rows_fp32(hidden, N, H, hidden_converted);
+    if (need_w) hidden_fp32 = rows_as_fp32(hidden, N, H, hidden_converted);
   }
   clock("pack_hidden");
 
@@ -952,7 +943,7 @@ void backward_mkl(const BackwardArgs& a) {
 
   for (int64_t v0 = 0; v0 < V; v0 += Vs) {
     const int64_t nv = std::min(Vs, V - v0);
-    const float* W = weight_rows_fp32(weight + v0 * H, nv, H, weight_converted);
+    const float* W = rows_as_fp32(weight + v0 * H, nv, H, weight_converted);
     if (need_b) std::fill(d_bias_partial.begin(), d_bias_partial.end(), 0.0f);
     clock("pack");
     for (int64_t s0 = 0; s0 < nv; s0 += rows_per_pack) {
