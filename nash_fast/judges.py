@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from nash_fast.data.formats import prompt_text
+from nash_fast.pretrained import resolve_model
 
 # OSP (Figure 6) asks for a one-sentence comparison and then "A" or "B"; the logit read-out needs the
 # choice token right after the prompt, so the instruction ends where the answer letter goes.
@@ -357,9 +358,10 @@ def load_judge(spec: str | Callable, *, policy: str | None = None, device: str |
     if spec == "self":
         if policy is None:
             raise ValueError("judge='self' needs the reference policy's path (policy=...)")
-        return self_judge(policy, device=device, batch_size=batch_size)
-    if kind == "pairwise" and rest:
-        judge = PairwiseLMJudge.from_pretrained(rest, device=device, batch_size=batch_size)
+        return self_judge(resolve_model(policy), device=device, batch_size=batch_size)
+    if kind == "pairwise" and rest:  # a GGUF model is read from its converted directory (nash_fast.pretrained)
+        judge = PairwiseLMJudge.from_pretrained(resolve_model(rest, option="--judge pairwise:"), device=device,
+                                                batch_size=batch_size)
         judge.name = f"pairwise LM judge ({rest})"
         return judge
     if kind == "reward" and rest:

@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import torch
 
 from nash_fast import rundir
+from nash_fast.pretrained import is_gguf_model, resolve_model
 from nash_fast.data import PackedPreferenceCollator, TokenBudgetBatchSampler, example_sequence_lengths
 from nash_fast.model import packed_sequence_logprobs
 
@@ -126,7 +127,13 @@ def state_dict_fingerprint(model: torch.nn.Module) -> str:
 
 
 def resolve_model_directory(name_or_path: str) -> Path | None:
-    """A local directory for a model: the path itself, or the hub cache snapshot of a hub name (no download)."""
+    """A local directory for a model: the path itself, a GGUF model's converted directory (nash_fast.pretrained),
+    or the hub cache snapshot of a hub name (no download)."""
+    if is_gguf_model(name_or_path):
+        try:
+            return Path(resolve_model(name_or_path))
+        except ValueError:  # a directory of several GGUF files: the loaded model is fingerprinted instead
+            return None
     if Path(name_or_path).is_dir():
         return Path(name_or_path)
     try:

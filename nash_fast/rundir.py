@@ -21,6 +21,7 @@ temporaries of a directory that are provably dead, and only those:
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import json
 import os
@@ -87,6 +88,48 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+        done(tmp)
+
+
+def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync one file or directory (a directory's fsync makes the renames inside it durable)."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> bool:
+    """Move the fully written directory `tmp` (from temporary_path(final)) to `final` atomically: fsync every file
+    and directory under it, rename, fsync the parent. Readers see no `final` or the whole of it. When another
+    process published `final` first, ours is removed and False is returned (the first one stays)."""
+    tmp, final = Path(tmp), Path(final)
+    try:
+        for path in sorted(tmp.rglob("*"), key=lambda p: -len(p.parts)):
+            fsync_path(path)
+        fsync_path(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
+                raise
+            return False
+        fsync_path(final.parent)
+        return True
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
         done(tmp)
 
 

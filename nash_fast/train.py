@@ -78,6 +78,7 @@ from nash_fast.data.sampler import BatchStream
 from nash_fast.distributed import Dist, deepspeed_config, select_device, setup_distributed
 from nash_fast.metrics import MetricsLog, loss_start_end, print_summary, write_plots
 from nash_fast.optimization import build_optimizer, lr_factor
+from nash_fast.pretrained import resolve_model
 
 __all__ = ["main", "train", "load_records", "validate_records", "LossPlan", "micro_batch_loss"]
 
@@ -92,7 +93,9 @@ def load_tokenizer(cfg: TrainConfig):
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    option = "--tokenizer" if cfg.tokenizer else "--model"
+    path = resolve_model(name, gguf_file=cfg.gguf_file, option=option, log=log)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
 
 
 def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str | None:
@@ -104,6 +107,12 @@ def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str | None:
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
     return None
+
+
+def _model_option(name: str, cfg: TrainConfig) -> str:
+    """The flag that named `name`, for messages."""
+    return next((f"--{o.replace('_', '-')}" for o in ("model", "ref_model", "prev_model") if getattr(cfg, o) == name),
+                "--model")
 
 
 def load_model(name: str, cfg: TrainConfig, *, vocab_size: int, dtype: torch.dtype, device: torch.device,
@@ -129,7 +138,9 @@ def load_model(name: str, cfg: TrainConfig, *, vocab_size: int, dtype: torch.dty
 
             kwargs.update(model_load_kwargs(cfg, device))
             placed = "device_map" in kwargs
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        # A GGUF file is loaded from its dequantized cache directory (float32; `dtype` casts as for any model).
+        path = resolve_model(name, gguf_file=cfg.gguf_file, option=_model_option(name, cfg), log=log)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if model.get_input_embeddings().weight.shape[0] < vocab_size:
         raise ValueError(f"model {name!r} has {model.get_input_embeddings().weight.shape[0]} embeddings, fewer than "
                          f"the tokenizer's {vocab_size} tokens")

@@ -22,8 +22,9 @@ one is a ValueError naming --chat-template); standard records do when the tokeni
 None) or when asked (True), their prompt becoming a user turn and their response the assistant's turn, and
 are raw text otherwise (the prompt with the tokenizer's special tokens, e.g. BOS; the response followed by
 EOS unless it ends with it, as TRL adds it). The prompt is the conversation rendered with the generation prompt (add_generation_prompt=True); the
-response is the rest of the rendered conversation prompt + response, so the template's end-of-turn tokens
-are scored. The prompt/response token boundary is therefore exactly where the generation prompt ends. A
+response is the rest of the rendered conversation prompt + response up to and including the end-of-turn token
+(the tokenizer's EOS: ChatML's <|im_end|>), which is scored; whitespace a template puts after it between turns
+(ChatML's newline) is not, since generation stops at the end-of-turn token. The prompt/response token boundary is therefore exactly where the generation prompt ends. A
 template that renders the prompt differently once a response follows (so the prompt is not a prefix of the
 conversation) raises ValueError naming the record. apply_chat_template_option() reads --chat-template.
 
@@ -198,8 +199,23 @@ def _tokenize_prompt_and_responses(tokenizer, prompt, responses: list, *, index:
                 "prefix of the whole conversation, so the response cannot be separated from it; use another "
                 "template (--chat-template) or, for string records, --chat-template off"
             )
-        out.append(_encode(tokenizer, full_text[len(prompt_text):], add_special_tokens=False))
+        out.append(_end_at_end_of_turn(tokenizer, _encode(tokenizer, full_text[len(prompt_text):],
+                                                           add_special_tokens=False)))
     return _encode(tokenizer, prompt_text, add_special_tokens=False), out
+
+
+def _end_at_end_of_turn(tokenizer, ids: list[int]) -> list[int]:
+    """A templated response ends with the end-of-turn token (the tokenizer's EOS, where generation stops): the
+    whitespace some templates put after it (ChatML's '<|im_end|>' + newline, Gemma's '<end_of_turn>' + newline)
+    separates turns, is never generated, and is not scored."""
+    eos = tokenizer.eos_token_id
+    if eos is None or eos not in ids:
+        return ids
+    last = len(ids) - 1 - ids[::-1].index(eos)
+    tail = ids[last + 1:]
+    if tail and not tokenizer.decode(tail).strip():
+        return ids[:last + 1]
+    return ids
 
 
 def tokenize_prompt(tokenizer, prompt, *, use_chat_template: bool | None = None) -> list[int]:
