@@ -254,10 +254,12 @@ def test_tied_embedding_gradient_of_one_training_step_equals_the_naive_loss(smol
     LoRA matrices (the head frozen) equals the gradient of the same loss computed naively: each sequence alone,
     logits materialized, in float32.
 
-    Bound: ||g - g_naive|| <= 1e-4 ||g_naive||, the two float32 computations differing in summation order only
-    (packed vs single-sequence attention, tiled vs one-GEMM head, DeepSpeed's flat fp32 buffers). Each rounding is
-    2^-24 relative; over the ~100-term reductions of a 30-layer backward they grow to ~1e-6 of the norm (measured:
-    plain 2e-6, ZeRO-3 3e-6). A gradient missing one of the two uses of the tied matrix is off by O(1)."""
+    Bound: ||g - g_naive|| <= 5e-4 ||g_naive|| over all compared tensors. The two are float32 computations of the
+    same function in different summation orders (varlen attention over a packed row vs one sequence, the head in
+    vocabulary tiles vs one GEMM, DeepSpeed's flat fp32 buffers): each rounding is 2^-24 relative, and a 30-layer
+    forward and backward amplifies the differences of the hidden states layer by layer, to 3.0e-5 of the norm
+    measured for the plain path on an AMD EPYC (Zen 4). The bound leaves a factor 16 for other CPUs' GEMM kernels;
+    a gradient missing one of the two uses of the tied matrix, or a lost micro-batch, is off by O(1)."""
     extra = {"plain": [], "lora": ["--lora-r", "4", "--lora-target-modules", "q_proj,v_proj", "--lora-dropout", "0"],
              "zero2": ["--zero-stage", "2"], "zero3": ["--zero-stage", "3"]}[variant]
     batch, grads, values, out = _first_step_capture(tmp_path, variant, *extra)
@@ -290,9 +292,14 @@ def test_tied_embedding_gradient_of_one_training_step_equals_the_naive_loss(smol
     naive = {n: p.grad for n, p in reference.named_parameters() if n in grads}
     reference.zero_grad(set_to_none=True)
     for name, grad in grads.items():
-        assert naive[name] is not None and naive[name].norm() > 0, name
-        error = float((grad - naive[name]).norm() / naive[name].norm())
-        print(f"{variant} {name}: relative gradient difference {error:.2e}")
-        assert error <= 1e-4, (name, error)
+        assert naive[name] is not None, name
+        if not naive[name].any():  # LoRA's A matrices: B starts at 0, so dL/dA = 0 exactly in both computations
+            assert not grad.any(), name
+    ours = torch.cat([grads[n].flatten() for n in sorted(grads)])
+    theirs = torch.cat([naive[n].flatten() for n in sorted(grads)])
+    assert theirs.norm() > 0
+    error = float((ours - theirs).norm() / theirs.norm())
+    print(f"{variant}: {len(grads)} gradient tensors, relative difference {error:.2e}")
+    assert error <= 5e-4, error
     config = json.loads((out / "final" / ("adapter_config.json" if variant == "lora" else "config.json")).read_text())
     assert "quantization_config" not in config  # final/ is a plain Hugging Face model (or PEFT adapter)

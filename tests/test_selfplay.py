@@ -309,6 +309,11 @@ def test_resume_after_a_crash_in_each_stage(tmp_path, monkeypatch):
     counts = [c for r in evaluation for c in r["response_tokens"]]
     assert rows[1]["mean_response_tokens"] == sum(counts) / len(counts) and all(0 <= c <= 8 for c in counts)
     assert json.loads((root / "report.json").read_text()) == rows
+    # exact-answer accuracy of pi_3 on the held-out prompts (the shipped prompts carry answers), by task
+    key = selfplay.answer_key(small_config(tmp_path))
+    held_out = [r["prompt"] for r in evaluation]
+    assert rows[1]["accuracy"] == selfplay.answer_accuracy(key, held_out, [r["responses"] for r in evaluation])
+    assert set(rows[1]["accuracy"]) == {"all"} | {key[p][1] for p in held_out}
     ET.fromstring((root / "report.svg").read_text())  # well-formed plot
     assert "| 2 |" in (root / "report.md").read_text()
 
@@ -470,3 +475,12 @@ def test_a_run_written_before_an_option_existed_resumes_with_its_default(tmp_pat
     other = "continue" if cfg.lora_iterations != "continue" else "fresh"
     with pytest.raises(ValueError, match="--lora-iterations"):
         selfplay.check_stored_config(selfplay.Run(small_config(tmp_path, lora_iterations=other)))
+
+
+def test_exact_answer_accuracy_matches_whole_words_ignoring_case_and_punctuation():
+    key = {"What is 19 + 74?": ("93", "arithmetic"), "Sort: b, a.": ("a b", "sort"), "Count 's'?": ("1", "count")}
+    groups = [["The sum is 93.", "193", "It's 93!"], ["A, B", "b a"], ["none"]]
+    accuracy = selfplay.answer_accuracy(key, list(key), groups)
+    assert accuracy == {"all": 3 / 6, "arithmetic": 2 / 3, "count": 0.0, "sort": 1 / 2}
+    assert selfplay.answer_accuracy(key, ["unknown prompt"], [["93"]]) is None
+    assert selfplay.normalize_answer("Banana,  glass; MELON") == " banana glass melon "
