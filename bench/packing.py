@@ -159,11 +159,18 @@ def build_attn(args) -> str:
 def build_model(args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**MODELS[args.model])
     attn = build_attn(args)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.model not in MODELS:  # a pretrained model: directory, hub name, GGUF file or smollm2-135m-instruct
+        from transformers import AutoModelForCausalLM
+
+        from nash_fast.pretrained import resolve_model
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=dtype, attn_implementation=attn)
+        return model.to(args.device).train(), attn
+    config = Qwen2Config(**MODELS[args.model])
     config._attn_implementation = attn
     torch.manual_seed(args.seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = Qwen2ForCausalLM(config).to(device=args.device, dtype=dtype).train()
     return model, attn
 
@@ -214,7 +221,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small CPU-sized run (tiny model, lengths x 1/8)")
-    ap.add_argument("--model", choices=sorted(MODELS), default=None)
+    ap.add_argument("--model", default=None, help=f"{', '.join(sorted(MODELS))} (random init), or a pretrained "
+                    "model: a Hugging Face directory or hub name, a GGUF file, smollm2-135m-instruct")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--attn", default="auto", help="attn_implementation for both modes (auto: flash_attention_2 "
                     "on CUDA when flash-attn is installed, else sdpa)")
