@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import pytest
 import torch
@@ -787,8 +788,11 @@ def test_liger_arguments_that_are_refused_say_why():
 
     p = liger_problem(1)
     call = [p[k] for k in ("lin_weight", "_input", "target", "bias", "ref_input", "ref_weight", "ref_bias")]
-    with pytest.raises(ValueError, match="loss_type='hinge' is not supported; supported: sigmoid, sppo_hard, ipo"):
-        FusedLinearDPOLoss(loss_type="hinge")
+    supported = ("sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, "
+                 "apo_down, discopop, sft, sigmoid_norm (and aot_pair = aot_unpaired)")
+    for bad in ("hinge_v2", ["sigmoid", "kto"]):  # one line listing every supported loss type
+        with pytest.raises(ValueError, match=r"^loss_type '(hinge_v2|kto)' is not supported; supported: " + re.escape(supported) + "$"):
+            FusedLinearDPOLoss(loss_type=bad)
     with pytest.raises(ValueError, match="label_smoothing"):
         FusedLinearDPOLoss(label_smoothing=0.1)
     with pytest.raises(ValueError, match="compute_nll_loss.*reduction='mean'"):
