@@ -641,3 +641,28 @@ def test_running_moments_are_trls_bitwise_and_round_trip_json(stream, scalar):
     assert not ours.update(torch.tensor(math.nan)) and restored.state_dict() == ours.state_dict()  # NaN not merged
     with pytest.raises(ValueError, match="RunningMoments state"):
         restored.load_state_dict({"mean": 0.0})
+
+
+@settings(max_examples=40)
+@given(exponent=st.floats(-48.0, 310.0), smoothing=st.floats(-0.5, 1.5),
+       loss=st.sampled_from(["hinge", "exo_pair", "robust", "sppo_hard", "aot", "discopop", "bco_pair", "sigmoid_norm"]))
+def test_cli_accepts_exactly_what_the_api_accepts_for_trls_losses(exponent, smoothing, loss):
+    """TRL's loss types: for every magnitude 10^e of beta (and discopop_tau) and every label_smoothing, parse_config
+    accepts the flags exactly when the API accepts the values on float32 inputs, and then the loss is finite at the
+    reference point."""
+    from nash_fast.config import parse_config
+
+    value = 10.0 ** exponent if exponent < 308.25 else 1.7e308
+    z = torch.zeros(3)
+    flags, hyper = ["--beta", repr(value)], dict(beta=value)
+    if loss in ("exo_pair", "robust", "aot"):
+        flags += [f"--label-smoothing={smoothing!r}"]  # "=": a negative value is not a flag
+        hyper["label_smoothing"] = smoothing
+    if loss == "discopop":
+        flags, hyper = ["--discopop-tau", repr(value)], dict(beta=0.1, discopop_tau=value)
+    fn = L.LOSS_TYPES[loss]
+    args = (z, z, z, z, z + 5, z + 5) if loss == "sigmoid_norm" else (z, z, z, z)
+    cli = _accepts(lambda: parse_config(["--loss", loss, *flags]))
+    assert cli == _accepts(lambda: fn(*args, **hyper)), (loss, hyper)
+    if cli:
+        assert torch.isfinite(fn(*args, **hyper)).all()
