@@ -65,7 +65,7 @@ Liger's compiled and chunk_size are replaced by `backend` (FusedLinearDPOLoss ac
 
 Metrics (detached float tensors): means over pairs: loss (mean per-pair preference loss, whatever the
 reduction, without the NLL term), chosen_logratio (pi_w - ref_w), rejected_logratio (pi_l - ref_l),
-reward_margin (beta (Delta_w - Delta_l) for dpo/ipo/spce/sr_dpo/sr_ipo and for sppo given beta; Delta_w -
+reward_margin (beta (Delta_w - Delta_l) for dpo/ipo/spce/sr_dpo/sr_ipo, TRL's loss types and sppo given beta; Delta_w -
 Delta_l for sppo given eta and inpo, which have no beta), reward_accuracy (fraction with Delta_w > Delta_l),
 policy_chosen_logps, policy_rejected_logps; counts num_pairs, num_tokens (scored tokens of the gradient
 pass); per pair [P]: chosen_logps, rejected_logps, chosen_rewards, rejected_rewards (beta Delta, or Delta
@@ -158,7 +158,7 @@ _LIGER_ONLY = {
 
 
 class FusedLinearPreferenceLoss(torch.nn.Module):
-    """(loss, metrics) of SPPO / INPO / IPO / DPO / Sr-DPO / Sr-IPO / SPCE from hidden states.
+    """(loss, metrics) of SPPO / INPO / IPO / DPO / Sr-DPO / Sr-IPO / SPCE, or of TRL's loss types, from hidden states.
 
     Args:
         loss: "sppo", "inpo", "ipo", "dpo", "sr_dpo", "sr_ipo" or "spce" (see nash_fast.losses); or one of TRL's loss
