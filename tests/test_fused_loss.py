@@ -1198,7 +1198,10 @@ def _compile_backends():
 
 @pytest.mark.parametrize("backend", _compile_backends())
 @pytest.mark.parametrize("name,layout", [("sppo", "liger"), ("inpo", "packed"), ("sr_ipo", "liger"), ("sr_dpo", "packed"),
-                                         ("spce", "packed"), ("sppo", "all_responses"), ("dpo", "liger_ref_input")])
+                                         ("spce", "packed"), ("sppo", "all_responses"), ("dpo", "liger_ref_input"),
+                                         # TRL's loss types, every stateless one in one of two weighted-equal lists
+                                         ("hinge,ipo,sft,aot_unpaired,discopop,sigmoid_norm", "packed"),
+                                         ("apo_zero,nca_pair,robust,bco_pair,sppo_hard,apo_down,aot", "liger")])
 def test_compile_fullgraph_equals_eager(name, layout, backend):
     """torch.compile(fullgraph=True) traces the module with no graph break on every backend: the value checks
     (probabilities, cu_seqlens, role / pair_index, whose pair count is known only at run time) are custom
