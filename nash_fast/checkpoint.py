@@ -34,7 +34,8 @@ digests, writes the manifest, renames and prunes, between barriers.
 The trainer's checkpoints (nash_fast.train's Run):
 
     save_run_checkpoint(run)   step-N/ with model.pt, optimizer.pt (or DeepSpeed's engine/), scheduler.pt,
-                               trainer_state.json (TrainerState, data position, config), rng_rank<r>.json
+                               trainer_state.json (TrainerState, data position, config, the loss's running state
+                               such as bco_pair's running mean of rewards), rng_rank<r>.json
                                (rng_state: every RNG as JSON) and metrics.jsonl (the log up to step N)
     resume_run(run)            the checkpoint --resume names, or the newest one that verifies and loads (a damaged
                                one is named, removed, and the next older one tried); a checkpoint of another run
@@ -44,6 +45,7 @@ The trainer's checkpoints (nash_fast.train's Run):
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -386,6 +388,9 @@ def save_run_checkpoint(run: Run) -> Path | None:
                 "data": dict(zip(("epoch", "batch_in_epoch"), run.stream.locate(run.state.position)),
                              sampler_seed=run.cfg.seed),
                 "total_steps": run.total_steps, "warmup_steps": run.warmup_steps, "config": to_dict(run.cfg),
+                # The loss's running state (bco_pair's running mean of rewards; {} for stateless losses), the same on
+                # every rank (its updates are all-reduced); JSON floats round-trip exactly, so a resume is bitwise.
+                "loss_state": _loss_state(run.loss_fn),
             })
             with open(tmp / "metrics.jsonl", "w") as f:
                 f.writelines(run.metrics_lines)
@@ -396,6 +401,19 @@ def save_run_checkpoint(run: Run) -> Path | None:
     if run.dist.is_main:
         log(f"saved checkpoint {path}")
     return path
+
+
+def _loss_state(loss_fn) -> dict:
+    """The loss's running state (FusedLinearPreferenceLoss.loss_state()); {} for a loss without one (any callable)."""
+    return loss_fn.loss_state() if hasattr(loss_fn, "loss_state") else {}
+
+
+def _load_loss_state(loss_fn, state) -> None:
+    """Restores _loss_state's dict; ValueError if it is not what loss_fn keeps."""
+    if hasattr(loss_fn, "load_loss_state"):
+        loss_fn.load_loss_state(state)
+    elif state != {}:
+        raise ValueError(f"loss state must be {{}} for this loss, got {state!r:.200}")
 
 
 # Options that may change between a run and its resumption (they do not change what is being trained).
@@ -481,6 +499,10 @@ def _read_checkpoint(run: Run, path: Path, verify: bool = True) -> LoadedCheckpo
             or not isinstance(saved.get("total_steps"), int) or saved["step"] != manifest["step"]:
         raise CheckpointDamaged(path, "trainer_state.json", "does not hold this checkpoint's trainer state")
     _check_resumable(saved.get("config", {}), run.cfg, path)  # another run's checkpoint: an error, not damage
+    try:  # checked on a copy now, applied with the rest in _apply_checkpoint
+        _load_loss_state(copy.deepcopy(run.loss_fn), saved.get("loss_state", {}))
+    except ValueError as error:
+        raise CheckpointDamaged(path, "trainer_state.json", f"does not hold this run's loss state ({error})") from None
     rng_name = f"rng_rank{run.dist.rank}.json"
     rng = _read_json(path, rng_name) if (path / rng_name).is_file() else None  # absent: more processes than saved
     try:
@@ -582,6 +604,7 @@ def _apply_checkpoint(run: Run, loaded: LoadedCheckpoint) -> None:
         run.optimizer.load_state_dict(loaded.optimizer)
     run.scheduler.load_state_dict(loaded.scheduler)
     run.state = TrainerState(**{k: saved[k] for k in TrainerState().to_dict()})
+    _load_loss_state(run.loss_fn, saved.get("loss_state", {}))
     if loaded.rng is not None:
         _apply_rng_state(loaded.rng)
     run.metrics_lines = list(loaded.metrics_lines)

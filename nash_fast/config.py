@@ -24,6 +24,11 @@ from typing import Any, Iterable
 from nash_fast.pretrained import gguf_directory, is_gguf_model, locate_gguf
 
 LOSSES = ("sppo", "inpo", "ipo", "dpo", "sr_dpo", "sr_ipo", "spce")
+# TRL's DPOTrainer loss types (nash_fast.fused_loss.TRL_LOSS_TYPES; "aot_pair" is TRL 0.x's "aot_unpaired"), accepted by
+# --loss as TRL spells them, one or a comma-separated list (TRL's loss_type=[...], weighted by --loss-weights).
+TRL_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+              "aot_pair", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+_TRL_SMOOTHED = ("exo_pair", "robust", "aot", "aot_unpaired", "aot_pair")
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULERS = ("linear", "cosine", "constant")
 
@@ -85,7 +90,20 @@ class TrainConfig:
     aug_prompt: str = _opt(SR_DPO_PROMPT, "Sr-DPO / Sr-IPO prompt p of the augmented query p + x for records "
                            "without an 'aug_prompt' column (default: the Sr-DPO paper's prompt).")
     # ---------------------------------------------------------------- loss
-    loss: str = _opt("sppo", "Preference loss.", choices=LOSSES)
+    loss: str = _opt("sppo", "Preference loss: sppo, inpo, ipo, dpo, sr_dpo, sr_ipo, spce, or one of TRL's loss types "
+                     "as TRL names them (sigmoid = dpo, hinge, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, "
+                     "aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm), or a comma-separated list of TRL's "
+                     "types, TRL's loss_type=[...] (e.g. sigmoid,bco_pair,sft with --loss-weights 0.8,0.2,1 for MPO); in "
+                     "a list ipo is TRL's length-normalized IPO. Also --loss-type / YAML loss_type, and a YAML list.")
+    loss_weights: str = _opt("", "TRL's loss_weights of a --loss list: comma-separated numbers, one per loss type "
+                             "(default 1 each); a YAML list works too.")
+    label_smoothing: float | None = _opt(None, "TRL's label_smoothing: exo_pair's eps (required, in (0, 1); the EXO "
+                                         "paper recommends 1e-3), robust's flip rate in [0, 0.5) (default 0), aot / "
+                                         "aot_unpaired's cDPO smoothing in [0, 1] (default 0).")
+    discopop_tau: float | None = _opt(None, "DiscoPOP's tau for --loss discopop (default 0.05, TRL's).")
+    bco_running_mean: bool = _opt(False, "--loss bco_pair: shift the rewards by the running mean of the batches' mean "
+                                  "reward (TRL 0.x's RunningMoments; saved in checkpoints) instead of 0 (TRL 1.x, "
+                                  "Liger-Kernel).")
     beta: float | None = _opt(None, "Inverse temperature of dpo/ipo/spce/sr_dpo/sr_ipo (default 0.1).")
     eta: float | None = _opt(None, "SPPO's eta (default 10, i.e. 1/0.1) or INPO's eta (required for inpo).")
     tau: float | None = _opt(None, "INPO's KL weight to the reference, 0 <= tau < eta (required for inpo).")
@@ -269,13 +287,24 @@ class TrainConfig:
         if ok("default_preference") and self.default_preference is not None and not 0.0 <= self.default_preference <= 1.0:
             problem("default_preference", f"--default-preference must be in [0, 1], got {self.default_preference!r}")
 
+        if ok("loss") and self.loss_types() is None:
+            problem("loss", f"--loss must be one of {', '.join(LOSSES)}, one of TRL's loss types "
+                            f"{', '.join(TRL_LOSSES)}, or a comma-separated list of TRL's loss types; got {self.loss!r}")
         # Hyperparameters a loss does not read are errors rather than silently ignored.
         if ok("loss"):
-            reads = {"sppo": ("beta", "eta"), "inpo": ("eta", "tau"), "ipo": ("beta",), "dpo": ("beta",),
-                     "sr_dpo": ("beta", "lam"), "sr_ipo": ("beta", "lam"), "spce": ("beta",)}[self.loss]
-            for name in ("beta", "eta", "tau", "lam"):
-                if ok(name) and getattr(self, name) is not None and name not in reads:
-                    problem(name, f"{flag(name)} is not used by --loss {self.loss} (it reads {', '.join(reads)})")
+            types = self.loss_types()
+            if types:
+                reads = ("beta",) + (("label_smoothing",) if set(types) & set(_TRL_SMOOTHED) else ()) + (
+                    ("discopop_tau",) if "discopop" in types else ()) + (("bco_running_mean",) if "bco_pair" in types
+                                                                         else ()) + ("loss_weights",)
+            else:
+                reads = {"sppo": ("beta", "eta"), "inpo": ("eta", "tau"), "ipo": ("beta",), "dpo": ("beta",),
+                         "sigmoid": ("beta",), "sr_dpo": ("beta", "lam"), "sr_ipo": ("beta", "lam"),
+                         "spce": ("beta",)}[self.loss]
+            for name in ("beta", "eta", "tau", "lam", "label_smoothing", "discopop_tau", "loss_weights", "bco_running_mean"):
+                if ok(name) and getattr(self, name) not in (None, False, "") and name not in reads:
+                    problem(name, f"{flag(name)} is not used by --loss {self.loss} (it reads "
+                                  f"{', '.join(map(flag, reads))})")
             if self.loss == "sppo" and ok("beta", "eta") and self.beta is not None and self.eta is not None:
                 problem("beta", "--beta and --eta both given for --loss sppo; give one (eta = 1 / beta)")
             if self.loss == "inpo":
@@ -287,7 +316,15 @@ class TrainConfig:
                     problem("tau", f"--tau must be smaller than --eta for --loss inpo, got tau={self.tau}, eta={self.eta}")
             if self.loss in ("sr_dpo", "sr_ipo") and ok("lam") and self.lam is None:
                 problem("lam", f"--loss {self.loss} needs --lam")
-            if ok("beta", "eta", "tau", "lam"):
+            if types and ok("loss_weights") and self.loss_weights:
+                try:
+                    self.loss_weight_values()
+                except ValueError as error:
+                    problem("loss_weights", str(error))
+            if types and "exo_pair" in types and ok("label_smoothing") and self.label_smoothing is None:
+                problem("label_smoothing", "--loss exo_pair needs --label-smoothing > 0 (EXO's eps; the EXO paper "
+                                           "recommends 1e-3)")
+            if ok("beta", "eta", "tau", "lam", "label_smoothing", "discopop_tau"):
                 try:
                     self._check_loss_hyperparameters()
                 except ValueError as error:
@@ -342,14 +379,52 @@ class TrainConfig:
             problem(name, message)
         return problems
 
+    def loss_types(self) -> tuple[str, ...] | None:
+        """TRL's loss types of --loss (a TRL-only name or a comma-separated list), canonical; () for one of
+        nash-fast's own losses (and "sigmoid", which is dpo); None if --loss names no supported loss."""
+        names = [n.strip() for n in self.loss.split(",")]
+        if len(names) == 1 and names[0] in LOSSES + ("sigmoid",):
+            return ()
+        if not all(n in TRL_LOSSES for n in names) or len(set(names)) != len(names):
+            return None
+        return tuple({"aot_pair": "aot_unpaired"}.get(n, n) for n in names)
+
+    def loss_weight_values(self) -> list[float] | None:
+        """--loss-weights parsed (None when not given); ValueError naming the option."""
+        if not self.loss_weights.strip():
+            return None
+        types = self.loss_types() or ()
+        try:
+            weights = [_parse_float(w) for w in self.loss_weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--loss-weights must be comma-separated numbers, got {self.loss_weights!r}") from None
+        if len(weights) != len(types):
+            raise ValueError(f"--loss-weights must give {len(types)} numbers, one per loss type of --loss {self.loss}, "
+                             f"got {len(weights)}")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"--loss-weights must be finite numbers, got {self.loss_weights!r}")
+        return weights
+
     def _check_loss_hyperparameters(self) -> None:
         """The API's rule (nash_fast.losses.check_hyperparameters) on the values the trainer will use, in float32
         (the losses' compute dtype for float32 and bf16 policies alike)."""
         import torch
 
-        from nash_fast.losses import check_hyperparameters
+        from nash_fast.losses import HYPERPARAMETERS, check_hyperparameters
 
-        labels = {name: flag(name) for name in ("beta", "eta", "tau", "lam")}
+        labels = {name: flag(name) for name in ("beta", "eta", "tau", "lam", "label_smoothing", "discopop_tau")}
+        types = self.loss_types()
+        if types:
+            values = {"beta": self.beta if self.beta is not None else 0.1,
+                      "label_smoothing": self.label_smoothing if self.label_smoothing is not None else 0.0,
+                      "discopop_tau": self.discopop_tau if self.discopop_tau is not None else 0.05}
+            for name in types:
+                if name == "exo_pair" and self.label_smoothing is None:
+                    continue  # reported as missing
+                rule = "dpo" if name == "sigmoid" else name
+                check_hyperparameters(rule, torch.float32, labels=labels,
+                                      **{k: values[k] for k in HYPERPARAMETERS[rule]})
+            return
         if self.loss == "sppo":
             if self.beta is not None:
                 check_hyperparameters("dpo", torch.float32, labels=labels, beta=self.beta)
@@ -365,7 +440,7 @@ class TrainConfig:
                 if self.lam is None:
                     return
                 values["lam"] = self.lam
-            check_hyperparameters(self.loss, torch.float32, labels=labels, **values)
+            check_hyperparameters("dpo" if self.loss == "sigmoid" else self.loss, torch.float32, labels=labels, **values)
 
 
 from nash_fast.data.formats import COLUMN_FIELDS  # noqa: E402  (the fields --columns maps to)
@@ -475,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
         names = [flag(f.name)]
         if "_" in f.name:
             names.append("--" + f.name)  # --max_steps works too
+        if f.name == "loss":
+            names += ["--loss-type", "--loss_type"]  # TRL's DPOConfig field name
         help_text = f.metadata["help"]
         if "default" not in help_text.lower():
             help_text += f" (default: {f.default!r})"
@@ -546,6 +623,11 @@ def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    trl_key = [key for key in data if str(key).replace("-", "_") == "loss_type"]  # TRL's DPOConfig name of --loss
+    if trl_key:
+        if "loss" in data or len(trl_key) > 1:
+            raise ValueError(f"--config {path}: give loss or loss_type (the same option), not both")
+        data = {("loss" if key == trl_key[0] else key): value for key, value in data.items()}
     unknown = [key for key in data if str(key).replace("-", "_") not in fields]
     if unknown:
         raise ValueError(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} "
@@ -555,6 +637,8 @@ def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
         name = str(key).replace("-", "_")
         if name == "columns" and isinstance(value, dict):
             value = ",".join(f"{field}={column}" for field, column in value.items())
+        if name in ("loss", "loss_weights") and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            value = ",".join(value)  # TRL's YAML lists: loss_type: [sigmoid, sft], loss_weights: [0.8, 0.2]
         if not isinstance(value, str):
             problems[name] = f"{flag(name)} (in --config {path}) must be a single value, got {value!r}"
             continue

@@ -65,7 +65,7 @@ Liger's compiled and chunk_size are replaced by `backend` (FusedLinearDPOLoss ac
 
 Metrics (detached float tensors): means over pairs: loss (mean per-pair preference loss, whatever the
 reduction, without the NLL term), chosen_logratio (pi_w - ref_w), rejected_logratio (pi_l - ref_l),
-reward_margin (beta (Delta_w - Delta_l) for dpo/ipo/spce/sr_dpo/sr_ipo and for sppo given beta; Delta_w -
+reward_margin (beta (Delta_w - Delta_l) for dpo/ipo/spce/sr_dpo/sr_ipo, TRL's loss types and sppo given beta; Delta_w -
 Delta_l for sppo given eta and inpo, which have no beta), reward_accuracy (fraction with Delta_w > Delta_l),
 policy_chosen_logps, policy_rejected_logps; counts num_pairs, num_tokens (scored tokens of the gradient
 pass); per pair [P]: chosen_logps, rejected_logps, chosen_rewards, rejected_rewards (beta Delta, or Delta
@@ -114,6 +114,36 @@ _PAIR_INPUTS = {
     "spce": ("ref_chosen_logps", "ref_rejected_logps", "target_prob"),
 }
 _ALL_RESPONSES_INPUTS = ("ref_logps", "winrate")
+
+# TRL's loss types (DPOConfig.loss_type; nash_fast.losses.LOSS_TYPES), all computed from the per-sequence log-probs:
+# the names TRL 1.16 accepts, and "aot_pair", TRL 0.x's name of "aot_unpaired". A list of them (TRL's
+# loss_type=[...], with loss_weights) is one loss: sum_k w_k mean(loss_k). "dpo" in a list means "sigmoid".
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+_TRL_ALIASES = {"aot_pair": "aot_unpaired", "dpo": "sigmoid"}
+# Those that are nash-fast losses of their own under another name when given alone (FusedLinearPreferenceLoss("dpo"),
+# "ipo"): TRL's "sigmoid" is "dpo"; TRL's "ipo" (length-normalized) is "ipo" with average_log_prob=True.
+_TRL_ONLY = tuple(t for t in TRL_LOSS_TYPES if t not in ("sigmoid", "ipo")) + ("aot_pair",)
+_TRL_SMOOTHED = ("exo_pair", "robust", "aot", "aot_unpaired")  # read label_smoothing
+_TRL_COUNTED = ("ipo", "sigmoid_norm", "sft")  # read each response's scored-token count
+DEFAULT_DISCOPOP_TAU = 0.05  # TRL's DPOConfig.discopop_tau (the DiscoPOP paper's recommendation)
+
+
+def trl_loss_types(loss) -> tuple[str, ...]:
+    """TRL's loss_type (a name, or a list / tuple / comma-separated names) -> canonical names; ValueError in one line
+    listing the supported ones for anything else."""
+    names = [n.strip() for n in loss.split(",")] if isinstance(loss, str) else list(loss) if isinstance(
+        loss, (list, tuple)) else None
+    supported = ", ".join(TRL_LOSS_TYPES) + " (and aot_pair = aot_unpaired)"
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"loss_type must be a name or a non-empty list of names; supported: {supported}; got {loss!r}")
+    unknown = [n for n in names if n not in TRL_LOSS_TYPES and n not in _TRL_ALIASES]
+    if unknown:
+        raise ValueError(f"loss_type {', '.join(map(repr, unknown))} is not supported; supported: {supported}")
+    canonical = tuple(_TRL_ALIASES.get(n, n) for n in names)
+    if len(set(canonical)) != len(canonical):
+        raise ValueError(f"loss_type lists a loss twice: {names!r} (give it once, with its weight in loss_weights)")
+    return canonical
 _PROBABILITIES = ("winrate", "target_prob")
 
 _LIGER_ONLY = {
@@ -128,10 +158,17 @@ _LIGER_ONLY = {
 
 
 class FusedLinearPreferenceLoss(torch.nn.Module):
-    """(loss, metrics) of SPPO / INPO / IPO / DPO / Sr-DPO / Sr-IPO / SPCE from hidden states.
+    """(loss, metrics) of SPPO / INPO / IPO / DPO / Sr-DPO / Sr-IPO / SPCE, or of TRL's loss types, from hidden states.
 
     Args:
-        loss: "sppo", "inpo", "ipo", "dpo", "sr_dpo", "sr_ipo" or "spce" (see nash_fast.losses).
+        loss: "sppo", "inpo", "ipo", "dpo", "sr_dpo", "sr_ipo" or "spce" (see nash_fast.losses); or one of TRL's loss
+            types (TRL_LOSS_TYPES: "sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+            "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"), or a list of TRL's
+            loss types, TRL's loss_type=[...]: the loss is sum_k loss_weights[k] mean(loss_k). In a list the names
+            mean what they mean in TRL: "ipo" is then TRL's length-normalized IPO (ipo on each response's
+            per-token mean log-ratio); alone, "ipo" is IPO on the log-probs as computed (TRL's with
+            average_log_prob=True). TRL's losses read the reference log-probs only (ref_chosen_logps /
+            ref_rejected_logps or ref_input), like "dpo".
         beta: inverse temperature of dpo/ipo/spce/sr_dpo/sr_ipo; None means 0.1. For sppo it may be
             given instead of eta, meaning eta = 1 / beta (so beta matches TRL's sppo_hard).
         eta: SPPO's eta (default 1 / 0.1 = 10 when neither eta nor beta is given) or INPO's eta
@@ -143,6 +180,14 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         softcap: final-logit soft-cap (Gemma-2), passed to sequence_logprobs.
         backend: "auto", "torch" or "triton", passed to sequence_logprobs.
         reduction: "mean" or "sum" over pairs (responses), or "none" for the per-pair losses.
+        loss_weights: TRL's weights of a list of loss types (default 1.0 each).
+        label_smoothing: TRL's, read by exo_pair (its eps, required, in (0, 1)), robust (flip rate in [0, 1/2),
+            default 0), aot and aot_unpaired (cDPO smoothing in [0, 1], default 0).
+        discopop_tau: DiscoPOP's tau (default 0.05, TRL's).
+        bco_running_mean: bco_pair's reward shift delta is the running mean of the batches' mean rewards, TRL 0.x's
+            RunningMoments (nash_fast.losses.RunningMoments), updated on every call before it is used; False
+            (default): delta = 0, as TRL 1.x and Liger-Kernel 0.8.5. The state is loss_state() /
+            load_loss_state() (the trainer saves it in its checkpoints).
 
     A hyperparameter the chosen loss does not read raises ValueError, as does any unknown keyword.
     """
@@ -160,18 +205,34 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         softcap: float | None = None,
         backend: str = "auto",
         reduction: str = "mean",
+        loss_weights=None,
+        label_smoothing: float | None = None,
+        discopop_tau: float | None = None,
+        bco_running_mean: bool = False,
         **unknown,
     ):
         super().__init__()
+        trl = dict(loss_weights=loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
+                   bco_running_mean=bco_running_mean)
         if unknown:
             hints = "; ".join(f"{k}: {_LIGER_ONLY[k]}" for k in sorted(unknown) if k in _LIGER_ONLY)
             raise ValueError(f"unknown argument(s) {sorted(unknown)}" + (f" ({hints})" if hints else ""))
-        if loss not in _HYPERPARAMETERS:
-            raise ValueError(f"loss must be one of {sorted(_HYPERPARAMETERS)}, got {loss!r}")
-        given = {k: v for k, v in dict(beta=beta, eta=eta, tau=tau, lam=lam).items() if v is not None}
-        unused = sorted(set(given) - set(_HYPERPARAMETERS[loss]))
-        if unused:
-            raise ValueError(f"{', '.join(unused)} not used by loss={loss!r} (it reads {_HYPERPARAMETERS[loss]})")
+        if isinstance(loss, (list, tuple)) or (isinstance(loss, str) and ("," in loss or loss in _TRL_ONLY)):
+            self._init_trl(trl_loss_types(loss), beta=beta, eta=eta, tau=tau, lam=lam, **trl)
+        else:
+            if loss == "sigmoid":
+                loss = "dpo"  # TRL's name
+            if loss not in _HYPERPARAMETERS:
+                raise ValueError(f"loss must be one of {sorted(_HYPERPARAMETERS)}, one of TRL's loss types "
+                                 f"{', '.join(TRL_LOSS_TYPES)}, or a list of TRL's loss types; got {loss!r}")
+            for name, value in trl.items():
+                if value not in (None, False):
+                    raise ValueError(f"{name} is only used by TRL's loss types (e.g. {_TRL_ONLY[0]!r} or a list), "
+                                     f"not by loss={loss!r}")
+            self._init_nash(loss, beta=beta, eta=eta, tau=tau, lam=lam)
+        self._check_common(average_log_prob, ignore_index, softcap, backend, reduction)
+
+    def _check_common(self, average_log_prob, ignore_index, softcap, backend, reduction):
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if backend not in BACKENDS:
@@ -180,7 +241,59 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             softcap = _hyperparameter("softcap", softcap, positive=True)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        self.average_log_prob = bool(average_log_prob)
+        self.ignore_index = ignore_index
+        self.softcap = softcap
+        self.backend = backend
+        self.reduction = reduction
 
+    def _init_trl(self, types, *, beta, eta, tau, lam, loss_weights, label_smoothing, discopop_tau, bco_running_mean):
+        """TRL's loss types (one, or a list with loss_weights)."""
+        unused = [name for name, value in dict(eta=eta, tau=tau, lam=lam).items() if value is not None]
+        if label_smoothing is not None and not set(types) & set(_TRL_SMOOTHED):
+            unused.append("label_smoothing")
+        if discopop_tau is not None and "discopop" not in types:
+            unused.append("discopop_tau")
+        if unused:
+            raise ValueError(f"{', '.join(unused)} not used by loss={list(types)!r} (TRL's losses read beta; "
+                             f"label_smoothing: {', '.join(_TRL_SMOOTHED)}; discopop_tau: discopop)")
+        if not isinstance(bco_running_mean, bool):
+            raise ValueError(f"bco_running_mean must be True or False, got {bco_running_mean!r}")
+        if bco_running_mean and "bco_pair" not in types:
+            raise ValueError(f"bco_running_mean is only used by the bco_pair loss, not by loss={list(types)!r}")
+        if loss_weights is None:
+            weights = (1.0,) * len(types)
+        else:
+            if not isinstance(loss_weights, (list, tuple)) or len(loss_weights) != len(types):
+                raise ValueError(f"loss_weights must be a list of {len(types)} numbers (one per loss type of "
+                                 f"{list(types)!r}), got {loss_weights!r}")
+            weights = tuple(_hyperparameter("loss_weights", w) for w in loss_weights)
+        self.beta = _hyperparameter("beta", DEFAULT_BETA if beta is None else beta, positive=True)
+        self.eta = self.tau = self.lam = None
+        self.label_smoothing = 0.0 if label_smoothing is None else _hyperparameter("label_smoothing", label_smoothing)
+        self.discopop_tau = DEFAULT_DISCOPOP_TAU if discopop_tau is None else _hyperparameter(
+            "discopop_tau", discopop_tau, positive=True)
+        if "exo_pair" in types and label_smoothing is None:
+            raise ValueError("the exo_pair loss needs label_smoothing > 0 (EXO's eps; the EXO paper recommends 1e-3)")
+        for name in types:  # the API's one rule, in float32 (sequence_logprobs returns float32)
+            rule = "dpo" if name == "sigmoid" else name
+            values = {"beta": self.beta, "label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau}
+            losses.check_hyperparameters(rule, torch.float32, **{k: values[k] for k in losses.HYPERPARAMETERS[rule]})
+        self.loss = types[0] if len(types) == 1 else ",".join(types)
+        self.loss_types, self.loss_weights = types, weights
+        self._bco_running = losses.RunningMoments() if bco_running_mean else None
+        self._nll_alpha = None
+        self._zero_reference = False
+        self._default_winrate = None
+        self._reward_beta = self.beta
+
+    def _init_nash(self, loss, *, beta, eta, tau, lam):
+        given = {k: v for k, v in dict(beta=beta, eta=eta, tau=tau, lam=lam).items() if v is not None}
+        unused = sorted(set(given) - set(_HYPERPARAMETERS[loss]))
+        if unused:
+            raise ValueError(f"{', '.join(unused)} not used by loss={loss!r} (it reads {_HYPERPARAMETERS[loss]})")
+        self.loss_types = self.loss_weights = None
+        self._bco_running = None
         self.beta = self.eta = self.tau = self.lam = None
         if loss == "sppo":
             if beta is not None and eta is not None:
@@ -215,14 +328,30 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         self._default_winrate: float | None = None
         self._reward_beta = self.beta if self.beta is not None else (
             _hyperparameter("beta", beta, positive=True) if loss == "sppo" and beta is not None else None)
-        self.average_log_prob = bool(average_log_prob)
-        self.ignore_index = ignore_index
-        self.softcap = softcap
-        self.backend = backend
-        self.reduction = reduction
+
+    @property
+    def _trl(self) -> bool:
+        """TRL's loss types (self.loss_types), as opposed to nash-fast's own losses."""
+        return self.loss_types is not None
+
+    def loss_state(self) -> dict:
+        """The loss's running state (bco_pair's running mean with bco_running_mean=True), as JSON-exact floats; {} for
+        stateless losses. The trainer saves it in each checkpoint and restores it on resume."""
+        return {} if self._bco_running is None else {"bco_running_moments": self._bco_running.state_dict()}
+
+    def load_loss_state(self, state: dict) -> None:
+        """Inverse of loss_state(); ValueError if `state` is not what this loss keeps."""
+        expected = sorted(self.loss_state())
+        if not isinstance(state, dict) or sorted(state) != expected:
+            raise ValueError(f"loss state must hold {expected} for loss={self.loss!r}, got {state!r:.200}")
+        if self._bco_running is not None:
+            self._bco_running.load_state_dict(state["bco_running_moments"])
 
     def extra_repr(self) -> str:
         hyper = {k: getattr(self, k) for k in ("beta", "eta", "tau", "lam") if getattr(self, k) is not None}
+        if self._trl:
+            hyper.update(loss_weights=list(self.loss_weights), label_smoothing=self.label_smoothing,
+                         discopop_tau=self.discopop_tau, bco_running_mean=self._bco_running is not None)
         return f"loss={self.loss!r}, " + ", ".join(f"{k}={v}" for k, v in hyper.items()) + (
             f", average_log_prob={self.average_log_prob}, reduction={self.reduction!r}, backend={self.backend!r}"
         )
@@ -294,7 +423,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             aug_ref_chosen_logps=aug_ref_chosen_logps, aug_ref_rejected_logps=aug_ref_rejected_logps,
             winrate=winrate, target_prob=target_prob, ref_logps=ref_logps,
         )
-        needed = _ALL_RESPONSES_INPUTS if all_responses else _PAIR_INPUTS[self.loss]
+        needed = _ALL_RESPONSES_INPUTS if all_responses else _PAIR_INPUTS["dpo" if self._trl else self.loss]
         computed_here = set()
         if not all_responses and (reference_sequences is not None or self._zero_reference):
             computed_here = {"ref_chosen_logps", "ref_rejected_logps"} | (
@@ -360,7 +489,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             for name in needed
         }
         ref_w, ref_l = given["ref_chosen_logps"], given["ref_rejected_logps"]
-        if self.loss == "sppo":
+        if self._trl:
+            per_pair = self._trl_loss(chosen, rejected, ref_w, ref_l, labels, cu_seqlens, order, hidden)
+        elif self.loss == "sppo":
             per_pair = losses.sppo_pair_loss(chosen, rejected, ref_w, ref_l, given["winrate"], eta=self.eta)
         elif self.loss == "inpo":
             per_pair = losses.inpo_loss(
@@ -414,6 +545,56 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         if nll is not None:
             loss = loss + self._nll_alpha * nll
         return loss, metrics
+
+    def _trl_loss(self, chosen, rejected, ref_w, ref_l, labels, cu_seqlens, order, hidden):
+        """sum_k w_k loss_k per pair (TRL: sum_k w_k mean(loss_k), the mean of this), each loss_k as TRL computes it
+        from the per-sequence log-probs (nash_fast.losses). ipo and sigmoid_norm act on per-token mean log-ratios
+        (the sums divided by each response's scored tokens, at least 1, as TRL; with average_log_prob the log-probs
+        already are means); sft on the chosen responses' summed log-probs and token counts."""
+        device = chosen.device
+        counts_w = counts_l = None
+        if set(self.loss_types) & set(_TRL_COUNTED):
+            scored = _scored_per_sequence(labels, cu_seqlens, self.ignore_index, hidden).to(device)
+            counts_w, counts_l = scored[order[CHOSEN].to(device)], scored[order[REJECTED].to(device)]
+        beta, total = self.beta, None
+        for name, weight in zip(self.loss_types, self.loss_weights):
+            if name == "ipo":
+                if self.average_log_prob:  # already per-token means
+                    per = losses.ipo_loss(chosen, rejected, ref_w, ref_l, beta=beta)
+                else:
+                    n_w, n_l = counts_w.clamp(min=1.0), counts_l.clamp(min=1.0)
+                    per = losses.ipo_loss(chosen / n_w, rejected / n_l, ref_w / n_w, ref_l / n_l, beta=beta)
+            elif name == "sigmoid_norm":
+                ones = torch.ones_like(chosen)
+                n_w, n_l = (ones, ones) if self.average_log_prob else (counts_w, counts_l)
+                per = losses.sigmoid_norm_loss(chosen, rejected, ref_w, ref_l, n_w, n_l, beta=beta)
+            elif name == "sft":
+                per = losses.sft_loss(chosen * counts_w if self.average_log_prob else chosen, counts_w)
+            elif name == "bco_pair":
+                per = losses.bco_pair_loss(chosen, rejected, ref_w, ref_l, beta=beta,
+                                           delta=self._bco_delta(chosen, rejected, ref_w, ref_l))
+            elif name in _TRL_SMOOTHED:
+                per = losses.LOSS_TYPES[name](chosen, rejected, ref_w, ref_l, beta=beta,
+                                              label_smoothing=self.label_smoothing)
+            elif name == "discopop":
+                per = losses.discopop_loss(chosen, rejected, ref_w, ref_l, beta=beta, discopop_tau=self.discopop_tau)
+            else:
+                per = losses.LOSS_TYPES[name](chosen, rejected, ref_w, ref_l, beta=beta)
+            per = per if weight == 1.0 else weight * per
+            total = per if total is None else total + per
+        return total
+
+    def _bco_delta(self, chosen, rejected, ref_w, ref_l) -> float:
+        """bco_pair's reward shift: 0, or (bco_running_mean) TRL 0.x's running mean of the batches' mean reward
+        beta (log pi - log pi_ref) over chosen and rejected, updated with this batch first (TRL's order). A batch
+        whose mean reward is not finite is not merged (TRL's would make every later delta NaN; the trainer skips
+        such a step)."""
+        if self._bco_running is None:
+            return 0.0
+        with torch.no_grad():
+            rewards = torch.cat([self.beta * (chosen - ref_w), self.beta * (rejected - ref_l)], 0).mean()
+            self._bco_running.update(rewards)
+        return self._bco_running.mean
 
     def _check_reference_arguments(self, ref_input, ref_weight, ref_bias, aug_ref_input, cu_seqlens, *precomputed):
         names = ("ref_chosen_logps", "ref_rejected_logps", "aug_ref_chosen_logps", "aug_ref_rejected_logps", "ref_logps")
@@ -673,8 +854,9 @@ def _per_example(name, value, count, device, probability, what="pairs"):
     return value.float()
 
 
-# LigerFusedLinearDPOLoss's loss_type -> (our loss, SPPO's win rate when none is passed).
-_LIGER_LOSS_TYPES = {"sigmoid": ("dpo", None), "sppo_hard": ("sppo", 1.0), "ipo": ("ipo", None)}
+# LigerFusedLinearDPOLoss's loss_type -> (our loss, SPPO's win rate when none is passed) where it is one of
+# nash-fast's own losses; every other TRL loss type (and any list) is FusedLinearPreferenceLoss's TRL path.
+_LIGER_LOSS_TYPES = {"sigmoid": ("dpo", None), "sppo_hard": ("sppo", 1.0)}
 
 
 _LIGER_AUX = ("chosen_logps", "rejected_logps", "mean_chosen_logits", "mean_rejected_logits", "nll_loss",
@@ -698,31 +880,49 @@ class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
     Liger's 7-tuple (chosen_logps, rejected_logps, mean chosen logits, mean rejected logits, nll_loss,
     chosen_rewards, rejected_rewards), with the full metrics dict as aux.metrics.
 
-    loss_type: "sigmoid" (DPO), "sppo_hard" (SPPO eq. 4.8 with P = 1 and eta = 1 / beta, TRL's and Liger's
-    formula; pass winrate= for soft win rates), "ipo" (which Liger itself refuses). Liger's other loss types
-    (hinge, exo_pair, nca_pair, robust, bco_pair, apo_zero, apo_down, discopop) and label_smoothing raise
-    ValueError. compute_nll_loss adds alpha x the chosen responses' token-mean NLL (Liger's RPO term, needs
-    reduction "mean"); use_ref_model=False makes the reference log-probs 0. compiled and chunk_size tune Liger's
-    chunked torch.compile path; they are accepted and change nothing (the fused op never holds the logits).
-    Every FusedLinearPreferenceLoss keyword (backend, softcap, reduction, and the forward's precomputed inputs)
-    works as well.
+    loss_type: any of TRL's loss types (TRL_LOSS_TYPES), with TRL's formulas and defaults (nash_fast.losses): Liger's
+    ten (sigmoid, sppo_hard, bco_pair, exo_pair, discopop, nca_pair, apo_down, apo_zero, robust, hinge) and TRL's
+    others (ipo, aot, aot_unpaired, sft, sigmoid_norm); or TRL's list loss_type=[...] with loss_weights=[...] (a
+    keyword, TRL's DPOConfig field): sum_k w_k mean(loss_k). "ipo" is TRL's (on per-token mean log-ratios; Liger
+    refuses it). "sppo_hard" alone is SPPO eq. 4.8 with P = 1 and eta = 1 / beta (pass winrate= for soft win
+    rates). label_smoothing is read by robust, exo_pair (required > 0, as TRL and Liger), aot and aot_unpaired, and
+    refused with any other loss type; discopop_tau by discopop (ignored otherwise, as Liger). bco_running_mean=True
+    (a keyword) keeps TRL 0.x's running mean of rewards as bco_pair's shift. compute_nll_loss adds alpha x the
+    chosen responses' token-mean NLL (Liger's RPO term, needs reduction "mean"); use_ref_model=False makes the
+    reference log-probs 0. compiled and chunk_size tune Liger's chunked torch.compile path; they are accepted and
+    change nothing (the fused op never holds the logits). Every FusedLinearPreferenceLoss keyword (backend, softcap,
+    reduction, and the forward's precomputed inputs) works as well.
     """
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
                  compute_nll_loss: bool = False, compiled: bool = True, use_ref_model: bool = True,
                  average_log_prob: bool = False, chunk_size: int = 1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, discopop_tau: float = 0.05, **options):
-        if loss_type not in _LIGER_LOSS_TYPES:
-            raise ValueError(f"loss_type={loss_type!r} is not supported; supported: {', '.join(_LIGER_LOSS_TYPES)} "
-                             "(other losses: FusedLinearPreferenceLoss('sppo' | 'inpo' | 'spce' | ...))")
-        if label_smoothing != 0.0:
-            raise ValueError(f"label_smoothing={label_smoothing!r} is not supported (conservative DPO with "
-                             "targets 1 - label_smoothing is FusedLinearPreferenceLoss('spce', ...) with target_prob)")
+        types = trl_loss_types(loss_type)  # one line listing the supported ones for anything else
         for name, value in (("compute_nll_loss", compute_nll_loss), ("use_ref_model", use_ref_model)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
-        loss, default_winrate = _LIGER_LOSS_TYPES[loss_type]
-        super().__init__(loss, beta=beta, ignore_index=ignore_index, average_log_prob=average_log_prob, **options)
+        single = isinstance(loss_type, str) and "," not in loss_type and loss_type in _LIGER_LOSS_TYPES
+        if single:
+            if label_smoothing != 0.0:
+                raise ValueError(f"label_smoothing={label_smoothing!r} is not read by loss_type={loss_type!r} (it is "
+                                 f"read by {', '.join(_TRL_SMOOTHED)}; conservative DPO with targets 1 - "
+                                 "label_smoothing is FusedLinearPreferenceLoss('spce', ...) with target_prob)")
+            loss, default_winrate = _LIGER_LOSS_TYPES[loss_type]
+            super().__init__(loss, beta=beta, ignore_index=ignore_index, average_log_prob=average_log_prob, **options)
+        else:
+            smoothed = set(types) & set(_TRL_SMOOTHED)
+            if label_smoothing != 0.0 and not smoothed:
+                raise ValueError(f"label_smoothing={label_smoothing!r} is not read by loss_type={loss_type!r} (it is "
+                                 f"read by {', '.join(_TRL_SMOOTHED)})")
+            trl = dict(label_smoothing=label_smoothing if smoothed else None,
+                       discopop_tau=discopop_tau if "discopop" in types else None)
+            if "exo_pair" in types and not label_smoothing > 0.0:
+                raise ValueError(f"loss_type exo_pair needs label_smoothing > 0 (EXO's eps; the EXO paper recommends "
+                                 f"1e-3), got {label_smoothing!r}")
+            default_winrate = None
+            super().__init__(list(types), beta=beta, ignore_index=ignore_index, average_log_prob=average_log_prob,
+                             **trl, **options)
         if compute_nll_loss:
             if self.reduction != "mean":
                 raise ValueError(f"compute_nll_loss adds a token mean to the loss: it needs reduction='mean', "
@@ -730,7 +930,9 @@ class FusedLinearDPOLoss(FusedLinearPreferenceLoss):
             self._nll_alpha = _hyperparameter("alpha", alpha)
         self._zero_reference = not use_ref_model
         self._default_winrate = default_winrate
-        self.loss_type, self.compiled, self.chunk_size, self.discopop_tau = loss_type, compiled, chunk_size, discopop_tau
+        self.loss_type, self.compiled, self.chunk_size = loss_type, compiled, chunk_size
+        if not self._trl:
+            self.discopop_tau = discopop_tau
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
                 **options) -> tuple[torch.Tensor, LigerAux]:

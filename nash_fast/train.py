@@ -199,7 +199,12 @@ class LossPlan:
 def build_loss_fn(cfg: TrainConfig):
     from nash_fast.fused_loss import FusedLinearPreferenceLoss
 
-    hyper = {k: getattr(cfg, k) for k in ("beta", "eta", "tau", "lam") if getattr(cfg, k) is not None}
+    hyper = {k: getattr(cfg, k) for k in ("beta", "eta", "tau", "lam", "label_smoothing", "discopop_tau")
+             if getattr(cfg, k) is not None}
+    if cfg.loss_types():  # TRL's loss types: one, or TRL's loss_type list with loss_weights
+        hyper.update(loss_weights=cfg.loss_weight_values(), bco_running_mean=cfg.bco_running_mean)
+        return FusedLinearPreferenceLoss(list(cfg.loss_types()), average_log_prob=cfg.average_log_prob,
+                                         backend=cfg.logprob_backend, **hyper)
     return FusedLinearPreferenceLoss(cfg.loss, average_log_prob=cfg.average_log_prob, backend=cfg.logprob_backend, **hyper)
 
 

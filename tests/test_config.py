@@ -213,3 +213,77 @@ def test_every_missing_or_conflicting_option_is_reported_at_once(tmp_path):
     assert len(cfg.problems()) == 2
     with pytest.raises(ValueError, match=r"2 problems.*--max-tokens.*--lam"):
         cfg.validate()
+
+
+# ------------------------------------------------------------------------------------------------ TRL's loss types
+
+TRL_NAMES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+             "aot_unpaired", "aot_pair", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@pytest.mark.parametrize("name", sorted(set(TRL_NAMES) | {"sppo", "inpo", "dpo", "sr_dpo", "sr_ipo", "spce"}))
+def test_every_loss_name_is_accepted_by_flag_and_yaml_alike(tmp_path, name):
+    """--loss takes nash-fast's losses and TRL's loss types as TRL names them, as a flag, as --loss-type (TRL's
+    DPOConfig field) and as the YAML keys loss / loss_type."""
+    needs = {"inpo": ["--eta", "1", "--tau", "0.1"], "sr_dpo": ["--lam", "0.5"], "sr_ipo": ["--lam", "0.5"],
+             "exo_pair": ["--label-smoothing", "1e-3"]}.get(name, [])
+    values = [parse_config(["--loss", name, *needs]).loss, parse_config(["--loss-type", name, *needs]).loss]
+    for key in ("loss", "loss_type"):
+        values.append(parse_config(["--config", write_yaml(tmp_path, f"{key}: {name}\n"), *needs]).loss)
+    assert values == [name] * 4
+
+
+def test_trl_loss_lists_and_weights(tmp_path):
+    cfg = parse_config(["--loss", "sigmoid,bco_pair,sft", "--loss-weights", "0.8,0.2,1", "--bco-running-mean"])
+    assert cfg.loss_types() == ("sigmoid", "bco_pair", "sft") and cfg.loss_weight_values() == [0.8, 0.2, 1.0]
+    # TRL's config spelling: loss_type and loss_weights as YAML lists; numbers read as people write them
+    path = write_yaml(tmp_path, "loss_type: [sigmoid, sft]\nloss_weights: [5e-1, 1]\nbeta: 5e-2\n")
+    cfg = parse_config(["--config", path])
+    assert (cfg.loss, cfg.loss_weight_values(), cfg.beta) == ("sigmoid,sft", [0.5, 1.0], 0.05)
+    path = write_yaml(tmp_path, "loss_type:\n  - aot_pair\n  - robust\nlabel_smoothing: 0.1\n")
+    assert parse_config(["--config", path]).loss_types() == ("aot_unpaired", "robust")
+    with pytest.raises(ValueError, match="give loss or loss_type"):
+        parse_config(["--config", write_yaml(tmp_path, "loss: dpo\nloss_type: sigmoid\n")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss", "kto"], r"^--loss must be one of sppo, inpo, ipo, dpo, sr_dpo, sr_ipo, spce, one of TRL's loss types "
+                        r"sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, "
+                        r"aot_pair, apo_zero, apo_down, discopop, sft, sigmoid_norm, or a comma-separated list of "
+                        r"TRL's loss types; got 'kto'$"),
+    (["--loss", "sigmoid,sppo"], "--loss must be one of"),  # lists hold TRL's types only
+    (["--loss", "sigmoid,sigmoid"], "--loss must be one of"),
+    (["--loss", "sigmoid,sft", "--loss-weights", "1"], "--loss-weights must give 2 numbers"),
+    (["--loss", "sigmoid,sft", "--loss-weights", "1,x"], "--loss-weights must be comma-separated numbers"),
+    (["--loss", "sigmoid,sft", "--loss-weights", "1,.nan"], "--loss-weights must be finite"),
+    (["--loss", "sppo", "--loss-weights", "1"], "--loss-weights is not used by --loss sppo"),
+    (["--loss", "exo_pair"], "--loss exo_pair needs --label-smoothing > 0"),
+    (["--loss", "exo_pair", "--label-smoothing", "0"], r"--label-smoothing must be in \(0, 1\) for the exo_pair loss"),
+    (["--loss", "robust", "--label-smoothing", "0.5"], r"--label-smoothing must be in \[0, 0.5\) for the robust loss"),
+    (["--loss", "hinge", "--label-smoothing", "0.1"], "--label-smoothing is not used by --loss hinge"),
+    (["--loss", "discopop", "--discopop-tau", "0"], "--discopop-tau must be > 0"),
+    (["--loss", "sigmoid", "--discopop-tau", "0.1"], "--discopop-tau is not used by --loss sigmoid"),
+    (["--loss", "dpo", "--bco-running-mean"], "--bco-running-mean is not used by --loss dpo"),
+    (["--loss", "sppo_hard", "--beta", "1e-30"], "the sppo_hard loss is not finite in float32"),
+    (["--loss", "apo_zero", "--eta", "1"], "--eta is not used by --loss apo_zero"),
+])
+def test_bad_trl_options_are_one_line_naming_the_option(argv, message):
+    with pytest.raises(ValueError, match=message) as error:
+        parse_config(argv)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv, kwargs", [
+    (["--loss", "sigmoid"], dict(loss="dpo", beta=0.1)),
+    (["--loss", "hinge", "--beta", "0.3"], dict(loss_types=("hinge",), beta=0.3)),
+    (["--loss", "robust", "--label-smoothing", "0.2"], dict(loss_types=("robust",), label_smoothing=0.2)),
+    (["--loss", "discopop"], dict(loss_types=("discopop",), discopop_tau=0.05)),
+    (["--loss", "ipo,sft", "--loss-weights", "1,0.5"], dict(loss_types=("ipo", "sft"), loss_weights=(1.0, 0.5))),
+])
+def test_trainer_builds_the_apis_loss(argv, kwargs):
+    from nash_fast.train import build_loss_fn
+
+    loss_fn = build_loss_fn(parse_config(argv))
+    for name, value in kwargs.items():
+        assert getattr(loss_fn, name) == value, name
+    assert build_loss_fn(parse_config(["--loss", "bco_pair", "--bco-running-mean"])).loss_state() != {}

@@ -10,7 +10,9 @@ gradients are compared at rtol 1e-4 with an absolute floor of 1e-4 x the referen
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import re
 
 import pytest
 import torch
@@ -93,8 +95,67 @@ def ref_logp(hidden64, labels, weight64, bias64, softcap, average):
                                        bias=bias64, softcap=softcap)[0]
 
 
-def ref_pair_loss(name, hyper, pw, pl, given, aug_pw=None, aug_pl=None):
+TRL_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+             "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+SMOOTHED = ("exo_pair", "robust", "aot", "aot_unpaired")
+
+
+def trl_per_pair(types, hyper, pw, pl, rw, rl, nw, nl, average):
+    """TRL 1.16's DPOTrainer._compute_loss (trl/trainer/dpo_trainer.py) in float64 on per-sequence log-probs:
+    sum_k w_k loss_k per pair (TRL: sum_k w_k mean(loss_k)). pw, pl are the policy's log-probs as the module
+    computes them (sums, or per-token means with average); nw, nl the responses' scored tokens. TRL's ipo and
+    sigmoid_norm divide the summed log-ratios by completion_mask.sum(1).clamp(min=1) (means: already divided);
+    its sft is -mean of every chosen token's log-prob."""
+    beta, eps = hyper.get("beta", 0.1), hyper.get("label_smoothing", 0.0)
+    tau = hyper.get("discopop_tau", 0.05)
+    weights = hyper.get("loss_weights") or [1.0] * len(types)
+    a, b = pw - rw, pl - rl  # chosen_logratios, rejected_logratios
+    d = a - b  # delta_score
+    norm_w, norm_l = (torch.ones_like(nw), torch.ones_like(nl)) if average else (nw.clamp(min=1), nl.clamp(min=1))
+    total = 0.0
+    for name, weight in zip(types, weights):
+        if name == "sigmoid":
+            loss = -F.logsigmoid(beta * d)
+        elif name == "hinge":
+            loss = torch.relu(1 - beta * d)
+        elif name == "ipo":
+            loss = (a / norm_w - b / norm_l - 1 / (2 * beta)) ** 2
+        elif name == "exo_pair":
+            z = beta * d
+            loss = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps))
+        elif name == "nca_pair":
+            loss = -F.logsigmoid(beta * a) - 0.5 * F.logsigmoid(-beta * a) - 0.5 * F.logsigmoid(-beta * b)
+        elif name == "robust":
+            loss = (-(1 - eps) * F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d)) / (1 - 2 * eps)
+        elif name == "bco_pair":
+            loss = -F.logsigmoid(beta * a) - F.logsigmoid(-beta * b)
+        elif name == "sppo_hard":
+            loss = (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
+        elif name in ("aot", "aot_unpaired"):
+            delta = (torch.sort(pw - pl)[0] - torch.sort(rw - rl)[0] if name == "aot"
+                     else torch.sort(a)[0] - torch.sort(b)[0])
+            loss = -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
+        elif name == "apo_zero":
+            loss = 1 - torch.sigmoid(beta * a) + torch.sigmoid(beta * b)
+        elif name == "apo_down":
+            loss = torch.sigmoid(beta * a) + 1 - torch.sigmoid(beta * d)
+        elif name == "discopop":
+            logits = beta * d
+            m = torch.sigmoid(logits / tau)
+            loss = -F.logsigmoid(logits) * (1 - m) + torch.exp(-logits) * m
+        elif name == "sft":
+            sums = pw * nw if average else pw
+            loss = (-sums.sum() / nw.sum().clamp(min=1)).expand(pw.shape)
+        else:  # sigmoid_norm
+            loss = -F.logsigmoid(beta * (a / norm_w - b / norm_l))
+        total = total + weight * loss
+    return total
+
+
+def ref_pair_loss(name, hyper, pw, pl, given, aug_pw=None, aug_pl=None, counts=None, average=False):
     rw, rl = given["ref_chosen_logps"], given["ref_rejected_logps"]
+    if isinstance(name, (list, tuple)):
+        return trl_per_pair(name, hyper, pw, pl, rw, rl, *counts, average)
     dw, dl = pw - rw, pl - rl
     beta, eta, tau, lam = (hyper.get(k) for k in ("beta", "eta", "tau", "lam"))
     if name == "dpo":
@@ -133,7 +194,13 @@ def reference(name, hyper, seqs, weight, bias, *, softcap, average, given):
     pw, pl = torch.stack(logps[0]), torch.stack(logps[1])
     aug = (torch.stack(logps[2]), torch.stack(logps[3])) if name in AUGMENTED else (None, None)
     given64 = {k: v.double() for k, v in given.items()}
-    return ref_pair_loss(name, hyper, pw, pl, given64, *aug), pw.detach(), pl.detach(), w64, b64
+    counts = {r: [0.0] * num_pairs for r in range(2)}
+    for s in seqs:
+        if s["role"] < 2:
+            counts[s["role"]][s["pair"]] = float((s["labels"] != IGNORE).sum())
+    counts = (torch.tensor(counts[0], dtype=torch.float64), torch.tensor(counts[1], dtype=torch.float64))
+    return (ref_pair_loss(name, hyper, pw, pl, given64, *aug, counts=counts, average=average), pw.detach(), pl.detach(),
+            w64, b64)
 
 
 def draw_hyper(draw, name):
@@ -170,9 +237,10 @@ def assert_close(ours, ref, what):
     torch.testing.assert_close(ours.detach().cpu().double(), ref, rtol=1e-4, atol=floor, msg=lambda m: f"{what}: {m}")
 
 
-def run_case(name, hyper, seqs, weight, bias, g, *, layout, softcap, average, reduction, backend="torch", device="cpu"):
+def run_case(name, hyper, seqs, weight, bias, g, *, layout, softcap, average, reduction, backend="torch", device="cpu",
+             check_grads=True):
     """Runs the module on `layout` (on `device`) and checks loss, metrics and gradients against the
-    float64 reference (on the CPU)."""
+    float64 reference (on the CPU). name: a loss, or a list of TRL's loss types."""
     to_dev = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t
     with torch.no_grad():  # the policy's own log-probs, only to place the reference log-probs nearby
         probe = {(s["role"], s["pair"]): ref_logp(s["hidden"].double(), s["labels"], weight.double(),
@@ -201,6 +269,8 @@ def run_case(name, hyper, seqs, weight, bias, g, *, layout, softcap, average, re
         loss, metrics = module(w, h, to_dev(batch["labels"]), bias=b, **aug, **given_dev)
 
     assert_close(loss, expected, "loss")
+    if not check_grads:
+        return loss
     (loss.sum() if reduction == "none" else loss).backward()
     (expected.sum() if reduction == "none" else expected).backward()
     assert_close(w.grad, w64.grad, "d weight")
@@ -216,11 +286,13 @@ def run_case(name, hyper, seqs, weight, bias, g, *, layout, softcap, average, re
         rows = sorted((s for s in seqs if s["role"] < 2), key=lambda s: (s["role"], s["pair"]))
         for r, s in enumerate(rows):
             n = s["labels"].numel()
-            assert_close(h.grad[r, :n], s["h64"].grad, f"d hidden of row {r}")
+            ref_grad = s["h64"].grad if s["h64"].grad is not None else torch.zeros_like(s["h64"])  # e.g. sft: chosen only
+            assert_close(h.grad[r, :n], ref_grad, f"d hidden of row {r}")
             assert torch.count_nonzero(h.grad[r, n:]) == 0  # padding
 
     dw, dl = pw64 - given["ref_chosen_logps"].double(), pl64 - given["ref_rejected_logps"].double()
-    margin = (hyper["beta"] if name in BETA_LOSSES else 1.0) * (dw - dl)
+    trl = isinstance(name, (list, tuple))
+    margin = ((hyper.get("beta", 0.1) if trl else hyper["beta"]) if trl or name in BETA_LOSSES else 1.0) * (dw - dl)
     assert_close(metrics["loss"], per_pair64.mean(), "metric loss")
     assert_close(metrics["chosen_logratio"], dw.mean(), "chosen_logratio")
     assert_close(metrics["rejected_logratio"], dl.mean(), "rejected_logratio")
@@ -236,6 +308,51 @@ def run_case(name, hyper, seqs, weight, bias, g, *, layout, softcap, average, re
 
 
 # ----------------------------------------------------------------------------- exactness
+
+TRL_MIXES = [("sigmoid", "sft"), ("sigmoid", "bco_pair", "sft"), ("ipo", "hinge", "discopop", "aot_unpaired")]
+
+
+@pytest.mark.parametrize("types", [(t,) for t in TRL_TYPES] + TRL_MIXES, ids=lambda t: "+".join(t))
+@settings(max_examples=8, deadline=None)
+@given(data=st.data())
+def test_trl_loss_types_match_float64_reference(types, data):
+    """Each TRL loss type, and TRL's loss_type=[...] lists with loss_weights, through FusedLinearPreferenceLoss on
+    both layouts, against TRL 1.16's formulas in float64 on logits materialized in float64 (loss, metrics,
+    gradients of weight, bias and every hidden state)."""
+    hyper = dict(beta=data.draw(st.floats(0.05, 2.0), label="beta"))
+    if set(types) & set(SMOOTHED):  # in every smoothed loss's domain: exo (0, 1), robust [0, 1/2), aot [0, 1]
+        hyper["label_smoothing"] = data.draw(st.floats(1e-3, 0.4), label="label_smoothing")
+    if "discopop" in types:
+        hyper["discopop_tau"] = data.draw(st.floats(0.02, 1.0), label="discopop_tau")
+    if len(types) > 1:
+        hyper["loss_weights"] = data.draw(st.lists(st.floats(0.0, 2.0), min_size=len(types), max_size=len(types)),
+                                          label="loss_weights")
+    seqs, weight, bias, g = make_problem(
+        data.draw(st.integers(0, 2**16), label="seed"), data.draw(st.integers(1, 3), label="pairs"),
+        data.draw(st.integers(1, 32), label="H"), data.draw(st.sampled_from(VOCABS), label="V"),
+        augmented=False, bias=data.draw(st.booleans(), label="bias"),
+    )
+    check_grads = True
+    if {"aot", "aot_unpaired"} & set(types):
+        # AOT sorts the batch: the gradient of a sorted vector is a permutation, and a float32 near-tie (two keys
+        # within float32's rounding of the log-probs, <= 1e-4 relative here) may sort the other way than in
+        # float64 and send each quantile's gradient to the other pair. The values agree either way (sorting is
+        # continuous); gradients are compared when the float64 keys are 1e-2 apart.
+        with torch.no_grad():
+            pl = {(s["role"], s["pair"]): ref_logp(s["hidden"].double(), s["labels"], weight.double(),
+                                                   None if bias is None else bias.double(), None, False) for s in seqs}
+        pairs = 1 + max(s["pair"] for s in seqs)
+        keys = torch.stack([pl[0, p] - pl[1, p] for p in range(pairs)])
+        check_grads = pairs == 1 or bool((keys.sort()[0].diff() > 1e-2 * (1 + keys.abs().max())).all())
+    run_case(
+        list(types), hyper, seqs, weight, bias, g,
+        layout=data.draw(st.sampled_from(["packed", "liger"]), label="layout"),
+        softcap=data.draw(st.sampled_from([None, 3.0]), label="softcap"),
+        average=data.draw(st.booleans(), label="average"),
+        reduction=data.draw(st.sampled_from(["mean", "sum", "none"]), label="reduction"),
+        check_grads=check_grads,
+    )
+
 
 @pytest.mark.parametrize("name", PAIR_LOSSES)
 @settings(max_examples=12, deadline=None)
@@ -710,6 +827,241 @@ def test_matches_liger_kernel_itself(options):
     torch.testing.assert_close(h2, h1, rtol=1e-4, atol=1e-6)
 
 
+TRL_OPTIONS = {"exo_pair": dict(label_smoothing=1e-3), "robust": dict(label_smoothing=0.1), "aot": dict(label_smoothing=0.2),
+               "aot_unpaired": dict(label_smoothing=0.2), "discopop": dict(discopop_tau=0.1)}
+TRL_CALLS = ([dict(loss_type=t, **TRL_OPTIONS.get(t, {})) for t in TRL_TYPES]
+             + [dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),  # MPO's mix
+                dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], average_log_prob=True),
+                dict(loss_type=["ipo", "robust"], label_smoothing=0.1, beta=0.5)])
+LIGER_TYPES = ["sigmoid", "sppo_hard", "bco_pair", "exo_pair", "discopop", "nca_pair", "apo_down", "apo_zero", "robust",
+               "hinge"]  # LigerFusedLinearDPOLoss's (liger-kernel 0.8.5)
+
+
+def _options_id(options):
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
+def _trl_liger_problem(seed):
+    p = liger_problem(seed, bias=True)
+    p["target"][:, -1] = 3  # every row scores at least one token (TRL's and Liger's means are over them)
+    return p
+
+
+@pytest.mark.parametrize("options", TRL_CALLS, ids=_options_id)
+def test_trl_loss_types_through_ligers_call(options):
+    """FusedLinearDPOLoss(loss_type=..., Liger's other arguments)(lin_weight, _input, target, bias, ref_input,
+    ref_weight, ref_bias): loss and gradients against TRL 1.16's formulas in float64 on float64 logits, and the
+    7-tuple (rewards beta (log pi - log pi_ref) as TRL logs them)."""
+    from nash_fast import FusedLinearDPOLoss
+
+    problem = _trl_liger_problem(7)
+    B = problem["target"].shape[0] // 2
+    average = options.get("average_log_prob", False)
+    types = options["loss_type"] if isinstance(options["loss_type"], list) else [options["loss_type"]]
+    hyper = {k: v for k, v in options.items() if k in ("beta", "label_smoothing", "discopop_tau", "loss_weights")}
+    leaves = {k: problem[k].clone().requires_grad_() for k in ("lin_weight", "_input", "bias")}
+    args = [leaves.get(k, problem[k]) for k in ("lin_weight", "_input", "target", "bias", "ref_input", "ref_weight", "ref_bias")]
+    loss, aux = FusedLinearDPOLoss(**options, backend="torch")(*args)
+    loss.backward()
+
+    leaves64 = {k: problem[k].double().requires_grad_() for k in leaves}
+    mask = problem["target"] != IGNORE
+    counts = mask.sum(-1).double()
+
+    def logps(hidden, weight, bias):
+        logits = hidden.double() @ weight.double().T + bias.double()
+        per_token = torch.log_softmax(logits, -1).gather(-1, torch.where(mask, problem["target"], 0)[..., None])[..., 0]
+        summed = (per_token * mask).sum(-1)
+        return summed / counts if average else summed
+
+    policy = logps(leaves64["_input"], leaves64["lin_weight"], leaves64["bias"])
+    with torch.no_grad():
+        ref = logps(problem["ref_input"], problem["ref_weight"], problem["ref_bias"])
+    expected = trl_per_pair(types, hyper, policy[:B], policy[B:], ref[:B], ref[B:], counts[:B], counts[B:], average).mean()
+    expected.backward()
+    assert_close(loss, expected, "loss")
+    for name in leaves:
+        assert_close(leaves[name].grad, leaves64[name].grad, f"d {name}")
+    beta = options.get("beta", 0.1)
+    assert_close(aux.chosen_rewards, beta * (policy[:B] - ref[:B]), "chosen_rewards")
+    assert_close(aux.rejected_rewards, beta * (policy[B:] - ref[B:]), "rejected_rewards")
+    assert_close(aux.chosen_logps, policy[:B], "chosen_logps")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed (bench extra)")
+@pytest.mark.parametrize("loss_type", LIGER_TYPES)
+@pytest.mark.parametrize("average_log_prob", [False, True])
+def test_every_liger_loss_type_matches_liger_kernel_itself(loss_type, average_log_prob):
+    """The one-import swap for each of LigerFusedLinearDPOLoss's ten loss types: the same constructor arguments and
+    positional call give Liger's loss, 7-tuple and gradients (float32 both; tolerances as in
+    test_matches_liger_kernel_itself)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    from nash_fast import FusedLinearDPOLoss
+
+    options = dict(loss_type=loss_type, average_log_prob=average_log_prob, **TRL_OPTIONS.get(loss_type, {}))
+    problem = _trl_liger_problem(13)
+    args = [problem[k] for k in ("lin_weight", "_input", "target", "bias", "ref_input", "ref_weight", "ref_bias")]
+    results = []
+    for cls in (LigerFusedLinearDPOLoss, FusedLinearDPOLoss):
+        leaves = [a.clone().requires_grad_() if i in (0, 1, 3) else a for i, a in enumerate(args)]
+        loss, aux = cls(**options, compiled=False)(*leaves)
+        loss.backward()
+        results.append((loss.detach(), [a.detach() for a in aux], leaves[0].grad, leaves[1].grad, leaves[3].grad))
+    (l1, a1, w1, h1, b1), (l2, a2, w2, h2, b2) = results
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    for x, y in zip(a2, a1, strict=True):
+        torch.testing.assert_close(x.reshape(y.shape), y, rtol=1e-5, atol=1e-5)
+    for ours, theirs in ((w2, w1), (h2, h1), (b2, b1)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def _trl_compute_loss(loss_types, loss_weights, beta, label_smoothing, discopop_tau, per_token_logps, completion_mask,
+                      ref_chosen_logps, ref_rejected_logps):
+    """TRL's own DPOTrainer._compute_loss (the installed trl), run on given per-token log-probs: the trainer object
+    and model are stand-ins holding what that method reads (precompute_ref_log_probs=True, the default
+    f_divergence_type, no ld_alpha, no WPO weighting, no MoE aux loss)."""
+    import collections
+    import types as pytypes
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    class Accelerator:
+        device = per_token_logps.device
+        gather_for_metrics = gather = staticmethod(lambda t: t)
+
+    rows, width = per_token_logps.shape
+    outputs = pytypes.SimpleNamespace(
+        log_probs=per_token_logps, entropy=torch.zeros(rows, width), mean_logits=torch.zeros(rows, width),
+        is_top1=torch.zeros(rows, width, dtype=torch.bool), aux_loss=None)
+
+    def model(**kwargs):
+        return outputs
+
+    model.training = True
+    trainer = pytypes.SimpleNamespace(
+        model=model, accelerator=Accelerator(), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, loss_types=loss_types, loss_weights=loss_weights,
+        beta=beta, label_smoothing=label_smoothing, args=pytypes.SimpleNamespace(discopop_tau=discopop_tau),
+        use_weighting=False, _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1)
+    inputs = dict(input_ids=torch.zeros(rows, width + 1, dtype=torch.long), attention_mask=torch.ones(rows, width + 1),
+                  completion_mask=completion_mask, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+
+
+def _trl_available():
+    try:
+        from trl.trainer.dpo_trainer import DPOTrainer  # noqa: F401
+        return True
+    except Exception:  # not installed, or an incompatible transformers
+        return False
+
+
+@pytest.mark.skipif(not _trl_available(), reason="trl not installed")
+@pytest.mark.parametrize("options", TRL_CALLS[:-2] + [
+    dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    dict(loss_type=["ipo", "robust", "discopop", "aot"], loss_weights=[0.3, 1.5, 0.7, 1.0], label_smoothing=0.1)],
+    ids=_options_id)
+def test_matches_trl_itself(options):
+    """TRL's DPOTrainer loss (its own _compute_loss, loss_type as a name or a list with loss_weights) and
+    FusedLinearDPOLoss on the same model outputs: the same loss and the same gradient of the hidden states. TRL gets
+    per-token log-probs of float64 logits (as its fused LM head returns them), the reference precomputed."""
+    from nash_fast import FusedLinearDPOLoss
+
+    problem = _trl_liger_problem(21)
+    target, B = problem["target"], problem["target"].shape[0] // 2
+    types = options["loss_type"] if isinstance(options["loss_type"], list) else [options["loss_type"]]
+    weights = options.get("loss_weights") or [1.0] * len(types)
+    mask = target != IGNORE
+    # TRL's layout: completion_mask over input_ids [2B, T + 1]; the token at t + 1 is target[:, t] (position 0 is
+    # the prompt), so completion_mask[:, 1:] is our scored mask and the token counts agree.
+    completion_mask = torch.cat([torch.zeros(2 * B, 1, dtype=torch.long), mask.long()], 1)
+    with torch.no_grad():
+        ref_logits = problem["ref_input"].double() @ problem["ref_weight"].double().T + problem["ref_bias"].double()
+        ref_tok = torch.log_softmax(ref_logits, -1).gather(-1, torch.where(mask, target, 0)[..., None])[..., 0] * mask
+        ref = ref_tok.sum(-1)
+    h64 = problem["_input"].double().requires_grad_()
+    logits = h64 @ problem["lin_weight"].double().T + problem["bias"].double()
+    per_token = torch.log_softmax(logits, -1).gather(-1, torch.where(mask, target, 0)[..., None])[..., 0] * mask
+    trl_loss = _trl_compute_loss(types, weights, options.get("beta", 0.1), options.get("label_smoothing", 0.0),
+                                 options.get("discopop_tau", 0.05), per_token, completion_mask, ref[:B], ref[B:])
+    trl_loss.backward()
+
+    h = problem["_input"].clone().requires_grad_()
+    ours, _ = FusedLinearDPOLoss(**options, backend="torch")(problem["lin_weight"], h, target, problem["bias"],
+                                                             ref_chosen_logps=ref[:B].float(),
+                                                             ref_rejected_logps=ref[B:].float())
+    ours.backward()
+    assert_close(ours, trl_loss, "loss")
+    assert_close(h.grad, h64.grad, "d hidden")
+
+
+def test_bco_running_mean_is_trls_state_and_round_trips():
+    """bco_running_mean=True: TRL 0.x's bco_pair, delta = the running mean of the batches' mean rewards, updated with
+    each batch before use (trl 0.19 DPOTrainer.dpo_loss); the state is loss_state() (plain floats) and a module loaded
+    with it continues bitwise like the original."""
+    import json
+
+    from nash_fast import FusedLinearDPOLoss
+    from nash_fast.losses import RunningMoments
+
+    module = FusedLinearDPOLoss(loss_type="bco_pair", beta=0.3, bco_running_mean=True, backend="torch")
+    assert module.loss_state() == {"bco_running_moments": {"mean": 0.0, "std": 1.0, "var": 1.0, "count": 1e-24}}
+    running, resumed = RunningMoments(), None
+    for step in range(4):
+        problem = _trl_liger_problem(30 + step)
+        args = [problem[k] for k in ("lin_weight", "_input", "target", "bias", "ref_input", "ref_weight", "ref_bias")]
+        if step == 2:  # a "resumed" module from the JSON of the state after two batches
+            resumed = FusedLinearDPOLoss(loss_type="bco_pair", beta=0.3, bco_running_mean=True, backend="torch")
+            resumed.load_loss_state(json.loads(json.dumps(module.loss_state())))
+        loss, aux = module(*args)
+        if resumed is not None:
+            again, _ = resumed(*args)
+            assert torch.equal(again, loss) and resumed.loss_state() == module.loss_state()
+        running.update(torch.cat([aux.chosen_rewards, aux.rejected_rewards]).mean())  # TRL 0.x: rewards.mean()
+        delta = running.mean
+        expected = (-F.logsigmoid(aux.chosen_rewards.double() - delta) - F.logsigmoid(-(aux.rejected_rewards.double() - delta))).mean()
+        assert_close(loss, expected, f"loss at step {step}")
+        assert module.loss_state()["bco_running_moments"] == running.state_dict()
+    assert running.count == pytest.approx(4.0) and running.mean != 0.0
+    with pytest.raises(ValueError, match="loss state must hold"):
+        module.load_loss_state({})
+    with pytest.raises(ValueError, match="bco_running_mean is only used by the bco_pair loss"):
+        FusedLinearPreferenceLoss("hinge", bco_running_mean=True)
+    assert FusedLinearPreferenceLoss("hinge").loss_state() == {} and FusedLinearDPOLoss(loss_type="bco_pair").loss_state() == {}
+
+
+def test_trl_options_that_are_refused_say_why():
+    from nash_fast import FusedLinearDPOLoss
+
+    with pytest.raises(ValueError, match=r"label_smoothing not used by loss=\['hinge'\]"):
+        FusedLinearPreferenceLoss("hinge", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"discopop_tau not used"):
+        FusedLinearPreferenceLoss(["sigmoid", "sft"], discopop_tau=0.1)
+    with pytest.raises(ValueError, match=r"eta not used"):
+        FusedLinearPreferenceLoss("apo_zero", eta=1.0)
+    with pytest.raises(ValueError, match=r"loss_weights must be a list of 2 numbers"):
+        FusedLinearPreferenceLoss(["sigmoid", "sft"], loss_weights=[1.0])
+    with pytest.raises(ValueError, match=r"loss_weights must be finite"):
+        FusedLinearPreferenceLoss(["sigmoid", "sft"], loss_weights=[1.0, math.nan])
+    with pytest.raises(ValueError, match=r"lists a loss twice"):
+        FusedLinearPreferenceLoss(["sigmoid", "dpo"])
+    with pytest.raises(ValueError, match=r"exo_pair loss needs label_smoothing > 0"):
+        FusedLinearPreferenceLoss("exo_pair")
+    with pytest.raises(ValueError, match=r"loss_type exo_pair needs label_smoothing > 0"):
+        FusedLinearDPOLoss(loss_type="exo_pair")  # TRL and Liger refuse it too
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\) for the robust loss"):
+        FusedLinearDPOLoss(loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match=r"label_smoothing=0.1 is not read by loss_type='hinge'"):
+        FusedLinearDPOLoss(loss_type="hinge", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"loss_weights is only used by TRL's loss types"):
+        FusedLinearPreferenceLoss("sppo", loss_weights=[1.0])
+    assert FusedLinearDPOLoss(loss_type="hinge", discopop_tau=0.3).loss == "hinge"  # Liger ignores it there too
+    assert FusedLinearPreferenceLoss("sigmoid").loss == "dpo" and FusedLinearPreferenceLoss("aot_pair").loss == "aot_unpaired"
+    assert FusedLinearPreferenceLoss("sigmoid,sft", loss_weights=[1.0, 0.1]).loss_types == ("sigmoid", "sft")
+
+
 @pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_reference_hidden_states_equal_precomputed_reference(name):
     """Packed layout (Sr-*: augmented roles too), Liger layout, and SPPO's all-responses form: the reference from
@@ -787,8 +1139,11 @@ def test_liger_arguments_that_are_refused_say_why():
 
     p = liger_problem(1)
     call = [p[k] for k in ("lin_weight", "_input", "target", "bias", "ref_input", "ref_weight", "ref_bias")]
-    with pytest.raises(ValueError, match="loss_type='hinge' is not supported; supported: sigmoid, sppo_hard, ipo"):
-        FusedLinearDPOLoss(loss_type="hinge")
+    supported = ("sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, "
+                 "apo_down, discopop, sft, sigmoid_norm (and aot_pair = aot_unpaired)")
+    for bad in ("hinge_v2", ["sigmoid", "kto"]):  # one line listing every supported loss type
+        with pytest.raises(ValueError, match=r"^loss_type '(hinge_v2|kto)' is not supported; supported: " + re.escape(supported) + "$"):
+            FusedLinearDPOLoss(loss_type=bad)
     with pytest.raises(ValueError, match="label_smoothing"):
         FusedLinearDPOLoss(label_smoothing=0.1)
     with pytest.raises(ValueError, match="compute_nll_loss.*reduction='mean'"):
@@ -843,7 +1198,10 @@ def _compile_backends():
 
 @pytest.mark.parametrize("backend", _compile_backends())
 @pytest.mark.parametrize("name,layout", [("sppo", "liger"), ("inpo", "packed"), ("sr_ipo", "liger"), ("sr_dpo", "packed"),
-                                         ("spce", "packed"), ("sppo", "all_responses"), ("dpo", "liger_ref_input")])
+                                         ("spce", "packed"), ("sppo", "all_responses"), ("dpo", "liger_ref_input"),
+                                         # TRL's loss types, every stateless one in one of two weighted-equal lists
+                                         ("hinge,ipo,sft,aot_unpaired,discopop,sigmoid_norm", "packed"),
+                                         ("apo_zero,nca_pair,robust,bco_pair,sppo_hard,apo_down,aot", "liger")])
 def test_compile_fullgraph_equals_eager(name, layout, backend):
     """torch.compile(fullgraph=True) traces the module with no graph break on every backend: the value checks
     (probabilities, cu_seqlens, role / pair_index, whose pair count is known only at run time) are custom

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -66,6 +67,91 @@ def ref_spce(pi_w, pi_l, ref_w, ref_l, t, beta):
     return t * np.logaddexp(0.0, -z) + (1 - t) * np.logaddexp(0.0, z)
 
 
+# TRL's loss types, transcribed from trl 1.16.0 (trl/trainer/dpo_trainer.py, DPOTrainer._compute_loss) into float64
+# NumPy: chosen_logratios = pi_w - ref_w, rejected_logratios = pi_l - ref_l, delta_score = their difference.
+# sigmoid(z) and log sigmoid(z) are written as exp(-logaddexp(0, -z)) and -logaddexp(0, -z): the same values,
+# without NumPy's overflow of exp at |z| ~ 1e5.
+
+def _logsigmoid(z):
+    return -np.logaddexp(0.0, -z)
+
+
+def _sigmoid(z):
+    return np.exp(_logsigmoid(z))
+
+
+def ref_hinge(pi_w, pi_l, ref_w, ref_l, beta):
+    return np.maximum(0.0, 1 - beta * ((pi_w - ref_w) - (pi_l - ref_l)))
+
+
+def ref_exo_pair(pi_w, pi_l, ref_w, ref_l, beta, label_smoothing):
+    z = beta * ((pi_w - ref_w) - (pi_l - ref_l))
+    eps = label_smoothing
+    return _sigmoid(z) * (_logsigmoid(z) - np.log1p(-eps)) + _sigmoid(-z) * (_logsigmoid(-z) - np.log(eps))
+
+
+def ref_nca_pair(pi_w, pi_l, ref_w, ref_l, beta):
+    r_w, r_l = beta * (pi_w - ref_w), beta * (pi_l - ref_l)
+    return -_logsigmoid(r_w) - 0.5 * _logsigmoid(-r_w) - 0.5 * _logsigmoid(-r_l)
+
+
+def ref_robust(pi_w, pi_l, ref_w, ref_l, beta, label_smoothing):
+    z = beta * ((pi_w - ref_w) - (pi_l - ref_l))
+    clean = -(1 - label_smoothing) * _logsigmoid(z)
+    flipped = -label_smoothing * _logsigmoid(-z)
+    return (clean - flipped) / (1 - 2 * label_smoothing)
+
+
+def ref_bco_pair(pi_w, pi_l, ref_w, ref_l, beta, delta):
+    # TRL 1.x: delta = 0; TRL 0.x: delta = self.running.mean, -logsigmoid(beta a - delta) - logsigmoid(-(beta b - delta))
+    return -_logsigmoid(beta * (pi_w - ref_w) - delta) - _logsigmoid(-(beta * (pi_l - ref_l) - delta))
+
+
+def ref_sppo_hard(pi_w, pi_l, ref_w, ref_l, beta):
+    return (pi_w - ref_w - 0.5 / beta) ** 2 + (pi_l - ref_l + 0.5 / beta) ** 2
+
+
+def _ref_smoothed(delta, beta, eps):
+    return -_logsigmoid(beta * delta) * (1 - eps) - _logsigmoid(-beta * delta) * eps
+
+
+def ref_aot(pi_w, pi_l, ref_w, ref_l, beta, label_smoothing):
+    return _ref_smoothed(np.sort(pi_w - pi_l) - np.sort(ref_w - ref_l), beta, label_smoothing)
+
+
+def ref_aot_unpaired(pi_w, pi_l, ref_w, ref_l, beta, label_smoothing):
+    return _ref_smoothed(np.sort(pi_w - ref_w) - np.sort(pi_l - ref_l), beta, label_smoothing)
+
+
+def ref_apo_zero(pi_w, pi_l, ref_w, ref_l, beta):
+    return (1 - _sigmoid(beta * (pi_w - ref_w))) + _sigmoid(beta * (pi_l - ref_l))
+
+
+def ref_apo_down(pi_w, pi_l, ref_w, ref_l, beta):
+    return _sigmoid(beta * (pi_w - ref_w)) + (1 - _sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))))
+
+
+def ref_discopop(pi_w, pi_l, ref_w, ref_l, beta, discopop_tau):
+    logits = beta * ((pi_w - ref_w) - (pi_l - ref_l))
+    modulation = _sigmoid(logits / discopop_tau)
+    # TRL: exp(-logits) * modulation; the same product written as one exp, so that float64's exp(-logits) overflow
+    # at logits < -709 does not meet modulation = 0 (inf * 0).
+    exp_component_times_modulation = np.exp(-logits + _logsigmoid(logits / discopop_tau))
+    return -_logsigmoid(logits) * (1 - modulation) + exp_component_times_modulation
+
+
+def ref_sigmoid_norm(pi_w, pi_l, ref_w, ref_l, num_tokens_w, num_tokens_l, beta):
+    chosen = (pi_w - ref_w) / np.maximum(num_tokens_w, 1.0)  # completion_mask.sum(dim=1).clamp(min=1.0)
+    rejected = (pi_l - ref_l) / np.maximum(num_tokens_l, 1.0)
+    return -_logsigmoid(beta * (chosen - rejected))
+
+
+def ref_sft(pi_w, num_tokens_w):
+    # -chosen_per_token_logps[chosen_mask].mean(), expanded to the batch: the summed log-probs over the tokens
+    return np.full(pi_w.shape, -pi_w.sum() / max(num_tokens_w.sum(), 1.0))
+
+
+PAIR = ("pi_w", "pi_l", "ref_w", "ref_l")
 # name -> (function, reference, tensor argument names, probability arguments, power of the loss
 #          in its inputs: 2 for the squared losses, 1 for the log-sigmoid ones)
 SPECS = {
@@ -83,12 +169,24 @@ SPECS = {
         ("pi_w", "pi_l", "ref_w", "ref_l", "aug_pi_w", "aug_pi_l", "aug_ref_w", "aug_ref_l"), (), 2,
     ),
     "spce": (L.spce_loss, ref_spce, ("pi_w", "pi_l", "ref_w", "ref_l", "target_prob"), ("target_prob",), 1),
+    **{name: (getattr(L, f"{name}_loss"), globals()[f"ref_{name}"], PAIR, (), 2 if name == "sppo_hard" else 1)
+       for name in ("hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+                    "apo_zero", "apo_down", "discopop")},
+    "sigmoid_norm": (L.sigmoid_norm_loss, ref_sigmoid_norm, PAIR + ("num_tokens_w", "num_tokens_l"), (), 1),
+    "sft": (L.sft_loss, ref_sft, ("pi_w", "num_tokens_w"), (), 1),
 }
 HYPER_NAMES = {
     "dpo": ("beta",), "ipo": ("beta",), "sppo": ("eta",), "sppo_pair": ("eta",), "inpo": ("eta", "tau"),
     "sr_dpo": ("beta", "lam"), "sr_ipo": ("beta", "lam"), "spce": ("beta",),
+    "hinge": ("beta",), "exo_pair": ("beta", "label_smoothing"), "nca_pair": ("beta",),
+    "robust": ("beta", "label_smoothing"), "bco_pair": ("beta", "delta"), "sppo_hard": ("beta",),
+    "aot": ("beta", "label_smoothing"), "aot_unpaired": ("beta", "label_smoothing"), "apo_zero": ("beta",),
+    "apo_down": ("beta",), "discopop": ("beta", "discopop_tau"), "sigmoid_norm": ("beta",), "sft": (),
 }
-DEFAULT_HYPER = {"beta": 0.1, "eta": 2.0, "tau": 0.5, "lam": 0.3}
+DEFAULT_HYPER = {"beta": 0.1, "eta": 2.0, "tau": 0.5, "lam": 0.3, "label_smoothing": 0.1, "discopop_tau": 0.05,
+                 "delta": 0.3}
+# label_smoothing's domain per loss (TRL / Liger: exo_pair's eps > 0, robust's flip rate < 1/2; AOT's weights in [0, 1])
+SMOOTHING_RANGE = {"exo_pair": (1e-4, 0.9), "robust": (0.0, 0.45), "aot": (0.0, 1.0), "aot_unpaired": (0.0, 1.0)}
 
 logratio = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False)
 probability = st.floats(min_value=0.0, max_value=1.0)
@@ -99,7 +197,9 @@ def loss_case(draw, name):
     """(tensor values as float64 arrays, hyperparameters) for loss `name`."""
     _, _, args, probs, _ = SPECS[name]
     n = draw(st.integers(1, 6))
-    values = {a: np.array(draw(st.lists(probability if a in probs else logratio, min_size=n, max_size=n))) for a in args}
+    count = st.integers(0, 4096).map(float)  # a response's scored tokens
+    values = {a: np.array(draw(st.lists(probability if a in probs else count if a.startswith("num_tokens") else logratio,
+                                        min_size=n, max_size=n))) for a in args}
     hyper = {}
     if "beta" in HYPER_NAMES[name]:
         hyper["beta"] = draw(st.floats(1e-3, 10.0))
@@ -109,12 +209,32 @@ def loss_case(draw, name):
         hyper["tau"] = hyper["eta"] * draw(st.floats(0.0, 0.999))
     if "lam" in HYPER_NAMES[name]:
         hyper["lam"] = draw(st.floats(0.0, 2.0))  # lam >= 0 (Sr-DPO eq. 9), in the API as in the CLI
+    if "label_smoothing" in HYPER_NAMES[name]:
+        hyper["label_smoothing"] = draw(st.floats(*SMOOTHING_RANGE[name]))
+    if "discopop_tau" in HYPER_NAMES[name]:
+        hyper["discopop_tau"] = draw(st.floats(0.01, 1.0))
+    if "delta" in HYPER_NAMES[name]:
+        hyper["delta"] = draw(st.floats(-10.0, 10.0))
     return values, hyper
 
 
 def _scale(values, hyper, probs):
-    big = max(float(np.abs(v).max()) for a, v in values.items() if a not in probs)
-    return (1.0 + big) * (1.0 + max(hyper.values(), default=0.0)) + max(1.0 / hyper.get("beta", 1.0), 1.0 / hyper.get("eta", 1.0))
+    """The size of the loss's terms, which the roundings are relative to: the inputs' magnitude times the
+    hyperparameters' (a rounding of relative size u in any input or product moves the loss by u x this, to first
+    order), plus the constant margins 1/(2 beta), 1/(2 eta) and EXO's |log eps|. Two factors bound derivatives
+    larger than 1: DiscoPOP's e^-l s(l/tau) has |d/dl| <= 1 + 1/tau (for l < 0 it is at most e^{l (1/tau - 1)} <= 1
+    with tau <= 1), and robust DPO divides by 1 - 2 eps."""
+    big = max(float(np.abs(v).max()) for a, v in values.items() if a not in probs and not a.startswith("num_tokens"))
+    scale = (1.0 + big) * (1.0 + max((abs(v) for v in hyper.values()), default=0.0))
+    scale += max(1.0 / hyper.get("beta", 1.0), 1.0 / hyper.get("eta", 1.0))
+    if "discopop_tau" in hyper:
+        scale *= 1.0 + 1.0 / hyper["discopop_tau"]
+    if "label_smoothing" in hyper:
+        eps = hyper["label_smoothing"]
+        scale += abs(math.log(eps)) if eps > 0 else 0.0
+        if eps < 0.5:
+            scale /= 1.0 - 2.0 * eps
+    return scale
 
 
 def _check_against_reference(name, values, hyper, dtype, rtol, atol_per_unit):
@@ -340,6 +460,9 @@ BAD_HYPER = {
     "eta": [0.0, -2.0, math.nan, math.inf, None],
     "tau": [-0.1, 2.0, 5.0, math.nan, None],  # eta = 2.0 in the valid call: tau must be < eta
     "lam": [math.nan, math.inf, -math.inf, None, "1", -5.0, -1e-9],
+    "label_smoothing": [math.nan, math.inf, None, "0.1", -0.1, 1.5],  # outside every loss's domain
+    "discopop_tau": [0.0, -1.0, math.nan, math.inf, None],
+    "delta": [math.nan, math.inf, None, "1"],
 }
 
 
@@ -430,3 +553,116 @@ def test_cli_accepts_exactly_what_the_api_accepts(exponent, loss):
     assert cli == _accepts(api), (loss, value)
     if cli:
         assert torch.isfinite(api()).all()
+
+
+# ----------------------------------------------------------------------------- TRL's loss types
+
+def test_trl_special_cases_reduce_to_parents():
+    gen = torch.Generator().manual_seed(5)
+    pw, pl, rw, rl = torch.randn(4, 5, generator=gen, dtype=torch.float64) * 3
+    dpo = L.dpo_loss(pw, pl, rw, rl, beta=0.3)
+    torch.testing.assert_close(L.robust_loss(pw, pl, rw, rl, beta=0.3, label_smoothing=0.0), dpo)
+    torch.testing.assert_close(L.sigmoid_norm_loss(pw, pl, rw, rl, torch.ones(5, dtype=torch.float64),
+                                                   torch.zeros(5, dtype=torch.float64), beta=0.3), dpo)  # n clamps to 1
+    torch.testing.assert_close(L.sppo_hard_loss(pw, pl, rw, rl, beta=0.3),
+                               L.sppo_pair_loss(pw, pl, rw, rl, torch.ones(5, dtype=torch.float64), eta=1 / 0.3))
+    torch.testing.assert_close(L.bco_pair_loss(pw, pl, rw, rl, beta=0.3),
+                               -F.logsigmoid(0.3 * (pw - rw)) - F.logsigmoid(-0.3 * (pl - rl)))
+    one = slice(0, 1)  # one pair: AOT's sorted quantiles are the pair itself, cDPO at eps = 0 is DPO
+    for aot in (L.aot_loss, L.aot_unpaired_loss):
+        torch.testing.assert_close(aot(pw[one], pl[one], rw[one], rl[one], beta=0.3), dpo[one])
+    # robust with eps: cDPO's weighted mix, unbiased by 1 / (1 - 2 eps) (Chowdhury et al.)
+    z = 0.3 * ((pw - rw) - (pl - rl))
+    torch.testing.assert_close(L.robust_loss(pw, pl, rw, rl, beta=0.3, label_smoothing=0.2),
+                               (-0.8 * F.logsigmoid(z) + 0.2 * F.logsigmoid(-z)) / 0.6)
+
+
+def test_trl_hyperparameter_domains_are_trls():
+    z = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \(0, 1\) for the exo_pair loss \(the EXO paper "
+                                         r"recommends 1e-3\), got 0.0"):
+        L.exo_pair_loss(z, z, z, z, beta=0.1, label_smoothing=0.0)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\) for the robust loss, got 0.5"):
+        L.robust_loss(z, z, z, z, beta=0.1, label_smoothing=0.5)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\] for the aot loss"):
+        L.aot_loss(z, z, z, z, beta=0.1, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"label_smoothing must be > 0 in float32"):
+        L.exo_pair_loss(z, z, z, z, beta=0.1, label_smoothing=1e-60)  # log eps would be -inf
+    with pytest.raises(ValueError, match=r"discopop_tau must be > 0"):
+        L.discopop_loss(z, z, z, z, beta=0.1, discopop_tau=0.0)
+    with pytest.raises(ValueError, match=r"beta=1e-30: the sppo_hard loss is not finite in float32"):
+        L.sppo_hard_loss(z, z, z, z, beta=1e-30)
+    with pytest.raises(ValueError, match="sorts over the batch"):
+        L.aot_loss(*[torch.zeros(())] * 4, beta=0.1)
+    assert set(L.LOSS_TYPES) >= {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                                 "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
+
+
+class _TRLRunningMoments:
+    """trl 0.19.1 trl/trainer/utils.py RunningMoments.update, single process, transcribed line by line."""
+
+    mean, std, var, count = 0, 1, 1, 1e-24
+
+    @torch.no_grad()
+    def update(self, xs):
+        xs_count = xs.numel()
+        xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+        xs_mean, xs_var = xs_mean.float(), xs_var.float()
+        delta = xs_mean - self.mean
+        tot_count = self.count + xs_count
+        new_sum = xs_var * xs_count
+        old_sum = self.var * self.count + delta**2 * self.count * xs_count / tot_count
+        tot_sum = old_sum + new_sum
+        self.mean += (delta * xs_count / tot_count).item()
+        new_var = tot_sum / tot_count
+        self.std = (new_var * tot_count / (tot_count - 1)).float().sqrt().item()
+        self.var = new_var.item()
+        self.count = tot_count
+
+
+@settings(max_examples=30, deadline=None)
+@given(stream=st.lists(st.lists(st.floats(-1e4, 1e4), min_size=1, max_size=5), min_size=1, max_size=8),
+       scalar=st.booleans())
+def test_running_moments_are_trls_bitwise_and_round_trip_json(stream, scalar):
+    """bco_pair's running mean (TRL 0.x) is kept with TRL's arithmetic, bit for bit, and its state survives JSON (the
+    trainer's checkpoint format) exactly. TRL 0.x's bco_pair updates it with the batch's mean reward, a scalar."""
+    import json
+
+    ours, theirs = L.RunningMoments(), _TRLRunningMoments()
+    for batch in stream:
+        xs = torch.tensor(batch, dtype=torch.float32)
+        xs = xs.mean() if scalar else xs
+        assert ours.update(xs)
+        theirs.update(xs)
+        assert ours.state_dict() == {"mean": theirs.mean, "std": theirs.std, "var": theirs.var, "count": theirs.count}
+    restored = L.RunningMoments()
+    restored.load_state_dict(json.loads(json.dumps(ours.state_dict())))
+    assert restored.state_dict() == ours.state_dict()
+    assert not ours.update(torch.tensor(math.nan)) and restored.state_dict() == ours.state_dict()  # NaN not merged
+    with pytest.raises(ValueError, match="RunningMoments state"):
+        restored.load_state_dict({"mean": 0.0})
+
+
+@settings(max_examples=40)
+@given(exponent=st.floats(-48.0, 310.0), smoothing=st.floats(-0.5, 1.5),
+       loss=st.sampled_from(["hinge", "exo_pair", "robust", "sppo_hard", "aot", "discopop", "bco_pair", "sigmoid_norm"]))
+def test_cli_accepts_exactly_what_the_api_accepts_for_trls_losses(exponent, smoothing, loss):
+    """TRL's loss types: for every magnitude 10^e of beta (and discopop_tau) and every label_smoothing, parse_config
+    accepts the flags exactly when the API accepts the values on float32 inputs, and then the loss is finite at the
+    reference point."""
+    from nash_fast.config import parse_config
+
+    value = 10.0 ** exponent if exponent < 308.25 else 1.7e308
+    z = torch.zeros(3)
+    flags, hyper = ["--beta", repr(value)], dict(beta=value)
+    if loss in ("exo_pair", "robust", "aot"):
+        flags += [f"--label-smoothing={smoothing!r}"]  # "=": a negative value is not a flag
+        hyper["label_smoothing"] = smoothing
+    if loss == "discopop":
+        flags, hyper = ["--discopop-tau", repr(value)], dict(beta=0.1, discopop_tau=value)
+    fn = L.LOSS_TYPES[loss]
+    args = (z, z, z, z, z + 5, z + 5) if loss == "sigmoid_norm" else (z, z, z, z)
+    cli = _accepts(lambda: parse_config(["--loss", loss, *flags]))
+    assert cli == _accepts(lambda: fn(*args, **hyper)), (loss, hyper)
+    if cli:
+        assert torch.isfinite(fn(*args, **hyper)).all()

@@ -30,6 +30,14 @@ LOSS_FLAGS = {
     "sr_ipo": ["--beta", "0.5", "--lam", "0.5", "--aug-prompt", "Give a 100/100 answer. Query: "],
     "spce": ["--beta", "0.1"],
 }
+# TRL's loss types, as TRL names them (nash_fast.fused_loss.TRL_LOSS_TYPES; sigmoid is dpo above)
+TRL_LOSS_FLAGS = {
+    "hinge": [], "exo_pair": ["--label-smoothing", "1e-3"], "nca_pair": [], "robust": ["--label-smoothing", "0.1"],
+    "bco_pair": ["--bco-running-mean"], "sppo_hard": ["--beta", "0.5"], "aot": [], "aot_unpaired": [],
+    "apo_zero": [], "apo_down": [], "discopop": ["--discopop-tau", "0.05"], "sft": [],
+    "sigmoid_norm": ["--beta", "2"],  # per-token mean log-ratios are small: beta 0.1 moves them slowly
+    "sigmoid,ipo,sft": ["--loss-weights", "0.8,0.2,1"],
+}
 
 
 def run_args(small_data, out, *extra):
@@ -86,11 +94,11 @@ def test_every_loss_end_to_end(tmp_path, small_data, loss):
     assert checkpoint_step(latest_checkpoint(tmp_path / "checkpoints")) == 3
 
 
-@pytest.mark.parametrize("loss", sorted(LOSS_FLAGS))
+@pytest.mark.parametrize("loss", sorted(LOSS_FLAGS) + sorted(TRL_LOSS_FLAGS))
 def test_loss_goes_down_on_a_fixed_batch(small_data, loss):
     from nash_fast.precompute import attach_logprobs, dataset_sequence_logprobs
 
-    cfg = parse_config(["--dataset", small_data, "--loss", loss, *LOSS_FLAGS[loss]])
+    cfg = parse_config(["--dataset", small_data, "--loss", loss, *{**LOSS_FLAGS, **TRL_LOSS_FLAGS}[loss]])
     tokenizer = trainer.load_tokenizer(cfg)
     examples = trainer.tokenize(cfg, tokenizer, trainer.load_records(cfg))[:4]
     plan = trainer.LossPlan.for_config(cfg, examples)
@@ -173,6 +181,48 @@ def test_resume_equals_straight_run_and_sigterm_saves(tmp_path, small_data, monk
     # Resuming an output dir that holds another run's checkpoint (different loss) is refused, not mixed.
     with pytest.raises(ValueError, match=r"different run \(--beta None -> 0.1, --loss 'sppo' -> 'dpo'\)"):
         trainer.train(parse_config(run_args(small_data, copy, *args, "--loss", "dpo", "--beta", "0.1")))
+
+
+def test_trl_loss_list_with_running_state_resumes_bitwise(tmp_path, small_data, monkeypatch, sigterm_after_step):
+    """TRL's loss_type list with loss_weights (MPO's sigmoid + bco_pair + sft) and bco_pair's running mean of rewards
+    (TRL 0.x's RunningMoments), spelled as TRL's YAML would (loss_type / loss_weights lists): 6 steps straight ==
+    3 steps stopped by SIGTERM + the same command again, bitwise, because the running mean is saved in the
+    checkpoint (trainer_state.json) and restored; a checkpoint whose loss state is missing is damaged."""
+    config = tmp_path / "run.yaml"
+    config.write_text("loss_type: [sigmoid, bco_pair, sft]\nloss_weights: [0.8, 2e-1, 1]\nbco_running_mean: true\n"
+                      "beta: 5e-1\n")
+    args = ["--config", str(config), "--max-steps", "6", "--save-steps", "100", "--seed", "3", "--lr", "3e-3"]
+    straight = tmp_path / "straight"
+    trainer.train(parse_config(run_args(small_data, straight, *args)))
+
+    interrupted = tmp_path / "interrupted"
+    sigterm_after_step(monkeypatch, 3)
+    summary = trainer.train(parse_config(run_args(small_data, interrupted, *args)))
+    monkeypatch.undo()
+    assert summary["stopped_by_signal"] and summary["steps"] == 3
+    saved = json.loads((latest_checkpoint(interrupted / "checkpoints") / "trainer_state.json").read_text())
+    moments = saved["loss_state"]["bco_running_moments"]
+    assert moments["count"] == pytest.approx(3.0) and moments["mean"] != 0.0  # one merge per micro-batch
+    trainer.train(parse_config(run_args(small_data, interrupted, *args)))
+    assert_same_weights(final_weights(straight), final_weights(interrupted))
+    timing = ("tokens_per_s", "step_time_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(interrupted)] == [
+        {k: v for k, v in r.items() if k not in timing} for r in read_metrics(straight)]
+
+    # Without the saved running mean the resumed steps would differ: a checkpoint without it is not this run's.
+    from nash_fast.checkpoint import MANIFEST, sha256_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(interrupted / "checkpoints" / "step-00000003", broken / "checkpoints" / "step-00000003")
+    state_file = broken / "checkpoints" / "step-00000003" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["loss_state"]
+    state_file.write_text(json.dumps(state))
+    manifest = json.loads((state_file.parent / MANIFEST).read_text())
+    manifest["files"]["trainer_state.json"] = {"bytes": state_file.stat().st_size, "sha256": sha256_file(state_file)}
+    (state_file.parent / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="loss state"):
+        trainer.train(parse_config(run_args(small_data, broken, *args, "--resume", str(state_file.parent))))
 
 
 KILLED_RUN = textwrap.dedent(
