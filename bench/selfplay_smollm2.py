@@ -107,9 +107,13 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].set(title="win rate of pi_{t+1} against pi_1", xlabel="iteration t", ylabel="P(pi_{t+1} wins) (0 to 1)")
     axes[1].set(title="win rate of pi_{t+1} against pi_t", xlabel="iteration t", ylabel="P(pi_{t+1} wins) (0 to 1)")
     axes[2].set(title="held-out exact-answer accuracy", xlabel="iteration t (0: pi_1)", ylabel="accuracy (%)")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes[:2]:
         ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="1/2: a tie")
+        ax.set_ylim(0.0, 1.0)
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("Self-play on SmolLM2-135M-Instruct, shipped prompts, offline judge (CPU)", fontsize=10)
@@ -137,13 +141,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--methods", default="sppo,inpo,dpo")
     ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--num-prompts", type=int, default=32, help="training prompts per iteration")
+    ap.add_argument("--num-prompts", type=int, default=24, help="training prompts per iteration")
     ap.add_argument("--num-samples", type=int, default=4, help="K")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--eval-prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--eval-prompts", type=int, default=24)
     ap.add_argument("--eval-samples", type=int, default=2)
     ap.add_argument("--generation-batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-6)
+    ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--sppo-eta", type=float, default=10.0)
     ap.add_argument("--inpo-eta", type=float, default=1.0)
