@@ -146,7 +146,10 @@ def _logits_lse_kernel(
                     HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
     s = tl.where((cols < V)[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
-    lse = m + tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
+    # A row whose logits in this tile are all -inf (a masked vocabulary block): shift by 0, not by m = -inf
+    # (exp(-inf - -inf) = NaN); its partial LSE is then -inf + log(0) = -inf, which the final logsumexp ignores.
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    lse = shift + tl.log(tl.sum(tl.exp(s - shift[:, None]), axis=1))
     row_ok = rows < N
     tl.store(partial_lse_ptr + pid_v.to(tl.int64) * N + rows, lse, mask=row_ok)
 
