@@ -60,7 +60,7 @@ def reference_sequence_logprobs(hidden, weight, labels, cu_seqlens=None, *, igno
 @torch.no_grad()
 def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignore_index=-100, average=False,
                           bias=None, softcap=None, dz_rounded=False, truncating_accumulation=False,
-                          reduced_precision_reduction=False):
+                          reduced_precision_reduction=False, flushes_subnormals=False):
     """Elementwise bounds on |computed - exact| for sequence_logprobs and its gradients.
 
     Derived from the roundings the fused paths perform on inputs of hidden.dtype; `exact` is the
@@ -84,8 +84,12 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
 
     Forward, per scored token i and vocabulary entry v (A_iv = sum_k |h_ik W_vk| + |b_v|):
       logit        dS = gamma(a (H + 1)) A                        fp32 dot of H terms, + bias; a = 2 if truncating
-      soft-cap     dS += 32 u (c + |s|)                           c tanh(z / c) or c (2 sigmoid(2z/c) - 1): divide,
-                                                                  <= 4-ulp exp/tanh, add, multiply; Lipschitz 1 in z
+      soft-cap     dS += 32 u |s| + 2^-149 c (1 + |z|)            c tanh(z / c): 1/c and z/c (or z / c), a tanh of
+                                                                  <= 4 ulp relative, x c; Lipschitz 1 in z. 1/c and
+                                                                  z/c may be subnormal (c near 3.4e38): each such
+                                                                  rounding is off by <= 2^-150 absolute, times c
+                                                                  (and |z| for 1/c); 2^-126 each where the path
+                                                                  flushes subnormals to 0 (flushes_subnormals: GPUs)
       lse          dLSE = max_v dS + u (4V + 32 + 16 ln V + 4R + 4|lse|),  R = max_v |s - lse|:
                    two levels (tiles, then their partial LSEs), each: V exps of (s - m) with <= 4 ulp (8u)
                    plus the subtraction (u R), a sum gamma(V), a log (8u ln V absolute), + m (u |lse|)
@@ -140,7 +144,8 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
         s = softcap * torch.tanh(z / softcap)
         # A cap under float32's smallest normal number is computed as 2^-126 (nash_fast.logprobs._effective_softcap):
         # c tanh(z / c) changes by less than |dc| when c does, so each logit moves by at most 2^-126 - c.
-        dS = dS + 32 * u * (softcap + s.abs()) + max(2.0**-126 - softcap, 0.0)
+        tiny = 2.0**-125 if flushes_subnormals else 2.0**-149  # two roundings of <= 2^-126 or 2^-150 each
+        dS = dS + 32 * u * s.abs() + tiny * softcap * (1 + z.abs().masked_fill(masked, 0.0)) + max(2.0**-126 - softcap, 0.0)
     else:
         s = z
     lse = torch.logsumexp(s, dim=1) if N else torch.zeros(0, dtype=torch.float64)

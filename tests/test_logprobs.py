@@ -78,7 +78,8 @@ DEVICE = {"torch": "cpu", "native": "cpu", "triton": "cuda" if torch.cuda.is_ava
 def path_roundings(backend, isa, device, dtype):
     """What the path rounds beyond fp32 arithmetic (tests/reference.py: rounding_error_bounds)."""
     if torch.device(device).type == "cuda":  # d_z to 16 bits for tensor-core GEMMs
-        return dict(dz_rounded=True, truncating_accumulation=True, reduced_precision_reduction=True)
+        return dict(dz_rounded=True, truncating_accumulation=True, reduced_precision_reduction=True,
+                    flushes_subnormals=True)
     if backend == "native" and dtype != torch.float32:
         with forced_isa(isa):
             active = lp_mod.native_cpu_isa(dtype)
