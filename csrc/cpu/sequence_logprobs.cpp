@@ -70,7 +70,6 @@ at::Tensor zero_width_logits(const at::Tensor& weight, const std::optional<at::T
   return s;
 }
 
-
 template <typename Args>
 void run(void (*avx512)(const Args&, bool), void (*avx2)(const Args&, bool), void (*portable)(const Args&, bool),
          const Args& args) {
