@@ -30,18 +30,21 @@ def reference_sequence_logprobs(hidden, weight, labels, cu_seqlens=None, *, igno
     """Plain PyTorch in `dtype`: logits = hidden @ weight.T (+ bias), log_softmax, gather, per-sequence sum.
 
     dtype=float64 is the ground truth; dtype=hidden.dtype is the "plain same-dtype implementation".
+    Logits are formed for the scored positions only: an unscored position's exact gradient is 0, which a dense
+    backward through its logits would compute as 0 x NaN = NaN when they are all -inf (a masked vocabulary).
     """
+    y = labels.reshape(-1).long()
+    valid = y != ignore_index
+    scored = valid.nonzero().squeeze(1)
     h = hidden.reshape(labels.numel(), hidden.shape[-1]).to(dtype)  # not (-1, H): H may be 0
     w = weight.to(dtype)
-    logits = h @ w.t()
+    logits = h.index_select(0, scored) @ w.t()
     if bias is not None:
         logits = logits + bias.to(dtype)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logp = torch.log_softmax(logits, dim=-1)
-    y = labels.reshape(-1).long()
-    valid = y != ignore_index
-    tok = torch.where(valid, logp.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1), torch.zeros((), dtype=dtype))
+    tok = torch.zeros(y.shape[0], dtype=dtype, device=h.device).index_copy(0, scored, logp.gather(1, y[scored][:, None]).squeeze(1))
     if hidden.dim() == 3:
         B, T = labels.shape
         bounds = [(b * T, (b + 1) * T) for b in range(B)]
