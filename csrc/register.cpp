@@ -49,9 +49,9 @@ TORCH_LIBRARY(nash_fast, m) {
   m.def("token_logprobs_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float? softcap,"
         " Tensor lse, Tensor grad, bool need_hidden, bool need_weight, bool need_bias, int max_chunk_elements)"
         " -> (Tensor d_hidden, Tensor d_weight, Tensor d_bias)");
-  // The CPU code path inputs of `dtype` take: amx, avx512, avx2 or portable.
+  // The CPU code path inputs of `dtype` take: vnni, avx512, avx2 or portable.
   m.def("cpu_isa(ScalarType dtype) -> str", &nash_fast::cpu::cpu_isa);
-  // The GEMMs that path runs on: brgemm-vnni (16-bit operands, AMX), mkl (fp32 operands through MKL's
+  // The GEMMs that path runs on: brgemm-vnni (16-bit operands: AMX tiles or AVX512-BF16/FP16), mkl (fp32 operands through MKL's
   // packed sgemm) or brgemm (fp32 operands through oneDNN, where MKL is absent or NASH_FAST_CPU_MKL=0).
   m.def("cpu_gemm(ScalarType dtype) -> str", &nash_fast::cpu::cpu_gemm);
   // How many threads an at::parallel_for of the kernels runs on now (torch.get_num_threads() when the

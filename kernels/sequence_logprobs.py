@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from torch.library import triton_op, wrap_triton
 
 from nash_fast.logprobs import mm_fp32_output_works
@@ -97,6 +98,25 @@ def _tile_indices(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP
 
 
 @triton.jit
+def _tanh(x, PORTABLE: tl.constexpr):
+    """tanh(x) to a few ulp relative everywhere. 2 sigmoid(2x) - 1 was off by an absolute ulp of 1: a soft-cap
+    c > 1e7 moved every logit by more than u c, and c >= 1e9 turned them all to 0.
+
+    Compiled (GPU): libdevice's tanhf (CUDA's __nv_tanhf: 2 ulp). PORTABLE (the CPU interpreter, which has
+    no libdevice): |x| < 1/4: x (1 + x^2 P(x^2)), Taylor to x^9 (the x^11 term is < 0.009 |x|^11: under 1e-8
+    relative); else sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 0.61, so 1 - e >= 0.39 loses under 2 ulp to
+    e's rounding."""
+    if not PORTABLE:
+        return libdevice.tanh(x)
+    a = tl.abs(x)
+    x2 = x * x
+    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    e = tl.exp(-2.0 * a)
+    t = tl.where(a < 0.25, small, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _logit_tile(
     h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -122,9 +142,8 @@ def _logit_tile(
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
-        # tanh(x) = 2 sigmoid(2x) - 1, stable for large |x|
         # (a multiply by the reciprocal: a per-element IEEE division costs registers the tile needs)
-        acc = softcap * (2.0 * tl.sigmoid(acc * (2.0 / softcap)) - 1.0)
+        acc = softcap * _tanh(acc * (1.0 / softcap), UPCAST)  # UPCAST: the interpreter, without libdevice
     return acc
 
 
@@ -146,7 +165,10 @@ def _logits_lse_kernel(
                     HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
     s = tl.where((cols < V)[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
-    lse = m + tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
+    # A row whose logits in this tile are all -inf (a masked vocabulary block): shift by 0, not by m = -inf
+    # (exp(-inf - -inf) = NaN); its partial LSE is then -inf + log(0) = -inf, which the final logsumexp ignores.
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    lse = shift + tl.log(tl.sum(tl.exp(s - shift[:, None]), axis=1))
     row_ok = rows < N
     tl.store(partial_lse_ptr + pid_v.to(tl.int64) * N + rows, lse, mask=row_ok)
 

@@ -8,6 +8,9 @@ Layout under a root (the trainer uses OUTPUT_DIR/checkpoints):
     .tmp-step-00000060.<pid>@<host>.<n>/
                               a save in progress, or one killed mid-way: never loaded; removed by the next save
                               once its writer is provably dead (nash_fast.rundir)
+    damaged/step-00000040/    a checkpoint that failed verification or is incomplete, moved aside (never deleted:
+                              its owner may want to inspect or recover it); not resumed from, not counted by
+                              keep_last (save_total_limit). A second one of the same step: step-00000040.1, ...
 
 A save writes everything into the temporary directory, fsyncs every file and the directory, records each
 file's size and SHA-256 in the manifest, then os.rename()s the directory to step-N and fsyncs the root.
@@ -38,7 +41,7 @@ The trainer's checkpoints (nash_fast.train's Run):
                                such as bco_pair's running mean of rewards), rng_rank<r>.json
                                (rng_state: every RNG as JSON) and metrics.jsonl (the log up to step N)
     resume_run(run)            the checkpoint --resume names, or the newest one that verifies and loads (a damaged
-                               one is named, removed, and the next older one tried); a checkpoint of another run
+                               one is named, moved to damaged/, and the next older one tried); a checkpoint of another run
                                (_RESUMABLE_CHANGES) or of another schedule (_check_schedule) is refused
 """
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -71,6 +75,7 @@ MANIFEST = "complete.json"
 FORMAT = 2  # 1: sizes only (no digests; such checkpoints are not loaded)
 _NAME = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
+QUARANTINE = "damaged"  # root/damaged/: checkpoints set aside (quarantine_checkpoint)
 _HASH_CHUNK = 1 << 22
 
 
@@ -258,8 +263,9 @@ def save_checkpoint(
                 str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}}
             write_json_atomic(tmp / MANIFEST, manifest)
             _fsync_path(tmp)
-            if final.exists():  # only a damaged one can be here (a complete one was refused above)
-                rundir.remove_tree(final)
+            if final.exists():  # only a damaged one can be here (a complete one was refused above): set aside
+                dest = quarantine_checkpoint(final)
+                log(f"warning: checkpoint {final} is incomplete; moved to {dest} before saving step {step} again")
             os.rename(tmp, final)
             rundir.done(tmp)
             _fsync_path(root)
@@ -274,22 +280,44 @@ def save_checkpoint(
     return final
 
 
+def quarantine_checkpoint(path: str | os.PathLike) -> Path:
+    """Move a checkpoint that must not be loaded (it failed verification, or is incomplete) from root/step-N to
+    root/damaged/step-N (step-N.1, step-N.2, ... when taken) and return where it went; never delete it: the
+    files may be what its owner needs to recover (a trusted system quarantines, it does not destroy). Outside
+    root's step-N names it is neither resumed from nor counted by keep_last. One rename (atomic, same file
+    system), then both directories are fsynced. The caller's warning names both places."""
+    path = Path(path)
+    aside = path.parent / QUARANTINE
+    aside.mkdir(exist_ok=True)
+    dest = aside / path.name
+    for n in itertools.count(1):
+        if not dest.exists():
+            break
+        dest = aside / f"{path.name}.{n}"
+    os.rename(path, dest)
+    _fsync_path(aside)
+    _fsync_path(path.parent)
+    return dest
+
+
 def remove_incomplete_checkpoints(root: str | os.PathLike, log=None) -> list[Path]:
-    """Delete step-N directories that are not complete (a manifest-less or truncated copy can never be loaded,
-    and nothing writes a step-N in place), and dead temporaries. Call only while holding the run lock."""
+    """Remove dead temporaries (saves whose writer died: never a checkpoint) and move step-N directories that are
+    not complete (a manifest-less or truncated copy: never loaded, and nothing writes a step-N in place) to
+    root/damaged/ (quarantine_checkpoint). Returns the paths taken out of root. Call only while holding the run lock."""
     root = Path(root)
     removed = rundir.remove_dead_temporaries(root, locked=True, log=log)
     for _, path in list_checkpoints(root):
         if not is_complete(path):
-            rundir.remove_tree(path)
+            dest = quarantine_checkpoint(path)
             removed.append(path)
             if log is not None:
-                log(f"removed incomplete checkpoint {path}")
+                log(f"warning: checkpoint {path} is incomplete (manifest missing or files damaged); moved to {dest} "
+                    "(not resumed from; inspect or delete it)")
     return removed
 
 
 def remove_checkpoints(root: str | os.PathLike) -> None:
-    """Delete every checkpoint (complete or not) under root (for --resume never)."""
+    """Delete every checkpoint (complete or not) under root (for --resume never); root/damaged/ is left alone."""
     root = Path(root)
     if root.is_dir():
         for path in list(root.iterdir()):
@@ -616,8 +644,9 @@ def _apply_checkpoint(run: Run, loaded: LoadedCheckpoint) -> None:
 
 def resume_run(run: Run) -> Path | None:
     """Load the checkpoint --resume names, or the newest one that passes verification and loads (auto / latest):
-    a damaged one is skipped with a warning naming the file, and removed (it can never be loaded). Returns the
-    checkpoint used, or None for a fresh start. Every rank loads the same one (rank 0 decides)."""
+    a damaged one is skipped with a warning naming the file, and moved to root/damaged/ (quarantine_checkpoint:
+    never deleted). Returns the checkpoint used, or None for a fresh start. Every rank loads the same one (rank 0
+    decides)."""
     cfg, dist = run.cfg, run.dist
     if cfg.resume == "never":
         return None
@@ -637,10 +666,9 @@ def resume_run(run: Run) -> Path | None:
             try:
                 loaded = _read_checkpoint(run, path)
             except CheckpointDamaged as error:
-                log(f"warning: skipping checkpoint {path}: {error.file}: {error.reason}")
-                from nash_fast.rundir import remove_tree
-
-                remove_tree(path)
+                dest = quarantine_checkpoint(path)
+                log(f"warning: skipping checkpoint {path}: {error.file}: {error.reason}; moved to {dest} (not resumed "
+                    "from; inspect or delete it)")
                 continue
             chosen = index
             break

@@ -83,7 +83,7 @@ import torch
 
 from nash_fast import losses
 from nash_fast.checks import checked_probabilities, checked_sequence_lengths, checked_single_role, pair_order
-from nash_fast.logprobs import BACKENDS, sequence_logprobs
+from nash_fast.logprobs import _LABEL_DTYPES, BACKENDS, sequence_logprobs
 from nash_fast.losses import _hyperparameter
 
 __all__ = ["FusedLinearPreferenceLoss", "FusedLinearDPOLoss", "LigerAux"]
@@ -401,6 +401,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         rows); otherwise they are passed precomputed (ref_chosen_logps, ...)."""
         if not isinstance(hidden, torch.Tensor):
             raise ValueError(f"hidden must be a tensor, got {type(hidden).__name__}")
+        # Token counts compare labels with ignore_index here too: by value, in int64 (a uint8 -100 would wrap to 156).
+        labels, aug_labels = (_int64_labels(t) for t in (labels, aug_labels))
         self._check_reference_arguments(ref_input, ref_weight, ref_bias, aug_ref_input, cu_seqlens,
                                         ref_chosen_logps, ref_rejected_logps, aug_ref_chosen_logps,
                                         aug_ref_rejected_logps, ref_logps)
@@ -746,6 +748,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 metrics["num_prompts"] = (1 + (ids[1:] != ids[:-1]).sum()).float().to(policy.device)
             metrics = {k: v.detach() for k, v in metrics.items()}
         return self._reduce(per_response), metrics
+
+
+def _int64_labels(labels):
+    """Integer labels of a dtype sequence_logprobs takes, as int64 (exact); anything else as it is (it raises there)."""
+    return labels.long() if isinstance(labels, torch.Tensor) and labels.dtype in _LABEL_DTYPES else labels
 
 
 def _packed_inputs(hidden, labels, cu_seqlens):

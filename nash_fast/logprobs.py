@@ -11,7 +11,7 @@ tokens of a packed batch cost nothing.
 Three backends compute the same function on scored tokens:
   "triton"  nash_fast.kernels.sequence_logprobs: fused tile kernels (GPU; CPU under TRITON_INTERPRET=1),
             registered as torch.library.triton_op (nash_fast::triton_token_logprobs_forward/_backward)
-  "native"  nash_fast._C (csrc/): C++ tile kernels on the CPU's matrix units (AMX) or vector units
+  "native"  nash_fast._C (csrc/): C++ tile kernels on the CPU's matrix units (AMX) or vector units (AVX512-BF16)
   "torch"   plain PyTorch over token chunks (forward) and vocabulary slices (backward): the readable
             reference, and the CPU fallback when nash_fast._C is not built
 "auto" picks triton on CUDA, native on CPU when built, torch otherwise. All keep logits in fp32
@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import operator
 import os
 import warnings
 from pathlib import Path
@@ -90,9 +91,12 @@ _BUILD_HINT = ("build it with `pip install -e .` from the repository (needs cmak
 
 
 def native_cpu_isa(dtype: torch.dtype = torch.bfloat16) -> str:
-    """The CPU code path the native backend takes for inputs of `dtype`: amx, avx512, avx2 or portable.
+    """The CPU code path the native backend takes for inputs of `dtype`: vnni, avx512, avx2 or portable.
 
-    NASH_FAST_CPU_ISA=avx512|avx2|portable forces a lower one (read on every call)."""
+    vnni: 16-bit operands through oneDNN's brgemm, on AMX tiles where the CPU has AMX, else AVX512-BF16/FP16.
+
+    NASH_FAST_CPU_ISA=avx512|avx2|portable forces a lower one (read on every call; "amx", vnni's former name,
+    still reads as vnni)."""
     ok, why = native_status()
     if not ok:
         raise ValueError(f"the native backend is unavailable: {why}; {_BUILD_HINT}")
@@ -101,7 +105,14 @@ def native_cpu_isa(dtype: torch.dtype = torch.bfloat16) -> str:
 
 # ----------------------------------------------------------------------------- validation
 
-def _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend):
+# float32's largest finite number and its smallest normal one (2^-126): the soft-cap's range (_effective_softcap).
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
+# Label dtypes that convert to int64 exactly (uint64 has no CPU comparison kernels, and values >= 2^63 would wrap).
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32)
+
+
+def _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend, ignore_index=-100):
     """Checks that need no tensor values (safe inside torch.compile)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -125,6 +136,8 @@ def _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend)
     if hidden.device != weight.device:
         raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
     if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise ValueError(f"bias must be a [V] tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
@@ -134,10 +147,21 @@ def _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend)
             value = float(softcap)
         except (TypeError, ValueError):
             value = float("nan")
-        if not 0 < value < float("inf"):
-            raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+        # Beyond float32's range the cap has no fp32 value (it would round to inf: NaN logits on every path).
+        if not 0 < value <= _FLOAT32_MAX:
+            raise ValueError(f"softcap must be a positive finite number no larger than float32's largest "
+                             f"({_FLOAT32_MAX:.4g}) or None, got {softcap}")
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise ValueError(f"labels of dtype {labels.dtype} are not supported (values >= 2^63 would not convert to "
+                         f"int64 exactly); use int64 labels")
+    try:
+        index = operator.index(ignore_index)
+    except TypeError:
+        index = None
+    if isinstance(ignore_index, bool) or index is None or not -(2**63) <= index < 2**63:
+        raise ValueError(f"ignore_index must be an integer in [-2**63, 2**63), got {ignore_index!r}")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's leading shape {tuple(hidden.shape[:-1])}")
     if labels.device != hidden.device:
@@ -149,6 +173,21 @@ def _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend)
             raise ValueError(f"cu_seqlens must be an int32 (or int64) tensor, got {getattr(cu_seqlens, 'dtype', type(cu_seqlens))}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}")
+        # Its values are read (the checks, the layout): on hidden's device, or a host copy (flash-attn style).
+        if cu_seqlens.device != hidden.device and cu_seqlens.device.type != "cpu":
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device} "
+                             "(it must be on hidden's device or the CPU)")
+
+
+def _effective_softcap(softcap):
+    """The cap the kernels compute with: softcap, or float32's smallest normal number 2^-126 for a smaller one.
+
+    Every path computes s = c tanh(z / c) with an fp32 c (the native kernels as c and 1/c): a c under 2^-126
+    would round to a subnormal (1/c = inf, NaN at z = 0) or to 0 (read as "no cap"). Capped logits lie in
+    [-c, c], and c tanh(z / c) grows with c by less than |dc|, so 2^-126 moves each logit by under 2^-126:
+    below float32's resolution at any log-probability but an exact 0 (V = 1, or all logits equal).
+    """
+    return None if softcap is None else max(float(softcap), _FLOAT32_TINY)
 
 
 def _validate_values(labels, cu_seqlens, num_tokens, ignore_index, vocab):
@@ -511,13 +550,14 @@ def sequence_logprobs(
     Args:
         hidden: [N, H] packed tokens (with `cu_seqlens`) or [B, T, H] padded rows (one sequence each).
         weight: LM-head weight [V, H] (same dtype and device as hidden).
-        labels: [N] or [B, T] integer ids; labels[i] is the token predicted at position i;
-            `ignore_index` marks positions that are not scored.
+        labels: [N] or [B, T] integer ids (int8 to int64, uint8 to uint32: compared by value, as int64);
+            labels[i] is the token predicted at position i; `ignore_index` marks positions that are not scored.
         cu_seqlens: int32 [S + 1] boundaries of the packed sequences, 0 = cu[0] <= ... <= cu[S] = N
             (empty sequences allowed). None with [N, H] hidden means one sequence.
         average: divide each sequence's sum by its own count of scored tokens (0 if it has none).
         bias: optional LM-head bias [V].
-        softcap: optional final-logit soft-cap c (Gemma-2): logits -> c * tanh(logits / c).
+        softcap: optional final-logit soft-cap c (Gemma-2): logits -> c * tanh(logits / c); 0 < c <= 3.4e38
+            (float32's range); a c below 2^-126 is computed as 2^-126 (each logit moves by < 2^-126).
         backend: "auto" (triton on CUDA, native on CPU when built, torch otherwise), "triton",
             "native" or "torch".
 
@@ -525,13 +565,16 @@ def sequence_logprobs(
         [S] (packed) or [B] (padded), float32 (float64 for float64 inputs, so gradcheck is exact).
         Differentiable w.r.t. hidden, weight and bias; under torch.no_grad() nothing is saved.
     """
-    _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend)
+    _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend, ignore_index)
     backend = _resolve_backend(backend, hidden)
     H = hidden.shape[-1]
     num_rows = hidden.shape[0] if hidden.dim() == 3 else -1
+    # Labels compare with ignore_index by value, in int64: a uint8 label 156 is class 156, not a wrapped -100.
+    labels = labels.reshape(-1).to(torch.int64)
+    # [labels.numel(), H], not [-1, H]: a zero-width (H = 0) hidden has no elements to infer -1 from.
     out, _ = torch.ops.nash_fast.sequence_logprobs(
-        hidden.reshape(-1, H), weight, bias, labels.reshape(-1), cu_seqlens, num_rows, int(ignore_index),
-        bool(average), None if softcap is None else float(softcap), backend)
+        hidden.reshape(labels.shape[0], H), weight, bias, labels, cu_seqlens, num_rows, operator.index(ignore_index),
+        bool(average), _effective_softcap(softcap), backend)
     return out
 
 

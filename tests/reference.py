@@ -12,8 +12,8 @@ UNDERFLOW = {torch.float64: 2.0**-1075, torch.float32: 2.0**-150, torch.float16:
 
 def _layout(hidden, labels, cu_seqlens, ignore_index):
     """Flat [N, H] hidden and labels, the sequence of every token, the number of sequences, the scored mask."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
+    y = labels.reshape(-1).long()  # compared with ignore_index by value (a uint8 156 is not a wrapped -100)
+    h = hidden.reshape(y.shape[0], hidden.shape[-1])  # not (-1, H): H may be 0
     if hidden.dim() == 3:
         B, T = labels.shape
         seq = torch.arange(B).repeat_interleave(T)
@@ -30,18 +30,21 @@ def reference_sequence_logprobs(hidden, weight, labels, cu_seqlens=None, *, igno
     """Plain PyTorch in `dtype`: logits = hidden @ weight.T (+ bias), log_softmax, gather, per-sequence sum.
 
     dtype=float64 is the ground truth; dtype=hidden.dtype is the "plain same-dtype implementation".
+    Logits are formed for the scored positions only: an unscored position's exact gradient is 0, which a dense
+    backward through its logits would compute as 0 x NaN = NaN when they are all -inf (a masked vocabulary).
     """
-    h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    y = labels.reshape(-1).long()
+    valid = y != ignore_index
+    scored = valid.nonzero().squeeze(1)
+    h = hidden.reshape(labels.numel(), hidden.shape[-1]).to(dtype)  # not (-1, H): H may be 0
     w = weight.to(dtype)
-    logits = h @ w.t()
+    logits = h.index_select(0, scored) @ w.t()
     if bias is not None:
         logits = logits + bias.to(dtype)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logp = torch.log_softmax(logits, dim=-1)
-    y = labels.reshape(-1)
-    valid = y != ignore_index
-    tok = torch.where(valid, logp.gather(1, y.clamp(min=0)[:, None]).squeeze(1), torch.zeros((), dtype=dtype))
+    tok = torch.zeros(y.shape[0], dtype=dtype, device=h.device).index_copy(0, scored, logp.gather(1, y[scored][:, None]).squeeze(1))
     if hidden.dim() == 3:
         B, T = labels.shape
         bounds = [(b * T, (b + 1) * T) for b in range(B)]
@@ -60,7 +63,7 @@ def reference_sequence_logprobs(hidden, weight, labels, cu_seqlens=None, *, igno
 @torch.no_grad()
 def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignore_index=-100, average=False,
                           bias=None, softcap=None, dz_rounded=False, truncating_accumulation=False,
-                          reduced_precision_reduction=False):
+                          reduced_precision_reduction=False, flushes_subnormals=False):
     """Elementwise bounds on |computed - exact| for sequence_logprobs and its gradients.
 
     Derived from the roundings the fused paths perform on inputs of hidden.dtype; `exact` is the
@@ -73,7 +76,7 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
 
     Path options (which roundings the path performs):
       dz_rounded     d_z is rounded to the 16-bit input dtype before the d_hidden / d_weight GEMMs
-                     (GPU paths, for the tensor cores; the native `amx` path, for the matrix units).
+                     (GPU paths, for the tensor cores; the native `vnni` path, for the matrix units).
                      The other CPU paths keep d_z in fp32.
       truncating_accumulation   the GEMMs' fp32 accumulation may truncate instead of rounding
                      (tensor cores, Fasi et al. 2021; AMX tiles, whose FTZ/pairwise sums the SDM does
@@ -84,8 +87,12 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
 
     Forward, per scored token i and vocabulary entry v (A_iv = sum_k |h_ik W_vk| + |b_v|):
       logit        dS = gamma(a (H + 1)) A                        fp32 dot of H terms, + bias; a = 2 if truncating
-      soft-cap     dS += 32 u (c + |s|)                           c tanh(z / c) or c (2 sigmoid(2z/c) - 1): divide,
-                                                                  <= 4-ulp exp/tanh, add, multiply; Lipschitz 1 in z
+      soft-cap     dS += 32 u |s| + 2^-149 c (1 + |z|)            c tanh(z / c): 1/c and z/c (or z / c), a tanh of
+                                                                  <= 4 ulp relative, x c; Lipschitz 1 in z. 1/c and
+                                                                  z/c may be subnormal (c near 3.4e38): each such
+                                                                  rounding is off by <= 2^-150 absolute, times c
+                                                                  (and |z| for 1/c); 2^-126 each where the path
+                                                                  flushes subnormals to 0 (flushes_subnormals: GPUs)
       lse          dLSE = max_v dS + u (4V + 32 + 16 ln V + 4R + 4|lse|),  R = max_v |s - lse|:
                    two levels (tiles, then their partial LSEs), each: V exps of (s - m) with <= 4 ulp (8u)
                    plus the subtraction (u R), a sum gamma(V), a log (8u ln V absolute), + m (u |lse|)
@@ -115,6 +122,9 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
     def gamma(n):
         return n * u / (1 - n * u)
 
+    def io(x):  # u_io x: the final rounding to the input dtype (none for fp32: 0, even where a vacuous x is inf)
+        return u_io * x if u_io else torch.zeros_like(x)
+
     h_all, y_all, seq_all, num_seqs, scored = _layout(hidden.detach().cpu().double(), labels.cpu(), cu_seqlens, ignore_index)
     h, y, seq = h_all[scored], y_all[scored], seq_all[scored]
     W = weight.detach().cpu().double()
@@ -127,14 +137,23 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
     if b is not None:
         A = A + b.abs()
         z = z + b
+    # Masked entries (z = -inf: a -inf bias, or a -inf weight against a positive hidden value) come out of
+    # every path exactly: -inf (IEEE sums and products), exp(-inf - finite shift) = 0, c tanh(-inf) = -c.
+    # They get no dot-product term, and add exactly 0 to every sum of exponentials.
+    masked = z == float("-inf")
+    A = A.masked_fill(masked, 0.0)
     dS = gamma(a * (H + 1)) * A
     if softcap is not None:
         s = softcap * torch.tanh(z / softcap)
-        dS = dS + 32 * u * (softcap + s.abs())
+        # A cap under float32's smallest normal number is computed as 2^-126 (nash_fast.logprobs._effective_softcap):
+        # c tanh(z / c) changes by less than |dc| when c does, so each logit moves by at most 2^-126 - c.
+        tiny = 2.0**-125 if flushes_subnormals else 2.0**-149  # two roundings of <= 2^-126 or 2^-150 each
+        dS = dS + 32 * u * s.abs() + tiny * softcap * (1 + z.abs().masked_fill(masked, 0.0)) + max(2.0**-126 - softcap, 0.0)
     else:
         s = z
     lse = torch.logsumexp(s, dim=1) if N else torch.zeros(0, dtype=torch.float64)
-    R = (s - lse[:, None]).abs().amax(1) if N else lse
+    # R over the entries that are not -inf (the others' exponentials are exactly 0, whatever their distance).
+    R = (s - lse[:, None]).abs().masked_fill(s == float("-inf"), 0.0).amax(1) if N else lse
     dLSE = (dS.amax(1) if N else lse) + u * (4 * V + 32 + 16 * math.log(V) + 4 * R + 4 * lse.abs())
     rows = torch.arange(N)
     tok = s[rows, y] - lse
@@ -151,7 +170,8 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
     g = G[seq] / counts[seq] if average else G[seq]
     dG = u * g.abs() if average else torch.zeros_like(g)
     p = torch.exp(s - lse[:, None])
-    dP = p * torch.expm1(dS + dLSE[:, None] + u * (s - lse[:, None]).abs() + 8 * u)
+    # p = 0 exactly where s = -inf (its relative error term would be 0 x inf).
+    dP = torch.where(s == float("-inf"), 0.0, p * torch.expm1(dS + dLSE[:, None] + u * (s - lse[:, None]).abs() + 8 * u))
     q = -p
     q[rows, y] += 1.0
     if softcap is not None:
@@ -164,16 +184,20 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
     dz = g[:, None] * q * cap
     dDZ = (g.abs()[:, None] * q.abs() * dCap + g.abs()[:, None] * cap.abs() * (dP + u * q.abs())
            + dG[:, None] * q.abs() * cap.abs() + 3 * u * dz.abs())
-    dDZq = dDZ + u_io * (dz.abs() + dDZ) + eta if dz_rounded else dDZ
+    dDZq = dDZ + io(dz.abs() + dDZ) + eta if dz_rounded else dDZ
 
     d_bias = None
     if b is not None:
         err = dDZ.sum(0) + gamma(N) * dz.abs().sum(0)
-        d_bias = err + u_io * ((dz.sum(0)).abs() + err) + eta
+        d_bias = err + io((dz.sum(0)).abs() + err) + eta
     err = dDZq @ W.abs() + (gamma(a * V) + r) * (dz.abs() @ W.abs())
-    dh_scored = err + u_io * ((dz @ W).abs() + err) + eta
+    dh_scored = err + io((dz @ W).abs() + err) + eta
     d_hidden = torch.zeros_like(h_all)
     d_hidden[scored] = dh_scored
     err = dDZq.t() @ h.abs() + (gamma(a * N) + r) * (dz.abs().t() @ h.abs())
-    d_weight = err + u_io * ((dz.t() @ h).abs() + err) + eta
-    return dict(forward=fwd, d_hidden=d_hidden.reshape(hidden.shape), d_weight=d_weight, d_bias=d_bias)
+    d_weight = err + io((dz.t() @ h).abs() + err) + eta
+    # A NaN bound is 0 x inf: a vacuous (infinite) error term times an exact zero factor, e.g. cap' = 0 against
+    # dP = inf when the soft-cap term 32 u c is huge. The second-order terms make that product unbounded, not 0.
+    vacuous = lambda x: None if x is None else torch.nan_to_num(x, nan=float("inf"))  # noqa: E731
+    return dict(forward=vacuous(fwd), d_hidden=vacuous(d_hidden.reshape(hidden.shape)), d_weight=vacuous(d_weight),
+                d_bias=vacuous(d_bias))

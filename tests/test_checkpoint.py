@@ -189,7 +189,8 @@ def test_manifest_has_a_sha256_per_file_and_verify_names_every_damaged_file(tmp_
     assert error.file == "extra.pt" and "not listed" in error.reason
 
 
-def test_remove_incomplete_checkpoints_keeps_complete_ones(tmp_path):
+def test_remove_incomplete_checkpoints_keeps_complete_ones_and_sets_incomplete_ones_aside(tmp_path):
+    """Dead temporaries (never a checkpoint) are removed; an incomplete step-N is moved to damaged/, never deleted."""
     from nash_fast.checkpoint import remove_incomplete_checkpoints
 
     save_checkpoint(tmp_path, 1, writer(1))
@@ -199,4 +200,27 @@ def test_remove_incomplete_checkpoints_keeps_complete_ones(tmp_path):
     messages = []
     removed = remove_incomplete_checkpoints(tmp_path, log=messages.append)
     assert sorted(p.name for p in removed) == [".tmp-step-00000003", "step-00000002"]
-    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"] and len(messages) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "step-00000001"] and len(messages) == 2
+    aside = tmp_path / "damaged" / "step-00000002"
+    assert (aside / "sub" / "note.txt").read_text() == "step 2"  # its files, intact
+    assert f"moved to {aside}" in messages[-1]
+
+
+def test_quarantined_checkpoints_are_kept_apart(tmp_path):
+    """A checkpoint set aside is never deleted, never resumed from, and not counted by keep_last; a second one of
+    the same step gets its own name."""
+    from nash_fast.checkpoint import quarantine_checkpoint
+
+    first = save_checkpoint(tmp_path, 1, writer(1))
+    assert quarantine_checkpoint(first) == tmp_path / "damaged" / "step-00000001"
+    again = save_checkpoint(tmp_path, 1, writer(1))
+    with open(again / "state.pt", "r+b") as f:
+        f.truncate(10)
+    save_checkpoint(tmp_path, 1, writer(1))  # an incomplete step-1 in the way is set aside, not deleted
+    assert sorted(p.name for p in (tmp_path / "damaged").iterdir()) == ["step-00000001", "step-00000001.1"]
+    assert (tmp_path / "damaged" / "step-00000001.1" / "state.pt").stat().st_size == 10
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, step, writer(step), keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]  # keep_last counts step-N in root only
+    assert len(list((tmp_path / "damaged").iterdir())) == 2
+    assert checkpoint_step(latest_checkpoint(tmp_path)) == 4

@@ -419,6 +419,25 @@ def test_packed_accepts_leading_batch_dim():
     assert torch.equal(flat, batched)
 
 
+def test_narrow_label_dtypes_count_tokens_by_value():
+    """uint8 labels: ignore_index -100 is not a uint8 value (it once wrapped to 156 and class 156 went unscored);
+    the loss, its token counts and its metrics equal those of the same labels in int64."""
+    seqs, weight, _, g = make_problem(5, 2, 8, 200, augmented=False, bias=False)
+    for s in seqs:
+        s["labels"][s["labels"] != IGNORE] = 156
+        s["labels"][-1] = 156  # every sequence scores class 156
+    b = packed(seqs, g)
+    scored = b["labels"] != IGNORE
+    module = FusedLinearPreferenceLoss("ipo", beta=0.2, backend="torch")
+    wide, wide_metrics = module(weight, b["hidden"], torch.where(scored, b["labels"], 0), cu_seqlens=b["cu_seqlens"],
+                                role=b["role"], pair_index=b["pair_index"], **REF2)
+    narrow_labels = torch.where(scored, b["labels"], 0).to(torch.uint8)
+    narrow, narrow_metrics = module(weight, b["hidden"], narrow_labels, cu_seqlens=b["cu_seqlens"], role=b["role"],
+                                    pair_index=b["pair_index"], **REF2)
+    assert torch.equal(wide, narrow)
+    assert all(torch.equal(wide_metrics[k], narrow_metrics[k]) for k in wide_metrics)
+
+
 # ----------------------------------------------------------------------------- augmented passes
 
 def test_augmented_tokens_get_no_gradient_and_are_scored_without_grad(monkeypatch):

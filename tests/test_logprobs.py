@@ -32,7 +32,7 @@ try:
 except Exception:  # pragma: no cover
     HAVE_TRITON = False
 
-NATIVE_PATHS = ["amx", "avx512", "avx2", "portable"]
+NATIVE_PATHS = ["vnni", "avx512", "avx2", "portable"]
 
 
 def native_paths_here():
@@ -78,11 +78,12 @@ DEVICE = {"torch": "cpu", "native": "cpu", "triton": "cuda" if torch.cuda.is_ava
 def path_roundings(backend, isa, device, dtype):
     """What the path rounds beyond fp32 arithmetic (tests/reference.py: rounding_error_bounds)."""
     if torch.device(device).type == "cuda":  # d_z to 16 bits for tensor-core GEMMs
-        return dict(dz_rounded=True, truncating_accumulation=True, reduced_precision_reduction=True)
+        return dict(dz_rounded=True, truncating_accumulation=True, reduced_precision_reduction=True,
+                    flushes_subnormals=True)
     if backend == "native" and dtype != torch.float32:
         with forced_isa(isa):
             active = lp_mod.native_cpu_isa(dtype)
-        if active == "amx":  # 16-bit d_z into the matrix units
+        if active == "vnni":  # 16-bit d_z into the matrix units (AMX tiles or AVX512-BF16 dot products)
             return dict(dz_rounded=True, truncating_accumulation=True)
     return dict(dz_rounded=False)
 
@@ -435,7 +436,7 @@ def test_auto_runs_native_on_cpu_when_built():
 @pytest.mark.skipif(not native_paths_here(), reason="nash_fast._C is not built")
 def test_native_bad_isa_and_inputs_name_the_problem():
     args = (torch.randn(4, 6), torch.randn(7, 6), torch.tensor([0, 1, 6, -100]))
-    with forced_isa("sse9"), pytest.raises(ValueError, match="NASH_FAST_CPU_ISA must be one of amx, avx512, avx2, portable"):
+    with forced_isa("sse9"), pytest.raises(ValueError, match="NASH_FAST_CPU_ISA must be one of vnni, avx512, avx2, portable"):
         sequence_logprobs(*args, backend="native")
     with pytest.raises(ValueError, match="backend='native' takes float32, bfloat16 or float16"):
         sequence_logprobs(*(t.double() if t.is_floating_point() else t for t in args), backend="native")

@@ -171,10 +171,15 @@ def test_damaged_newest_checkpoint_is_skipped_for_the_next_older_one(tmp_path, s
     out = copy_checkpoints(reference, tmp_path / "out")
     newest = out / "checkpoints" / "step-00000006"
     corrupt(newest / name)
+    damaged_files = {p.relative_to(newest): p.read_bytes() for p in newest.rglob("*") if p.is_file()}
     run(small_data, out)
     log = capsys.readouterr().out
     warning = next(line for line in log.splitlines() if "skipping checkpoint" in line)
     assert f"{newest}: {name}:" in warning and reason in warning
+    # Set aside, never deleted: out/checkpoints/damaged/step-00000006, byte for byte, named in the warning.
+    aside = out / "checkpoints" / "damaged" / "step-00000006"
+    assert f"moved to {aside}" in warning
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == damaged_files
     assert "step-00000004 at step 4" in log
     assert_same_run(out, reference)
 
@@ -235,6 +240,8 @@ def test_dead_temporaries_and_incomplete_checkpoints_are_removed(tmp_path, small
     (out / "notes.txt").write_text("mine")
     run(small_data, out)
     assert not any(p.exists() for p in debris + files)
+    # Dead temporaries are removed; the incomplete step-00000008 is set aside (damaged/), never deleted.
+    assert (out / "checkpoints" / "damaged" / "step-00000008" / "model.pt").read_bytes() == b"partial"
     assert (out / "notes.txt").read_text() == "mine"
     assert_same_run(out, reference)
 

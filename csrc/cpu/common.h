@@ -14,16 +14,18 @@
 
 namespace nash_fast::cpu {
 
-// Code paths, best first. NASH_FAST_CPU_ISA=amx|avx512|avx2|portable forces a lower one (tests).
-//   amx       16-bit operands in VNNI layout (oneDNN brgemm: AMX tiles, or AVX512-BF16/FP16 dot
-//             products), AVX-512 epilogues. Chosen when brgemm accepts the dtype in VNNI layout.
+// Code paths, best first. NASH_FAST_CPU_ISA=vnni|avx512|avx2|portable forces a lower one (tests; "amx",
+// this path's former name, is still read as vnni).
+//   vnni      16-bit operands in VNNI layout through oneDNN's brgemm, which runs them on AMX tiles where
+//             the CPU has AMX and as AVX512-BF16 / AVX512-FP16 dot products where it does not (an AMD Zen 4
+//             has no AMX), AVX-512 epilogues. Chosen when brgemm accepts the dtype in VNNI layout.
 //   avx512    fp32 operands (16-bit inputs converted exactly), AVX-512 epilogues.
 //   avx2      fp32 operands, AVX2 epilogues.
 //   portable  fp32 operands, plain C++ epilogues (any CPU; brgemm falls back to ATen's gemm).
-enum class Isa : int { Portable = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
+enum class Isa : int { Portable = 0, Avx2 = 1, Avx512 = 2, Vnni = 3 };
 
 const char* isa_name(Isa isa);
-// Best path this CPU and this build support for inputs of `dtype` (Amx only where brgemm takes
+// Best path this CPU and this build support for inputs of `dtype` (Vnni only where brgemm takes
 // `dtype` in VNNI layout).
 Isa supported_isa(at::ScalarType dtype);
 // supported_isa(dtype), lowered to NASH_FAST_CPU_ISA when that names a lower path. Read on every

@@ -14,7 +14,7 @@ namespace nash_fast::cpu {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::Amx: return "amx";
+    case Isa::Vnni: return "vnni";
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
     default: return "portable";
@@ -87,7 +87,7 @@ bool mkl_available() {
 }
 
 Isa supported_isa(at::ScalarType dtype) {
-  if (cpu_has_avx512()) return brgemm_takes_vnni(dtype) ? Isa::Amx : Isa::Avx512;
+  if (cpu_has_avx512()) return brgemm_takes_vnni(dtype) ? Isa::Vnni : Isa::Avx512;
   if (cpu_has_avx2()) return Isa::Avx2;
   return Isa::Portable;
 }
@@ -96,10 +96,12 @@ Isa active_isa(at::ScalarType dtype) {
   const Isa best = supported_isa(dtype);
   const char* forced = std::getenv("NASH_FAST_CPU_ISA");
   if (forced == nullptr || *forced == '\0') return best;
-  for (Isa isa : {Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Portable}) {
+  // "amx" was the vnni path's name until it was seen running on AVX512-BF16 (no AMX); old settings keep working.
+  if (std::strcmp(forced, "amx") == 0) forced = isa_name(Isa::Vnni);
+  for (Isa isa : {Isa::Vnni, Isa::Avx512, Isa::Avx2, Isa::Portable}) {
     if (std::strcmp(forced, isa_name(isa)) == 0) return static_cast<int>(isa) < static_cast<int>(best) ? isa : best;
   }
-  TORCH_CHECK_VALUE(false, "NASH_FAST_CPU_ISA must be one of amx, avx512, avx2, portable; got '", forced, "'");
+  TORCH_CHECK_VALUE(false, "NASH_FAST_CPU_ISA must be one of vnni, avx512, avx2, portable; got '", forced, "'");
 }
 
 }  // namespace nash_fast::cpu

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 #include <optional>
@@ -47,10 +48,26 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std:
   }
 }
 
+// The soft-cap as the kernels' fp32 c (0: none). A cap beyond float32's range has no fp32 value (it would
+// round to inf: NaN logits); one below float32's smallest normal number, 2^-126, is computed as 2^-126, whose
+// reciprocal is finite (a subnormal c would round to 0, read as "no cap", or give 1/c = inf). Every capped
+// logit lies in [-c, c], so that moves each by at most 2^-126 (c tanh(z / c) grows monotonically in c, by
+// less than 1 per unit of c): below float32's resolution at any log-probability but an exact 0.
 float softcap_value(std::optional<double> softcap) {
   if (!softcap.has_value()) return 0.0f;
-  TORCH_CHECK_VALUE(*softcap > 0 && std::isfinite(*softcap), "softcap must be a positive finite number or None");
-  return static_cast<float>(*softcap);
+  TORCH_CHECK_VALUE(*softcap > 0 && *softcap <= std::numeric_limits<float>::max(),
+                    "softcap must be a positive finite number no larger than float32's largest (3.4e38) or None, got ",
+                    *softcap);
+  return std::max(static_cast<float>(*softcap), std::numeric_limits<float>::min());
+}
+
+// H = 0: every logit is the bias (0 without one), the same for every token. The tile kernels size their
+// slices by H (a division by zero), so these few [V]-sized ATen ops compute it instead, with the kernels'
+// fp32 arithmetic: s = c tanh(z (1/c)), lse = log sum_v exp(s_v), logp_i = s_{y_i} - lse.
+at::Tensor zero_width_logits(const at::Tensor& weight, const std::optional<at::Tensor>& bias, float softcap) {
+  at::Tensor s = bias.has_value() ? bias->to(at::kFloat) : at::zeros({weight.size(0)}, weight.options().dtype(at::kFloat));
+  if (softcap > 0) s = at::tanh(s * (1.0f / softcap)) * softcap;
+  return s;
 }
 
 template <typename Args>
@@ -58,10 +75,10 @@ void run(void (*avx512)(const Args&, bool), void (*avx2)(const Args&, bool), voi
          const Args& args) {
   const Isa isa = active_isa(args.dtype);
   switch (isa) {
-    case Isa::Amx:
+    case Isa::Vnni:
     case Isa::Avx512:
       TORCH_CHECK(avx512 != nullptr, "internal: no AVX-512 kernels in this build");
-      avx512(args, isa == Isa::Amx);
+      avx512(args, isa == Isa::Vnni);
       return;
     case Isa::Avx2:
       TORCH_CHECK(avx2 != nullptr, "internal: no AVX2 kernels in this build");
@@ -93,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& hidd
                                                           const std::optional<at::Tensor>& bias_in,
                                                           const at::Tensor& labels_in, std::optional<double> softcap) {
   check_inputs(hidden_in, weight_in, bias_in, labels_in);
+  softcap_value(softcap);  // checked before any early return
   const auto hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
   const auto labels = labels_in.to(at::kLong).contiguous();
   const auto bias = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
@@ -100,6 +118,12 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& hidd
   auto logp = at::empty({N}, hidden.options().dtype(at::kFloat));
   auto lse = at::empty({N}, hidden.options().dtype(at::kFloat));
   if (N == 0) return {logp, lse};
+  if (hidden.size(1) == 0) {
+    const at::Tensor s = zero_width_logits(weight, bias, softcap_value(softcap));
+    lse.fill_(at::logsumexp(s, 0));  // -inf when every logit is -inf (logp is then NaN, as in float64)
+    at::sub_out(logp, s.index_select(0, labels), lse);
+    return {logp, lse};
+  }
   ForwardArgs args{hidden.scalar_type(), hidden.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr,
                    labels.data_ptr<int64_t>(), softcap_value(softcap), N, hidden.size(1), weight.size(0),
                    logp.data_ptr<float>(), lse.data_ptr<float>()};
@@ -112,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward(
     const at::Tensor& labels_in, std::optional<double> softcap, const at::Tensor& lse_in, const at::Tensor& grad_in,
     bool need_hidden, bool need_weight, bool need_bias, int64_t max_chunk_elements) {
   check_inputs(hidden_in, weight_in, bias_in, labels_in);
+  softcap_value(softcap);  // checked before any early return
   const int64_t N = hidden_in.size(0);
   TORCH_CHECK_VALUE(lse_in.numel() == N && grad_in.numel() == N, "lse and grad must have N = ", N, " elements");
   TORCH_CHECK_VALUE(max_chunk_elements > 0, "max_chunk_elements must be positive");
@@ -130,6 +155,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward(
     return {d_hidden, d_weight, d_bias};
   }
   if (!need_hidden && !need_weight && !need_bias) return {d_hidden, d_weight, d_bias};
+  if (hidden.size(1) == 0) {  // d_hidden [N, 0] and d_weight [V, 0] are empty; d_bias as the kernels form it:
+    // d_bias_v = cap'_v (sum_{i: y_i = v} g_i - sum_i g_i exp(s_v - lse_i)),  cap'_v = 1 - (s_v / c)^2,
+    // the second sum over token chunks of max_chunk_elements / V (no [N, V] buffer).
+    if (!need_bias) return {d_hidden, d_weight, d_bias};
+    const float cap = softcap_value(softcap);
+    const at::Tensor s = zero_width_logits(weight, bias, cap);
+    const int64_t V = weight.size(0), chunk = std::max<int64_t>(1, max_chunk_elements / V);
+    at::Tensor acc = at::zeros({V}, s.options()).index_add_(0, labels, grad);
+    for (int64_t i0 = 0; i0 < N; i0 += chunk) {
+      const int64_t i1 = std::min(N, i0 + chunk);
+      const at::Tensor p = at::exp(s.unsqueeze(0) - lse.slice(0, i0, i1).unsqueeze(1));  // [chunk, V]
+      acc.sub_(at::mv(p.t(), grad.slice(0, i0, i1)));
+    }
+    if (cap > 0) {
+      const at::Tensor t = s * (1.0f / cap);
+      acc.mul_(1 - t * t);
+    }
+    d_bias.copy_(acc);
+    return {d_hidden, d_weight, d_bias};
+  }
   BackwardArgs args{hidden.scalar_type(), hidden.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr,
                     labels.data_ptr<int64_t>(), softcap_value(softcap), N, hidden.size(1), weight.size(0),
                     lse.data_ptr<float>(), grad.data_ptr<float>(), need_hidden ? d_hidden.data_ptr() : nullptr,
@@ -142,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward(
 std::string cpu_isa(at::ScalarType dtype) { return isa_name(active_isa(dtype)); }
 
 std::string cpu_gemm(at::ScalarType dtype) {
-  if (active_isa(dtype) == Isa::Amx) return "brgemm-vnni";
+  if (active_isa(dtype) == Isa::Vnni) return "brgemm-vnni";
   return mkl_available() ? "mkl" : "brgemm";
 }
 

@@ -15,7 +15,7 @@
 //       vocabulary, to the token block's own buffer (for C);
 //   (C) inside the token block: d_hidden^T[:, block] += W[slice]^T d_z^T[slice, block] (fp32, [H, N]);
 //   (B) parallel over (vocabulary block, H block): d_weight[slice] = d_z^T[slice] hidden, written once.
-// GEMM operands (op_t): the input's 16-bit type on the `amx` path (VNNI layout; d_z rounded once to it,
+// GEMM operands (op_t): the input's 16-bit type on the `vnni` path (VNNI layout; d_z rounded once to it,
 // as GPU paths do for tensor cores), fp32 otherwise (16-bit inputs converted exactly; d_z kept in fp32).
 #include "sequence_logprobs.h"
 #include "mkl.h"
@@ -172,10 +172,11 @@ inline dst_t cast(src_t x) {
 
 // exp for the epilogues. AVX-512: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-7
 // polynomial for e^r (relative error <= 2.3e-7, under 4 ulp: the bound tests/reference.py allows) and
-// 2^n by vscalefps; exp(-inf) = 0. Elsewhere ATen's (Sleef, 1 ulp).
+// 2^n by vscalefps; exp(-inf) = 0 and exp(nan) = nan (vminps / vmaxps return their second operand when
+// either is NaN, so x goes second: a NaN logit must not turn into e^88.7). Elsewhere ATen's (Sleef, 1 ulp).
 inline fVec vexp(const fVec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 v = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7228394f)), _mm512_set1_ps(-104.0f));
+  const __m512 v = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(88.7228394f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
@@ -324,14 +325,19 @@ struct TileContext {
 // One pass: exponentials are taken against the running max as it stood before the tile (a first tile,
 // or one whose max exceeds it by more than RESCALE_MARGIN, is redone against its own max, so no term
 // exceeds e^RESCALE_MARGIN and nothing overflows); then the sum is rescaled to the new max.
+// A masked vocabulary (-inf logits: a -inf bias, -inf weights) makes maxima -inf; every exponential is taken
+// against shift(m), which is m, or 0 where m = -inf: exp(-inf - 0) = 0, where exp(-inf - (-inf)) would be NaN.
 constexpr float RESCALE_MARGIN = 16.0f;
+
+inline fVec shift_of(const fVec& m) { return fVec::blendv(fVec(0.0f), m, m > fVec(NEG_INF)); }
 
 void forward_epilogue(float* tile, const TileContext& c, fVec* run_max, fVec* run_sum, float* target) {
   const bool transform = c.bias != nullptr || c.softcap > 0;
-  fVec tile_max[TOKEN_VECS], sum[TOKEN_VECS];
+  fVec tile_max[TOKEN_VECS], sum[TOKEN_VECS], shift[TOKEN_VECS];
   for (int64_t q = 0; q < TOKEN_VECS; ++q) {
     tile_max[q] = fVec(NEG_INF);
     sum[q] = fVec(0.0f);
+    shift[q] = shift_of(run_max[q]);  // while run_max = -inf: 0, and any finite tile max forces the redo below
   }
   for (int64_t v = 0; v < c.vrows; ++v) {
     const float b = c.bias ? c.bias[v] : 0.0f;
@@ -343,7 +349,7 @@ void forward_epilogue(float* tile, const TileContext& c, fVec* run_max, fVec* ru
         x.store(row + q * LANES);
       }
       tile_max[q] = at::vec::maximum(tile_max[q], x);
-      sum[q] = sum[q] + vexp(x - run_max[q]);
+      sum[q] = sum[q] + vexp(x - shift[q]);
     }
   }
   for (int64_t q = 0; q < TOKEN_VECS; ++q) {
@@ -352,17 +358,18 @@ void forward_epilogue(float* tile, const TileContext& c, fVec* run_max, fVec* ru
     tile_max[q].store(m_tile);
     bool redo = false;
     for (int64_t l = 0; l < LANES; ++l) redo |= !(m_tile[l] <= m_old[l] + RESCALE_MARGIN);
-    if (redo) {  // against the tile's own max (first tile: m_old = -inf)
+    // Lanes whose max stays -inf keep run_sum = 0: their sums are 0 and every factor is exp(-inf - 0) = 0.
+    const fVec m_new = at::vec::maximum(run_max[q], tile_max[q]);
+    const fVec new_shift = shift_of(m_new);
+    if (redo) {  // against the tile's own max (first tile: m_old = -inf); lanes of an all -inf tile add 0
+      const fVec tile_shift = shift_of(tile_max[q]);
       sum[q] = fVec(0.0f);
-      for (int64_t v = 0; v < c.vrows; ++v) sum[q] = sum[q] + vexp(fVec::loadu(tile + v * BLOCK_T + q * LANES) - tile_max[q]);
-      const fVec m_new = at::vec::maximum(run_max[q], tile_max[q]);
-      run_sum[q] = run_sum[q] * vexp(run_max[q] - m_new) + sum[q] * vexp(tile_max[q] - m_new);
-      run_max[q] = m_new;
+      for (int64_t v = 0; v < c.vrows; ++v) sum[q] = sum[q] + vexp(fVec::loadu(tile + v * BLOCK_T + q * LANES) - tile_shift);
+      run_sum[q] = run_sum[q] * vexp(run_max[q] - new_shift) + sum[q] * vexp(tile_max[q] - new_shift);
     } else {
-      const fVec m_new = at::vec::maximum(run_max[q], tile_max[q]);
-      run_sum[q] = (run_sum[q] + sum[q]) * vexp(run_max[q] - m_new);
-      run_max[q] = m_new;
+      run_sum[q] = (run_sum[q] + sum[q]) * vexp(shift[q] - new_shift);
     }
+    run_max[q] = m_new;
   }
   for (int64_t t = 0; t < c.tokens; ++t) {
     const int64_t local = c.labels[t] - c.col0;
@@ -370,8 +377,17 @@ void forward_epilogue(float* tile, const TileContext& c, fVec* run_max, fVec* ru
   }
 }
 
+// Lanes of the tokens a tile holds (t < tokens), as blend masks. Pad lanes (no token: zero hidden) are set to
+// d_z = 0 outright: exp(s - lse) * 0 is NaN there when a -inf weight meets the zero pad (-inf * 0), and the
+// d_bias row sums and the vnni path's d_weight GEMM (its token depth rounded up to even) read pad lanes.
+inline void token_lanes(int64_t tokens, fVec* valid) {
+  alignas(64) float index[BLOCK_T];
+  for (int64_t t = 0; t < BLOCK_T; ++t) index[t] = float(t);
+  for (int64_t q = 0; q < TOKEN_VECS; ++q) valid[q] = fVec::loadu(index + q * LANES) < fVec(float(tokens));
+}
+
 // Replaces a z^T tile by d_z^T = g (onehot - exp(s - lse)) cap'; lse and grad are [BLOCK_T] with pad
-// lanes (grad 0) so pad tokens get 0. Adds each row's sum (the final d_z) to d_bias when given.
+// lanes (grad 0), which get 0. Adds each row's sum (the final d_z) to d_bias when given.
 void backward_epilogue(float* tile, const TileContext& c, const float* lse, const float* grad, float* d_bias) {
   float s_label[BLOCK_T];
   for (int64_t t = 0; t < c.tokens; ++t) {  // the target entries, before the tile is overwritten
@@ -385,6 +401,9 @@ void backward_epilogue(float* tile, const TileContext& c, const float* lse, cons
     neg_g[q] = fVec(0.0f) - fVec::loadu(grad + q * LANES);
   }
   const fVec one(1.0f), inv_cap(c.inv_softcap);
+  const bool padded = c.tokens < BLOCK_T;
+  fVec valid[TOKEN_VECS];
+  if (padded) token_lanes(c.tokens, valid);
   for (int64_t v = 0; v < c.vrows; ++v) {
     const float b = c.bias ? c.bias[v] : 0.0f;
     float* row = tile + v * BLOCK_T;
@@ -395,6 +414,7 @@ void backward_epilogue(float* tile, const TileContext& c, const float* lse, cons
         const fVec t = s * inv_cap;
         d = d * (one - t * t);
       }
+      if (padded) d = fVec::blendv(fVec(0.0f), d, valid[q]);
       d.store(row + q * LANES);
     }
   }
@@ -427,7 +447,7 @@ inline __m512i bf16_upper(__m512 x) {
   return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
 }
 
-// The AMX path's epilogue in one pass (bf16 operands, d_bias not needed): d_z^T = g (onehot - exp(s - lse)) cap'
+// The vnni path's epilogue in one pass (bf16 operands, d_bias not needed): d_z^T = g (onehot - exp(s - lse)) cap'
 // goes straight from registers to the slice's row-major buffer (dz_rows: row 0 of the tile, stride ld_dz; the
 // d_weight GEMM's A) and to the token block's vocabulary pairs (dz_pairs: pair row 0 of the tile; the d_hidden
 // GEMM's B); either may be nullptr. Same arithmetic as backward_epilogue.
@@ -453,6 +473,9 @@ void backward_epilogue_bf16(const float* tile, const TileContext& c, const float
     neg_g[q] = fVec(0.0f) - fVec::loadu(grad + q * LANES);
   }
   const fVec one(1.0f), inv_cap(c.inv_softcap);
+  const bool padded = c.tokens < BLOCK_T;
+  fVec valid[TOKEN_VECS];
+  if (padded) token_lanes(c.tokens, valid);
   auto d_of = [&](int64_t v, int64_t q) {
     const fVec s = logit(fVec::loadu(tile + v * BLOCK_T + q * LANES), c.bias ? c.bias[v] : 0.0f, c.softcap,
                          c.inv_softcap);
@@ -461,6 +484,7 @@ void backward_epilogue_bf16(const float* tile, const TileContext& c, const float
       const fVec t = s * inv_cap;
       d = d * (one - t * t);
     }
+    if (padded) d = fVec::blendv(fVec(0.0f), d, valid[q]);
     return __m512(d);
   };
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -908,7 +932,7 @@ void backward_mkl(const BackwardArgs& a) {
   const int64_t num_token_blocks = ceil_div(N, BLOCK_T);
   const int64_t N_pad = num_token_blocks * BLOCK_T;
   const int64_t rows_per_pack = mkl_subslice_rows(H, V);
-  // d_z^T is kept once, in fp32 (the AMX path keeps it twice in 16 bits): twice max_chunk_elements entries,
+  // d_z^T is kept once, in fp32 (the vnni path keeps it twice in 16 bits): twice max_chunk_elements entries,
   // so that the slice (the depth of the d_hidden sgemm) is wide enough for MKL to run near its peak.
   const int64_t Vs = std::clamp(2 * a.max_chunk_elements / N_pad / rows_per_pack * rows_per_pack, rows_per_pack,
                                 round_up(V, rows_per_pack));
