@@ -71,7 +71,7 @@ def run_method(method: str, args) -> tuple[list[dict], float]:
     return json.loads((out / "report.json").read_text()), time.time() - start
 
 
-def rows_for(method: str, report: list[dict], wall_s: float) -> list[dict]:
+def rows_for(method: str, report: list[dict]) -> list[dict]:
     rows = []
     if report:
         initial = report[0].get("accuracy_initial") or {}
@@ -82,7 +82,7 @@ def rows_for(method: str, report: list[dict], wall_s: float) -> list[dict]:
                      "mean_response_tokens": r["mean_response_tokens"], "records": r["records"],
                      **_accuracy_columns(r.get("accuracy") or {}),
                      **{f"{stage}_s": seconds for stage, seconds in r["seconds"].items()},
-                     "method_wall_s": wall_s})
+                     "iteration_s": sum(r["seconds"].values())})
     return rows
 
 
@@ -125,14 +125,15 @@ def markdown(rows: list[dict]) -> str:
     tasks = sorted({k for r in rows for k in r if k.startswith("accuracy_")})
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
     head = ["method", "t", "win vs pi_t", "win vs pi_1", "accuracy"] + [t.removeprefix("accuracy_") for t in tasks] \
-        + ["tokens", "generate s", "train s", "evaluate s"]
+        + ["tokens", "generate s", "train s", "evaluate s", "iteration s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([LABELS.get(r["method"], r["method"]), str(r["iteration"]),
                                         fmt(r.get("win_rate_vs_pi_t")), fmt(r.get("win_rate_vs_pi_1")),
                                         fmt(r.get("accuracy"))] + [fmt(r.get(t)) for t in tasks]
                                        + [fmt(r.get("mean_response_tokens"), ".1f"), fmt(r.get("generate_s"), ".0f"),
-                                          fmt(r.get("train_s"), ".0f"), fmt(r.get("evaluate_s"), ".0f")]) + " |")
+                                          fmt(r.get("train_s"), ".0f"), fmt(r.get("evaluate_s"), ".0f"),
+                                          fmt(r.get("iteration_s"), ".0f")]) + " |")
     return "\n".join(lines)
 
 
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default=str(REPO / "runs" / "selfplay_smollm2"))
     ap.add_argument("--out", default=str(HERE / "results" / "selfplay_smollm2"))
+    ap.add_argument("--conditions", default="", help="how the runs were made (threads, other load), for the record")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -163,13 +165,13 @@ def main(argv=None) -> int:
         ap.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     import torch
 
-    setting = {k: v for k, v in vars(args).items() if k not in ("runs", "out", "methods")}
+    setting = {k: v for k, v in vars(args).items() if k not in ("runs", "out", "methods", "conditions")}
     rows = []
     load = []
     for method in methods:
-        report, wall = run_method(method, args)
+        report, _ = run_method(method, args)  # a finished run is only re-reported: its stage times are stored
         load.append(os.getloadavg()[0])
-        rows += rows_for(method, report, wall)
+        rows += rows_for(method, report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "load_average_after_each_method": load,
-            "date": time.strftime("%Y-%m-%d %H:%M"), "settings": setting, "methods": methods}
+            "date": time.strftime("%Y-%m-%d %H:%M"), "settings": setting, "methods": methods,
+            "conditions": args.conditions}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     plot(rows, out.with_suffix(".png"))
     print(json.dumps(meta))

@@ -199,3 +199,27 @@ def test_bench_imports_kernels_from_an_uninstalled_checkout():
         pytest.skip("nash_fast is installed non-editable here; the uninstalled case cannot be staged")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(proc.stdout.strip()) == ROOT / "kernels" / "sequence_logprobs.py"
+
+
+def test_selfplay_smollm2_tables_and_plot_from_self_play_reports(tmp_path):
+    """bench/selfplay_smollm2.py's rows, markdown table and PNG from self-play reports (the runs themselves take
+    tens of minutes on the real model; tests/test_selfplay.py covers the reports they read)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import selfplay_smollm2 as experiment
+    finally:
+        sys.path.remove(str(BENCH))
+    seconds = {"generate": 70.0, "judge": 0.1, "build": 0.0, "train": 240.0, "evaluate": 50.0}
+    report = [{"iteration": t, "win_rate_vs_previous": 0.5 + t / 100, "win_rate_vs_initial": 0.5 + t / 50,
+               "mean_response_tokens": 20.0, "records": 24, "seconds": seconds,
+               "accuracy": {"all": 0.1 * t, "arithmetic": 0.2 * t}, "accuracy_initial": {"all": 0.0, "arithmetic": 0.0}}
+              for t in (1, 2, 3)]
+    rows = experiment.rows_for("sppo", report) + experiment.rows_for("dpo", report)
+    assert [(r["method"], r["iteration"]) for r in rows[:4]] == [("sppo", 0), ("sppo", 1), ("sppo", 2), ("sppo", 3)]
+    assert rows[0]["accuracy"] == 0.0 and rows[3]["accuracy_arithmetic"] == pytest.approx(0.6)
+    assert rows[1]["iteration_s"] == pytest.approx(sum(seconds.values()))
+    table = experiment.markdown(rows).splitlines()
+    assert table[0].startswith("| method | t | win vs pi_t | win vs pi_1 | accuracy | arithmetic |") and len(table) == 10
+    assert "| SPPO | 3 | 0.530 | 0.560 | 0.300 | 0.600 |" in table[5]
+    experiment.plot(rows, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
