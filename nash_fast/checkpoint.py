@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import itertools
 import json
 import os
@@ -64,6 +63,7 @@ import numpy as np
 import torch
 
 from nash_fast import rundir
+from nash_fast.rundir import fsync_path, sha256_file  # noqa: F401 (sha256_file: re-exported)
 from nash_fast.config import TrainConfig, to_dict
 from nash_fast.console import log
 from nash_fast.optimization import lr_factor
@@ -76,7 +76,6 @@ FORMAT = 2  # 1: sizes only (no digests; such checkpoints are not loaded)
 _NAME = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 QUARANTINE = "damaged"  # root/damaged/: checkpoints set aside (quarantine_checkpoint)
-_HASH_CHUNK = 1 << 22
 
 
 class CheckpointDamaged(ValueError):
@@ -91,25 +90,8 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sha256_many(paths: list[Path]) -> list[str]:
@@ -123,10 +105,10 @@ def _sha256_many(paths: list[Path]) -> list[str]:
 def fsync_tree(directory: Path) -> None:
     """fsync every file and directory under `directory` (and itself), so a rename after it is durable."""
     for path in _files(directory):
-        _fsync_path(path)
+        fsync_path(path)
     for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        _fsync_path(sub)
-    _fsync_path(directory)
+        fsync_path(sub)
+    fsync_path(directory)
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -262,13 +244,13 @@ def save_checkpoint(
             manifest = {"format": FORMAT, "step": step, "files": {
                 str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}}
             write_json_atomic(tmp / MANIFEST, manifest)
-            _fsync_path(tmp)
+            fsync_path(tmp)
             if final.exists():  # only a damaged one can be here (a complete one was refused above): set aside
                 dest = quarantine_checkpoint(final)
                 log(f"warning: checkpoint {final} is incomplete; moved to {dest} before saving step {step} again")
             os.rename(tmp, final)
             rundir.done(tmp)
-            _fsync_path(root)
+            fsync_path(root)
             if keep_last is not None:
                 complete = [path for _, path in list_checkpoints(root) if is_complete(path)]
                 for path in complete[:-keep_last]:
@@ -295,8 +277,8 @@ def quarantine_checkpoint(path: str | os.PathLike) -> Path:
             break
         dest = aside / f"{path.name}.{n}"
     os.rename(path, dest)
-    _fsync_path(aside)
-    _fsync_path(path.parent)
+    fsync_path(aside)
+    fsync_path(path.parent)
     return dest
 
 

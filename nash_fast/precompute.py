@@ -59,14 +59,6 @@ _HASH_CHUNK = 1 << 24
 
 # ----------------------------------------------------------------------------------------------- fingerprints
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _file_identity(path: Path, memo: dict | None = None) -> str:
     """Content hash of a weight file. Files in a Hugging Face hub cache are symlinks to blobs named by their
     sha256 (LFS) or git hash, which identify the content without reading it. Other files are hashed once per
@@ -78,7 +70,7 @@ def _file_identity(path: Path, memo: dict | None = None) -> str:
     key = f"{resolved}:{stat.st_size}:{stat.st_mtime_ns}"
     if memo is not None and key in memo:
         return memo[key]
-    identity = "sha256:" + _sha256_file(resolved)
+    identity = "sha256:" + rundir.sha256_file(resolved, chunk=_HASH_CHUNK)
     if memo is not None:
         memo[key] = identity
     return identity
