@@ -219,6 +219,102 @@ def test_varlen_attention_equals_each_sequence_alone(lengths, window, softcap, s
     assert torch.allclose(out.double(), expected, atol=1e-5)
 
 
+def _bucket_attention_bounds(q, k, v, grad, lengths, window, scaling, dtype):
+    """Elementwise first-order error bounds of _BucketAttention's output and gradients against float64 on the
+    same (rounded) inputs, from the roundings it performs, as tensors shaped like out / d_query / d_key / d_value.
+    r: unit roundoff of the input dtype (it rounds S, P, O, dP, dS, dQ, dK, dV to that dtype once each); u: of
+    the accumulation (fp32 matmuls and softmax; float64 stays float64); w: the sequence length, d: head dim.
+    Per sequence and query head, with the exact P, S, dP = g v^T, dS = scaling P (dP - c), c = rowsum(P dP):
+      S_ij: |e| <= r |S_ij| + d u (|q||k|^T)_ij;  a = scaling S: the row's logits move by at most
+      x_i = max_j (scaling e_ij + u |a_ij|), so P_ij moves by a factor within e^{+-2 x_i}:
+      eps_i = 2 x_i + (w + 4) u + r                 (exp, sum and divide in the accumulation type; P rounded)
+      O_i = sum_j P_ij v_j:   eps_i (P|v|)_i + w u (P|v|)_i + r |O_i|
+      dV_j = sum_i P_ij g_i:  (eps P)^T|g| + w u P^T|g| + r |dV_j|
+      dP_ij: e_dP = (r + d u) (|g||v|^T)_ij;  c_i: e_c = (eps_i + w u) (P|dP|)_i + (P e_dP)_i
+      dS_ij: e_dS = scaling (eps_i P_ij |dP_ij - c_i| + P_ij (e_dP_ij + e_c_i)) + (r + 3u) |dS_ij|
+      dQ_i = sum_j dS_ij k_j: e_dS|k| + w u |dS||k| + r |dQ_i|;   dK_j: e_dS^T|q| + w u |dS|^T|q| + r |dK_j|
+    (dK, dV summed over the query heads sharing a KV head.) Second-order terms are covered by doubling."""
+    r = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}[dtype]
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[-1]
+    repeats = heads // kv_heads
+    b_out, b_q = torch.zeros_like(grad), torch.zeros_like(q)
+    b_k, b_v = torch.zeros_like(k), torch.zeros_like(v)
+    start = 0
+    for w in lengths:
+        rows = slice(start, start + w)
+        qs, gs = q[0, :, rows], grad[0, rows].transpose(0, 1)
+        ks, vs = (t[0, :, rows].repeat_interleave(repeats, 0) for t in (k, v))
+        i = torch.arange(w)
+        visible = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
+        s_exact = qs @ ks.transpose(-1, -2)
+        p = (s_exact * scaling).masked_fill(~visible, float("-inf")).softmax(-1)
+        e_s = (r * s_exact.abs() + d * u * (qs.abs() @ ks.abs().transpose(-1, -2))) * scaling
+        x = (e_s + u * (scaling * s_exact).abs()).masked_fill(~visible, 0).amax(-1, keepdim=True)
+        eps = 2 * x + (w + 4) * u + r
+        out = p @ vs
+        b_out[0, rows] = (eps * (p @ vs.abs()) + w * u * (p @ vs.abs()) + r * out.abs()).transpose(0, 1)
+        d_v = p.transpose(-1, -2) @ gs
+        b_v_heads = (eps * p).transpose(-1, -2) @ gs.abs() + w * u * (p.transpose(-1, -2) @ gs.abs()) + r * d_v.abs()
+        d_p = gs @ vs.transpose(-1, -2)
+        e_dp = (r + d * u) * (gs.abs() @ vs.abs().transpose(-1, -2))
+        c = (p * d_p).sum(-1, keepdim=True)
+        e_c = (eps + w * u) * (p * d_p.abs()).sum(-1, keepdim=True) + (p * e_dp).sum(-1, keepdim=True)
+        d_s = scaling * p * (d_p - c)
+        e_ds = scaling * (eps * p * (d_p - c).abs() + p * (e_dp + e_c)) + (r + 3 * u) * d_s.abs()
+        b_q[0, :, rows] = e_ds @ ks.abs() + w * u * (d_s.abs() @ ks.abs()) + r * (d_s @ ks).abs()
+        b_k_heads = e_ds.transpose(-1, -2) @ qs.abs() + w * u * (d_s.abs().transpose(-1, -2) @ qs.abs())
+        b_k[0, :, rows] = b_k_heads.view(kv_heads, repeats, w, d).sum(1) + r * (d_s.transpose(-1, -2) @ qs).view(
+            kv_heads, repeats, w, d).sum(1).abs()
+        b_v[0, :, rows] = b_v_heads.view(kv_heads, repeats, w, d).sum(1)
+        start += w
+    return 2 * b_out, 2 * b_q, 2 * b_k, 2 * b_v
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 24), min_size=1, max_size=9).filter(sum),
+    window=st.sampled_from([None, 1, 5, 64]),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+    heads=st.sampled_from([(4, 2), (3, 3), (6, 1)]),
+    seed=st.integers(0, 2**16),
+)
+def test_bucket_attention_forward_and_backward(lengths, window, dtype, heads, seed):
+    # The batched-matmul path short buckets take (_BucketAttention, no soft-cap): output and d_query / d_key /
+    # d_value against float64 attention of each sequence alone, within bounds derived from its roundings.
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    inputs = [torch.randn(1, h, total, 8, generator=generator).to(dtype) for h in (heads[0], heads[1], heads[1])]
+    grad = torch.randn(1, total, heads[0], 8, generator=generator).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    ours = [t.clone().requires_grad_() for t in inputs]
+    out, _ = varlen_attention_forward(_Attention(), *ours, None, scaling=0.3, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                      sliding_window=window)
+    assert out.dtype == dtype and out.shape == (1, total, heads[0], 8)
+    out.backward(grad)
+    exact = [t.detach().double().clone().requires_grad_() for t in inputs]
+    nonempty = [n for n in lengths if n]
+    expected = dense_reference(*exact, nonempty, window, None, 0.3)
+    expected.backward(grad.double())
+    b_out, b_q, b_k, b_v = _bucket_attention_bounds(*(t.double() for t in inputs), grad.double(), nonempty, window,
+                                                    0.3, dtype)
+    assert ((out.double() - expected).abs() <= b_out).all()
+    for ours_grad, exact_grad, bound in zip((t.grad for t in ours), (t.grad for t in exact), (b_q, b_k, b_v)):
+        assert ((ours_grad.double() - exact_grad).abs() <= bound).all()
+
+
+def test_wide_buckets_take_sdpa(monkeypatch):
+    # Buckets wider than _MATH_MAX_WIDTH keep sdpa's O(L)-memory kernels; the short-bucket path is not called.
+    calls = []
+    monkeypatch.setattr(nash_fast.model._BucketAttention, "apply", lambda *a: calls.append(a))
+    query, key, value = (torch.randn(1, h, 10, 8) for h in (4, 2, 2))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    monkeypatch.setattr(nash_fast.model, "_MATH_MAX_WIDTH", 5)
+    out, _ = varlen_attention_forward(_Attention(), query, key, value, None, scaling=0.3, cu_seq_lens_q=cu)
+    assert not calls
+    assert torch.allclose(out.double(), dense_reference(query, key, value, [4, 6], None, None, 0.3), atol=1e-5)
+
+
 MISTRAL = build_tiny_model(VOCAB, family="mistral", sliding_window=8, seed=3)
 
 
