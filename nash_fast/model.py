@@ -181,10 +181,12 @@ _PLAN_KWARG = "nash_fast_varlen_plan"
 # Buckets at most this wide take _BucketAttention (batched matmuls with the probabilities saved for backward)
 # instead of sdpa. On short sequences sdpa's CPU flash kernel is mostly overhead: on SmolLM2-135M's shapes
 # (30 sequences of 40-80 tokens, 9 query / 3 KV heads of 64) forward+backward of 30 layers took 1.5 s (fp32)
-# and 2.8 s (bf16: its backward is slow) against 0.4 s / 0.25 s here (AMD EPYC Zen 4, 1 thread; one training
-# step is ~13 s). The saved probabilities cost heads * width * 2-4 bytes per token and layer (<= 9 KiB at 256
-# with 9 heads in fp32), below a decoder layer's other saved activations; wider buckets keep sdpa's O(L) memory.
-_MATH_MAX_WIDTH = 256
+# and 2.8 s (bf16: its backward is slow) against 0.93 s / 0.6 s here (AMD EPYC Zen 4, 1 thread; one training
+# step of 1.7k tokens is ~13 s). Crossover, 2k tokens in sequences of one length, forward+backward: fp32 wins
+# at 96 (40 vs 50 ms), loses at 128 (64 vs 45 ms); bf16 wins at 384 (73 vs 115 ms), loses at 512 (193 vs 146).
+# The saved probabilities cost heads * width * (2 or 4) bytes per token and layer (7 KiB at 384 with 9 heads
+# in bf16), below a decoder layer's other saved activations; wider buckets keep sdpa's O(L) memory.
+_MATH_MAX_WIDTH = {torch.float32: 96, torch.float64: 96, torch.bfloat16: 384, torch.float16: 384}
 
 
 class VarlenPlan:
@@ -396,7 +398,7 @@ def varlen_attention_forward(
     heads, head_dim = query.shape[1], value.shape[-1]
     repeats = heads // key.shape[1]
     widest = max((width for width, _, _ in plan.buckets), default=0)
-    if not softcap and dropout == 0.0 and widest <= _MATH_MAX_WIDTH and head_dim == query.shape[-1]:
+    if not softcap and dropout == 0.0 and widest <= _MATH_MAX_WIDTH.get(query.dtype, 0) and head_dim == query.shape[-1]:
         banded = window if window is not None and widest > window else None
         return _BucketAttention.apply(query[0], key[0], value[0], plan, float(scaling), banded)[None], None
     outputs = []

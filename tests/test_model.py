@@ -234,7 +234,7 @@ def _bucket_attention_bounds(q, k, v, grad, lengths, window, scaling, dtype):
       dS_ij: e_dS = scaling (eps_i P_ij |dP_ij - c_i| + P_ij (e_dP_ij + e_c_i)) + (r + 3u) |dS_ij|
       dQ_i = sum_j dS_ij k_j: e_dS|k| + w u |dS||k| + r |dQ_i|;   dK_j: e_dS^T|q| + w u |dS|^T|q| + r |dK_j|
     (dK, dV summed over the query heads sharing a KV head.) Second-order terms are covered by doubling."""
-    r = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}[dtype]
+    r = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
     heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[-1]
     repeats = heads // kv_heads
@@ -275,7 +275,7 @@ def _bucket_attention_bounds(q, k, v, grad, lengths, window, scaling, dtype):
 @given(
     lengths=st.lists(st.integers(0, 24), min_size=1, max_size=9).filter(sum),
     window=st.sampled_from([None, 1, 5, 64]),
-    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
     heads=st.sampled_from([(4, 2), (3, 3), (6, 1)]),
     seed=st.integers(0, 2**16),
 )
@@ -304,12 +304,12 @@ def test_bucket_attention_forward_and_backward(lengths, window, dtype, heads, se
 
 
 def test_wide_buckets_take_sdpa(monkeypatch):
-    # Buckets wider than _MATH_MAX_WIDTH keep sdpa's O(L)-memory kernels; the short-bucket path is not called.
+    # Buckets wider than _MATH_MAX_WIDTH[dtype] keep sdpa's O(L)-memory kernels; the short-bucket path is not called.
     calls = []
     monkeypatch.setattr(nash_fast.model._BucketAttention, "apply", lambda *a: calls.append(a))
     query, key, value = (torch.randn(1, h, 10, 8) for h in (4, 2, 2))
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-    monkeypatch.setattr(nash_fast.model, "_MATH_MAX_WIDTH", 5)
+    monkeypatch.setattr(nash_fast.model, "_MATH_MAX_WIDTH", {torch.float32: 5})
     out, _ = varlen_attention_forward(_Attention(), query, key, value, None, scaling=0.3, cu_seq_lens_q=cu)
     assert not calls
     assert torch.allclose(out.double(), dense_reference(query, key, value, [4, 6], None, None, 0.3), atol=1e-5)
