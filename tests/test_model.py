@@ -228,14 +228,19 @@ def _bucket_attention_bounds(q, k, v, grad, lengths, window, scaling, dtype):
       S_ij: |e| <= r |S_ij| + d u (|q||k|^T)_ij;  a = scaling S: the row's logits move by at most
       x_i = max_j (scaling e_ij + u |a_ij|), so P_ij moves by a factor within e^{+-2 x_i}:
       eps_i = 2 x_i + (w + 4) u + r                 (exp, sum and divide in the accumulation type; P rounded)
-      O_i = sum_j P_ij v_j:   eps_i (P|v|)_i + w u (P|v|)_i + r |O_i|
-      dV_j = sum_i P_ij g_i:  (eps P)^T|g| + w u P^T|g| + r |dV_j|
-      dP_ij: e_dP = (r + d u) (|g||v|^T)_ij;  c_i: e_c = (eps_i + w u) (P|dP|)_i + (P e_dP)_i
-      dS_ij: e_dS = scaling (eps_i P_ij |dP_ij - c_i| + P_ij (e_dP_ij + e_c_i)) + (r + 3u) |dS_ij|
-      dQ_i = sum_j dS_ij k_j: e_dS|k| + w u |dS||k| + r |dQ_i|;   dK_j: e_dS^T|q| + w u |dS|^T|q| + r |dK_j|
+      e_P = eps_i P_ij + eta                        (eta: fp16's subnormal rounding, below; 0 where masked)
+      O_i = sum_j P_ij v_j:   (e_P|v|)_i + w u (P|v|)_i + r |O_i| + eta
+      dV_j = sum_i P_ij g_i:  (e_P^T|g|)_j + w u (P^T|g|)_j + r |dV_j| + eta
+      dP_ij: e_dP = (r + d u) (|g||v|^T)_ij + eta;  c_i: e_c = sum_j (e_P |dP| + P e_dP + w u P |dP|)_ij
+      dS_ij: e_dS = scaling (e_P |dP_ij - c_i| + P_ij (e_dP_ij + e_c_i)) + (r + 3u) |dS_ij| + eta
+      dQ_i = sum_j dS_ij k_j: e_dS|k| + w u |dS||k| + r |dQ_i| + eta;  dK_j: e_dS^T|q| + w u |dS|^T|q| + r |dK_j| + eta
     (dK, dV summed over the query heads sharing a KV head.) Second-order terms are covered by doubling."""
     r = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    # fp16's subnormals: a value below 2^-14 rounds to a multiple of 2^-24, an absolute error up to 2^-25 that
+    # r |X| does not cover (a tiny probability or dS loses its relative precision); the other types' ranges
+    # hold every value here normal.
+    eta = 2.0**-25 if dtype == torch.float16 else 0.0
     heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[-1]
     repeats = heads // kv_heads
     b_out, b_q = torch.zeros_like(grad), torch.zeros_like(q)
@@ -252,21 +257,24 @@ def _bucket_attention_bounds(q, k, v, grad, lengths, window, scaling, dtype):
         e_s = (r * s_exact.abs() + d * u * (qs.abs() @ ks.abs().transpose(-1, -2))) * scaling
         x = (e_s + u * (scaling * s_exact).abs()).masked_fill(~visible, 0).amax(-1, keepdim=True)
         eps = 2 * x + (w + 4) * u + r
+        e_p = (eps * p + eta).masked_fill(~visible, 0)  # a masked P is exactly 0
         out = p @ vs
-        b_out[0, rows] = (eps * (p @ vs.abs()) + w * u * (p @ vs.abs()) + r * out.abs()).transpose(0, 1)
+        b_out[0, rows] = (e_p @ vs.abs() + w * u * (p @ vs.abs()) + r * out.abs() + eta).transpose(0, 1)
         d_v = p.transpose(-1, -2) @ gs
-        b_v_heads = (eps * p).transpose(-1, -2) @ gs.abs() + w * u * (p.transpose(-1, -2) @ gs.abs()) + r * d_v.abs()
+        b_v_heads = e_p.transpose(-1, -2) @ gs.abs() + w * u * (p.transpose(-1, -2) @ gs.abs())
         d_p = gs @ vs.transpose(-1, -2)
-        e_dp = (r + d * u) * (gs.abs() @ vs.abs().transpose(-1, -2))
+        e_dp = (r + d * u) * (gs.abs() @ vs.abs().transpose(-1, -2)) + eta
         c = (p * d_p).sum(-1, keepdim=True)
-        e_c = (eps + w * u) * (p * d_p.abs()).sum(-1, keepdim=True) + (p * e_dp).sum(-1, keepdim=True)
+        e_c = (e_p * d_p.abs() + p * e_dp + w * u * p * d_p.abs()).sum(-1, keepdim=True)
         d_s = scaling * p * (d_p - c)
-        e_ds = scaling * (eps * p * (d_p - c).abs() + p * (e_dp + e_c)) + (r + 3 * u) * d_s.abs()
-        b_q[0, :, rows] = e_ds @ ks.abs() + w * u * (d_s.abs() @ ks.abs()) + r * (d_s @ ks).abs()
+        e_ds = (scaling * (e_p * (d_p - c).abs() + p * (e_dp + e_c)) + (r + 3 * u) * d_s.abs() + eta).masked_fill(
+            ~visible, 0)
+        b_q[0, :, rows] = e_ds @ ks.abs() + w * u * (d_s.abs() @ ks.abs()) + r * (d_s @ ks).abs() + eta
         b_k_heads = e_ds.transpose(-1, -2) @ qs.abs() + w * u * (d_s.abs().transpose(-1, -2) @ qs.abs())
         b_k[0, :, rows] = b_k_heads.view(kv_heads, repeats, w, d).sum(1) + r * (d_s.transpose(-1, -2) @ qs).view(
-            kv_heads, repeats, w, d).sum(1).abs()
-        b_v[0, :, rows] = b_v_heads.view(kv_heads, repeats, w, d).sum(1)
+            kv_heads, repeats, w, d).sum(1).abs() + eta
+        b_v[0, :, rows] = b_v_heads.view(kv_heads, repeats, w, d).sum(1) + r * d_v.view(
+            kv_heads, repeats, w, d).sum(1).abs() + eta
         start += w
     return 2 * b_out, 2 * b_q, 2 * b_k, 2 * b_v
 
