@@ -398,9 +398,16 @@ def varlen_attention_forward(
     heads, head_dim = query.shape[1], value.shape[-1]
     repeats = heads // key.shape[1]
     widest = max((width for width, _, _ in plan.buckets), default=0)
-    if not softcap and dropout == 0.0 and widest <= _MATH_MAX_WIDTH.get(query.dtype, 0) and head_dim == query.shape[-1]:
+    device_type = query.device.type
+    # Under autocast sdpa runs in the autocast dtype (it is on autocast's lower-precision list); so does the
+    # bucket path, whose matmuls autocast must not recast one by one inside the autograd.Function.
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
+    if (not softcap and dropout == 0.0 and widest <= _MATH_MAX_WIDTH.get(compute_dtype, 0)
+            and head_dim == query.shape[-1]):
         banded = window if window is not None and widest > window else None
-        return _BucketAttention.apply(query[0], key[0], value[0], plan, float(scaling), banded)[None], None
+        query, key, value = (t[0].to(compute_dtype) for t in (query, key, value))
+        with torch.autocast(device_type, enabled=False):
+            return _BucketAttention.apply(query, key, value, plan, float(scaling), banded)[None], None
     outputs = []
     for width, gather, real_rows in plan.buckets:
         # [heads, n, width, d] -> [n, heads, width, d]

@@ -11,11 +11,18 @@ from nash_fast.config import TrainConfig
 __all__ = ["build_optimizer", "lr_factor"]
 
 
+# torch's fused AdamW: one kernel over every parameter instead of a chain of foreach ops. SmolLM2-135M's 135M
+# fp32 parameters, one step, 1 thread, AMD EPYC Zen 4: 0.088 s fused vs 0.459 s foreach (the default), about
+# 5% of a 1.7k-token training step. Same update formula; its roundings differ from foreach's in the last bit.
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimizer:
     parameters = [p for p in parameters if p.requires_grad]
     if cfg.optimizer == "adamw":
+        fused = bool(parameters) and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in parameters)
         return torch.optim.AdamW(parameters, lr=cfg.resolved_lr(), betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 eps=cfg.optimizer_eps, weight_decay=cfg.weight_decay)
+                                 eps=cfg.optimizer_eps, weight_decay=cfg.weight_decay, fused=fused or None)
     return torch.optim.RMSprop(parameters, lr=cfg.resolved_lr(), alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps,
                                weight_decay=cfg.weight_decay)
 

@@ -311,6 +311,22 @@ def test_bucket_attention_forward_and_backward(lengths, window, dtype, heads, se
         assert ((ours_grad.double() - exact_grad).abs() <= bound).all()
 
 
+def test_bucket_attention_under_autocast():
+    # fp32 q / k / v under a bf16 autocast (rotary's fp32 cos / sin promote q and k): computed in bf16, as sdpa
+    # would be, gradients back in fp32.
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, h, 12, 8, generator=generator).requires_grad_() for h in (4, 2, 2))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = varlen_attention_forward(_Attention(), query, key, value, None, scaling=0.3, cu_seq_lens_q=cu)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (query, key, value))
+    rounded = [t.detach().bfloat16() for t in (query, key, value)]
+    expected, _ = varlen_attention_forward(_Attention(), *rounded, None, scaling=0.3, cu_seq_lens_q=cu)
+    assert torch.equal(out, expected)
+
+
 def test_wide_buckets_take_sdpa(monkeypatch):
     # Buckets wider than _MATH_MAX_WIDTH[dtype] keep sdpa's O(L)-memory kernels; the short-bucket path is not called.
     calls = []
