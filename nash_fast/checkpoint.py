@@ -430,7 +430,7 @@ def _load_loss_state(loss_fn, state) -> None:
 _RESUMABLE_CHANGES = {"output_dir", "resume", "max_steps", "num_epochs", "save_steps", "save_total_limit",
                       "progress_bar", "plot", "tensorboard", "max_consecutive_bad_steps", "cache_dir",
                       "precompute_max_tokens", "device", "deepspeed", "zero_stage", "offload_optimizer",
-                      "offload_param", "grad_accum", "gradient_checkpointing", "logprob_backend", "attn_implementation",
+                      "offload_param", "grad_accum", "gradient_checkpointing", "torch_compile", "logprob_backend", "attn_implementation",
                       "allow_schedule_change", "merge_adapters"}
 
 

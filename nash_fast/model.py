@@ -565,6 +565,19 @@ def gathered_lm_head(model) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]
         yield head.weight, getattr(head, "bias", None)
 
 
+def compile_decoder_layers(model) -> None:
+    """torch.compile every decoder layer in place (nn.Module.compile: state-dict keys unchanged), with dynamic
+    shapes, since packed rows differ in length. Layers share one compiled graph (torch inlines module parameters
+    as inputs), so the compile happens once. The packed attention (varlen_attention_forward) is left to run
+    eagerly: its bucket plan is Python data; what compiles is the rest of each layer (norms, projections,
+    rotary, SwiGLU, residual adds), whose element-wise chains fuse."""
+    global varlen_attention_forward
+    if not getattr(varlen_attention_forward, "_torchdynamo_disable", False):
+        varlen_attention_forward = torch._dynamo.disable(varlen_attention_forward)
+    for layer in backbone(model).layers:
+        layer.compile(dynamic=True)
+
+
 def enable_activation_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing of every layer (transformers 5 renamed the method)."""
     kwargs = {"use_reentrant": False}

@@ -536,6 +536,10 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
         from nash_fast.model import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
+    if cfg.torch_compile:
+        from nash_fast.model import compile_decoder_layers
+
+        compile_decoder_layers(model)
     model.config.use_cache = False
     model.train()
     optimizer = build_optimizer(cfg, model.parameters())
