@@ -24,8 +24,9 @@ drop any entry with p = softmax < eps that is not a label (native and Triton: wh
 their share of the two gradient GEMMs on the native path; torch: each such entry, labels included, 1 - p -> 1).
 Each dropped entry is under eps |g_i|, so for every element
     |d_hidden_ih - exact| <= eps |g_i| sum_v |W_vh| cap'_iv <= eps |g_i| ||W_{:,h}||_1,
-    |d_weight_vh - exact| <= eps sum_i |g_i| |h_ih|,
-and d_bias is not filtered (it is exact). "auto" is cut-cross-entropy's finfo(dtype).eps / 32.
+    |d_weight_vh - exact| <= eps sum_i |g_i| |h_ih|,       |d_bias_v - exact| <= eps sum_i |g_i|
+(d_bias is exact on the native backend, which sums it before any GEMM is skipped). "auto" is cut-cross-entropy's
+finfo(dtype).eps / 32; tests/test_gradient_filter.py holds every backend to these bounds plus its rounding bound.
 
 torch.compile: the work runs inside the custom operators nash_fast::sequence_logprobs and
 nash_fast::sequence_logprobs_backward (torch.library, with fake implementations and a registered
