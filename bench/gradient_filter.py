@@ -2,6 +2,8 @@
 negligible, what filtering costs in gradient error, and what it saves in native backward time.
 
     python bench/gradient_filter.py                       # N=2048 tokens, bf16 + fp32, 1 and 2 threads
+    taskset -c 1 python bench/gradient_filter.py --threads 1 && \
+      python bench/gradient_filter.py --threads 2 --sections time,matmul --append    # as recorded
     python bench/gradient_filter.py --tokens 512 --repeats 2 --threads 1   # quick
 
 Inputs: SmolLM2-135M-Instruct (nash_fast.pretrained.resolve_model("smollm2-135m-instruct"): tied embeddings,
@@ -262,10 +264,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--eps", default="auto-bf16,high-bf16,auto-fp32,1e-3",
+    parser.add_argument("--eps", default="1e-3,auto-bf16,6.103515625e-05,1.52587890625e-05,high-bf16,auto-fp32",
                         help="eps values: numbers, or <auto|high>-<bf16|fp32> (filter_eps's named values)")
     parser.add_argument("--sections", default="share,error,time,matmul")
     parser.add_argument("--out", default=str(ROOT / "bench/results/gradient_filter_cpu.csv"))
+    parser.add_argument("--append", action="store_true", help="add the rows to --out (e.g. a 2-thread run on more cores)")
     args = parser.parse_args()
     eps_values = []
     for item in args.eps.split(","):
@@ -295,9 +298,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = list(env) + ["section", "dtype", "threads", "eps", "quantity", "value"]
-    with out.open("w", newline="") as f:
+    append = args.append and out.exists()
+    with out.open("a" if append else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
+        if not append:
+            writer.writeheader()
         for row in rows:
             writer.writerow({**env, **row})
     print(f"wrote {len(rows)} rows to {out}")
