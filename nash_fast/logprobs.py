@@ -143,12 +143,20 @@ def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> Optional[float]:
 _MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
+@torch.compiler.assume_constant_result
+def _global_matmul_precision() -> str:
+    # Dynamo cannot trace this getter (a str-returning torch.* call); as a constant it is read when a graph is
+    # traced and becomes an argument of the operators in it.
+    return torch.get_float32_matmul_precision()
+
+
 def _float32_matmul_precision(dtype: torch.dtype) -> str:
     """torch.get_float32_matmul_precision() for fp32 inputs ("highest" for others, which it does not concern): read
-    at call time and passed to the operators as an argument, so torch.compile guards on it."""
+    on every eager call and passed to the operators as an argument; under torch.compile, read when the graph is
+    traced, and a later change of precision retraces it (tests/test_gradient_filter.py)."""
     if dtype != torch.float32:
         return "highest"
-    precision = torch.get_float32_matmul_precision()
+    precision = _global_matmul_precision()
     return precision if precision in _MATMUL_PRECISIONS else "highest"
 
 
@@ -379,8 +387,8 @@ def _torch_forward(hidden, weight, bias, labels, softcap, precision="highest"):
     return logp, lse
 
 
-def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias,
-                    filter_eps=None, precision="highest"):
+def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad, filter_eps, precision, need_hidden, need_weight,
+                    need_bias):
     """Vocabulary slices of Vs = TORCH_CHUNK_ELEMENTS // N entries, all tokens at once:
         d_z = g (onehot - exp(s - lse)) cap'      [N, Vs], s the recomputed capped logits
                                                   (filter_eps: each exp(s - lse) < filter_eps taken as 0)
@@ -450,8 +458,8 @@ def _native_forward(hidden, weight, bias, labels, softcap, precision="highest"):
     return torch.ops.nash_fast.token_logprobs_forward(hidden, weight, bias, labels, softcap, precision)
 
 
-def _native_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias,
-                     filter_eps=None, precision="highest"):
+def _native_backward(hidden, weight, bias, labels, softcap, lse, grad, filter_eps, precision, need_hidden, need_weight,
+                     need_bias):
     d_hidden, d_weight, d_bias = torch.ops.nash_fast.token_logprobs_backward(
         hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias, NATIVE_CHUNK_ELEMENTS,
         filter_eps or 0.0, precision)
@@ -464,8 +472,8 @@ def _triton_forward(hidden, weight, bias, labels, softcap, precision="highest"):
     return kern.token_logprobs_forward(hidden, weight, bias, labels, softcap)
 
 
-def _triton_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias,
-                     filter_eps=None, precision="highest"):
+def _triton_backward(hidden, weight, bias, labels, softcap, lse, grad, filter_eps, precision, need_hidden, need_weight,
+                     need_bias):
     from nash_fast.kernels import sequence_logprobs as kern
 
     d_hidden, d_weight, d_bias = kern.token_logprobs_backward(
@@ -552,7 +560,7 @@ def _sequence_logprobs_backward_op(
         d_hidden_c, d_weight, d_bias = backward(
             hidden.index_select(0, scored).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             labels.index_select(0, scored).long().contiguous(), softcap, lse.index_select(0, scored).contiguous(),
-            token_grad, need_hidden, need_weight, need_bias, filter_eps, precision)
+            token_grad, filter_eps, precision, need_hidden, need_weight, need_bias)
     empty = lambda: hidden.new_empty((0,))  # noqa: E731 (outputs must not alias each other)
     d_hidden = empty()
     if need_hidden:

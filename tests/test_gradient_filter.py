@@ -280,3 +280,18 @@ def test_native_op_refuses_an_unknown_precision():
     h, w, y = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1])
     with pytest.raises((ValueError, RuntimeError), match="float32_matmul_precision"):
         torch.ops.nash_fast.token_logprobs_forward(h, w, None, y, None, "fast")
+
+
+@pytest.mark.skipif(not _bf16_vnni_here(), reason="needs the native bf16 vnni path (AVX512-BF16 or AMX)")
+def test_compiled_call_follows_the_matmul_precision(matmul_precision):
+    """torch.compile(fullgraph=True): the precision is read when the graph is traced and a change retraces it."""
+    g = torch.Generator().manual_seed(0)
+    h, w, y = torch.randn(70, 40, generator=g), torch.randn(300, 40, generator=g), torch.randint(0, 300, (70,), generator=g)
+    eager_highest = sequence_logprobs(h, w, y, backend="native")
+    torch._dynamo.reset()
+    f = torch.compile(lambda h, w, y: sequence_logprobs(h, w, y, backend="native"), fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(h, w, y), eager_highest)
+    matmul_precision("medium")
+    eager_medium = sequence_logprobs(h, w, y, backend="native")
+    assert not torch.equal(eager_medium, eager_highest)
+    assert torch.equal(f(h, w, y), eager_medium)
