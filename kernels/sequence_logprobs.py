@@ -191,8 +191,8 @@ def _dlogits_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, dz_ptr, dbias_partial_ptr,
     N, V, H, v_offset, stride_h, stride_w, stride_dz, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    FILTER: tl.constexpr = False,
 ):
     """d_z for every row and the V columns of one vocabulary slice starting at v_offset."""
     pid_n, pid_v = _tile_indices(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
