@@ -22,6 +22,11 @@ d_z = g_i * (onehot - softmax) * cap', and writes it in the input dtype for one 
 The d_z slice is the only [tokens x vocab]-shaped buffer and its size is capped
 (`max_chunk_elements`), so peak extra memory is O(N x H + chunk) besides the gradients.
 FLOPs: 2NHV forward, 6NHV backward (recompute + two GEMMs).
+
+Gradient filtering (filter_eps > 0, FILTER): a d_z tile whose softmax values are all < filter_eps and that holds
+no label is stored as zeros (each dropped entry is under filter_eps |g|). The GEMMs after it stay dense, so on
+a GPU this gives filtered gradients but saves no time (cut-cross-entropy fuses the GEMMs into the tile kernel to
+skip them; that is not done here).
 """
 
 from __future__ import annotations
@@ -184,9 +189,10 @@ def _logits_lse_kernel(
 @triton.jit
 def _dlogits_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, dz_ptr, dbias_partial_ptr,
-    N, V, H, v_offset, stride_h, stride_w, stride_dz, softcap,
+    N, V, H, v_offset, stride_h, stride_w, stride_dz, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    FILTER: tl.constexpr = False,
 ):
     """d_z for every row and the V columns of one vocabulary slice starting at v_offset."""
     pid_n, pid_v = _tile_indices(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
@@ -209,7 +215,12 @@ def _dlogits_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1) - v_offset
         p = tl.exp(s - lse[:, None])
-        dz = tl.where(cols[None, :] == labels[:, None], 1.0 - p, -p) * g[:, None]
+        is_label = cols[None, :] == labels[:, None]
+        dz = tl.where(is_label, 1.0 - p, -p) * g[:, None]
+        if FILTER:
+            # Negligible tile: every softmax value < filter_eps (a NaN counts as not negligible) and no label.
+            keep = tile_ok & (is_label | ~(p < filter_eps))
+            dz = tl.where(tl.max(keep.to(tl.int32)) > 0, dz, 0.0)
         if HAS_SOFTCAP:
             t = s * (1.0 / softcap)
             dz = dz * (1.0 - t * t)
@@ -252,7 +263,7 @@ def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
 def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             labels: torch.Tensor, softcap: Optional[float], lse: torch.Tensor, grad: torch.Tensor,
                             max_chunk_elements: int, need_hidden: bool, need_weight: bool,
-                            need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            need_bias: bool, filter_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i grad_i * logp_i w.r.t. hidden, weight and bias, each in its input dtype; one that
     is not needed comes back as an empty tensor (a torch.library.triton_op, like the forward).
 
@@ -260,6 +271,7 @@ def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
     kernel writes d_z [N, Vc]; d_weight[slice] = d_z^T @ hidden is then final (one GEMM over all tokens,
     written once, no [V, H] fp32 buffer) and d_hidden += d_z @ W[slice] accumulates in fp32 [N, H].
     A gradient that is not needed costs nothing: no buffer, no GEMM (a frozen LM head saves 2NHV).
+    filter_eps > 0: negligible d_z tiles are zeros (see the module docstring); 0: exact.
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -291,7 +303,8 @@ def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
             hidden, w, b if b is not None else hidden, labels, lse, grad,
             dz, dbias_partial if bias is not None else dz,
             N, vc, H, v_start, hidden.stride(0), weight.stride(0), dz.stride(0), float(softcap or 1.0),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=upcast, PRECISION=precision,
+            float(filter_eps), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=upcast,
+            PRECISION=precision, FILTER=filter_eps > 0,
         )
         dz_v = dz[:, :vc]
         if _INTERPRET:

@@ -112,6 +112,12 @@ class TrainConfig:
                                   "summing (common for IPO).")
     logprob_backend: str = _opt("auto", "sequence_logprobs backend: auto (triton on CUDA, native on CPU for "
                                 "bf16 when built, else torch), triton, native, torch.", choices=("auto", "torch", "triton", "native"))
+    logprob_filter_eps: str | None = _opt(None, "Gradient filtering of the LM head's backward (sequence_logprobs's "
+                                          "filter_eps): none (exact; the default), auto (finfo(dtype).eps / 32: bf16 "
+                                          "2.4e-4, fp32 3.7e-9), high (finfo(dtype).eps / 1024: bf16 7.6e-6) or a number "
+                                          "eps in [0, 1): d_z entries with softmax < eps that are not labels are "
+                                          "dropped (each gradient element moves by <= eps sum |g| |.|). The loss "
+                                          "itself is unchanged.")
     # ---------------------------------------------------------------- optimization
     optimizer: str = _opt("adamw", "adamw, or rmsprop as in the SPPO paper.", choices=OPTIMIZERS)
     lr: float | None = _opt(None, f"Peak learning rate (default {DEFAULT_LR} as in the SPPO paper; "
@@ -230,6 +236,27 @@ class TrainConfig:
             raise ValueError(join_problems(problems))
         return self
 
+    def logprob_filter_eps_value(self) -> str | float | None:
+        """--logprob-filter-eps as sequence_logprobs's filter_eps: None (exact), "auto", "high", or a float in (0, 1)
+        (0 reads as None). Raises ValueError naming the option for anything else."""
+        value = self.logprob_filter_eps
+        if value is None:
+            return None
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("none", "null", "~", ""):
+                return None
+            if text in ("auto", "high"):
+                return text
+            try:
+                value = _parse_float(text)
+            except ValueError:
+                value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"--logprob-filter-eps must be none, auto, high or a number in [0, 1), "
+                             f"got {self.logprob_filter_eps!r}")
+        return float(value) if value > 0 else None
+
     def problems(self, skip: Iterable[str] = ()) -> list[str]:
         """Every problem with the options, one message each (naming the option); [] when the config is valid.
 
@@ -263,7 +290,7 @@ class TrainConfig:
                     problem(f.name, f"{flag(f.name)} must be a finite number, got {value!r}")
                 else:
                     setattr(self, f.name, float(value))
-            elif base is str and not isinstance(value, str):
+            elif base is str and not isinstance(value, str) and f.name != "logprob_filter_eps":  # numbers checked below
                 problem(f.name, f"{flag(f.name)} must be a string, got {value!r}")
             choices = f.metadata.get("choices")
             if ok(f.name) and choices is not None and value not in choices:
@@ -289,6 +316,12 @@ class TrainConfig:
             problem("seed", f"--seed must be an integer in [0, 2**32 - 1], got {self.seed!r}")
         if ok("default_preference") and self.default_preference is not None and not 0.0 <= self.default_preference <= 1.0:
             problem("default_preference", f"--default-preference must be in [0, 1], got {self.default_preference!r}")
+
+        if ok("logprob_filter_eps"):
+            try:
+                self.logprob_filter_eps_value()
+            except ValueError as exc:
+                problem("logprob_filter_eps", str(exc))
 
         if ok("loss") and self.loss_types() is None:
             problem("loss", f"--loss must be one of {', '.join(LOSSES)}, one of TRL's loss types "

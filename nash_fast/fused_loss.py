@@ -83,7 +83,7 @@ import torch
 
 from nash_fast import losses
 from nash_fast.checks import checked_probabilities, checked_sequence_lengths, checked_single_role, pair_order
-from nash_fast.logprobs import _LABEL_DTYPES, BACKENDS, sequence_logprobs
+from nash_fast.logprobs import _LABEL_DTYPES, BACKENDS, resolve_filter_eps, sequence_logprobs
 from nash_fast.losses import _hyperparameter
 
 __all__ = ["FusedLinearPreferenceLoss", "FusedLinearDPOLoss", "LigerAux"]
@@ -179,6 +179,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ignore_index: label value of unscored positions.
         softcap: final-logit soft-cap (Gemma-2), passed to sequence_logprobs.
         backend: "auto", "torch" or "triton", passed to sequence_logprobs.
+        filter_eps: gradient filtering of the LM head's backward, passed to sequence_logprobs: None (default,
+            exact), "auto" (finfo(dtype).eps / 32), "high" (finfo(dtype).eps / 1024) or a float in [0, 1).
         reduction: "mean" or "sum" over pairs (responses), or "none" for the per-pair losses.
         loss_weights: TRL's weights of a list of loss types (default 1.0 each).
         label_smoothing: TRL's, read by exo_pair (its eps, required, in (0, 1)), robust (flip rate in [0, 1/2),
@@ -205,6 +207,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         softcap: float | None = None,
         backend: str = "auto",
         reduction: str = "mean",
+        filter_eps: float | str | None = None,
         loss_weights=None,
         label_smoothing: float | None = None,
         discopop_tau: float | None = None,
@@ -230,9 +233,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                     raise ValueError(f"{name} is only used by TRL's loss types (e.g. {_TRL_ONLY[0]!r} or a list), "
                                      f"not by loss={loss!r}")
             self._init_nash(loss, beta=beta, eta=eta, tau=tau, lam=lam)
-        self._check_common(average_log_prob, ignore_index, softcap, backend, reduction)
+        self._check_common(average_log_prob, ignore_index, softcap, backend, reduction, filter_eps)
 
-    def _check_common(self, average_log_prob, ignore_index, softcap, backend, reduction):
+    def _check_common(self, average_log_prob, ignore_index, softcap, backend, reduction, filter_eps=None):
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if backend not in BACKENDS:
@@ -241,6 +244,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             softcap = _hyperparameter("softcap", softcap, positive=True)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        resolve_filter_eps(filter_eps, torch.float32)  # its checks now (the value depends on the call's dtype)
+        self.filter_eps = filter_eps
         self.average_log_prob = bool(average_log_prob)
         self.ignore_index = ignore_index
         self.softcap = softcap
@@ -354,6 +359,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                          discopop_tau=self.discopop_tau, bco_running_mean=self._bco_running is not None)
         return f"loss={self.loss!r}, " + ", ".join(f"{k}={v}" for k, v in hyper.items()) + (
             f", average_log_prob={self.average_log_prob}, reduction={self.reduction!r}, backend={self.backend!r}"
+            + (f", filter_eps={self.filter_eps!r}" if self.filter_eps is not None else "")
         )
 
     @property
@@ -364,6 +370,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         return sequence_logprobs(
             hidden, weight, labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
             average=self.average_log_prob, bias=bias, softcap=self.softcap, backend=self.backend,
+            filter_eps=self.filter_eps,
         )
 
     def forward(

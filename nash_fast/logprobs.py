@@ -18,6 +18,16 @@ Three backends compute the same function on scored tokens:
 for bf16/fp16 inputs (never rounded to 16 bits) and return fp32. A gradient nobody asked for (a
 frozen LM head, frozen hidden states) is not computed: no [V, H] buffer, 2NHV fewer FLOPs.
 
+Gradient filtering (filter_eps, as Apple's cut-cross-entropy): d_z = g (onehot - softmax) cap' is mostly
+entries whose softmax value is far below the gradient's own rounding; with filter_eps = eps the backward may
+drop any entry with p = softmax < eps that is not a label (native and Triton: whole blocks of them, skipping
+their share of the two gradient GEMMs on the native path; torch: each such entry, labels included, 1 - p -> 1).
+Each dropped entry is under eps |g_i|, so for every element
+    |d_hidden_ih - exact| <= eps |g_i| sum_v |W_vh| cap'_iv <= eps |g_i| ||W_{:,h}||_1,
+    |d_weight_vh - exact| <= eps sum_i |g_i| |h_ih|,       |d_bias_v - exact| <= eps sum_i |g_i|
+(d_bias is exact on the native backend, which sums it before any GEMM is skipped). "auto" is cut-cross-entropy's
+finfo(dtype).eps / 32; tests/test_gradient_filter.py holds every backend to these bounds plus its rounding bound.
+
 torch.compile: the work runs inside the custom operators nash_fast::sequence_logprobs and
 nash_fast::sequence_logprobs_backward (torch.library, with fake implementations and a registered
 autograd formula), so `torch.compile(fullgraph=True)` traces sequence_logprobs without a graph
@@ -37,7 +47,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["sequence_logprobs", "token_logprobs", "native_status", "native_cpu_isa"]
+__all__ = ["sequence_logprobs", "token_logprobs", "native_status", "native_cpu_isa", "resolve_filter_eps"]
 
 # Largest [chunk x V]-shaped buffer the Triton backend allocates, in elements (its backward d_z slice).
 # 2**26 bf16 = 128 MiB; with V = 128256 that is 523 tokens' worth.
@@ -104,6 +114,51 @@ def native_cpu_isa(dtype: torch.dtype = torch.bfloat16) -> str:
 
 
 # ----------------------------------------------------------------------------- validation
+
+# filter_eps's named values: a fraction of the compute dtype's machine epsilon (torch.finfo(dtype).eps).
+#   "auto"  eps / 32   (cut-cross-entropy's "auto"): bf16 2^-12 = 2.44e-4, fp16 2^-15 = 3.05e-5, fp32 2^-28 = 3.7e-9
+#   "high"  eps / 1024 (ours, 32x tighter):           bf16 2^-17 = 7.63e-6, fp16 2^-20 = 9.5e-7,  fp32 2^-33 = 1.2e-10
+FILTER_EPS_NAMES = {"auto": 2.0**-5, "high": 2.0**-10}
+
+
+def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> Optional[float]:
+    """The threshold filter_eps means for inputs of `dtype`: None (exact) for None or 0, a float in (0, 1)
+    as given, or a named value (FILTER_EPS_NAMES) times torch.finfo(dtype).eps. Raises a one-line ValueError
+    for anything else."""
+    if filter_eps is None:
+        return None
+    if isinstance(filter_eps, str):
+        if filter_eps not in FILTER_EPS_NAMES:
+            raise ValueError(f"filter_eps must be None, {' or '.join(map(repr, FILTER_EPS_NAMES))} or a float in "
+                             f"[0, 1), got {filter_eps!r}")
+        return float(torch.finfo(dtype).eps * FILTER_EPS_NAMES[filter_eps])
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)):
+        raise ValueError(f"filter_eps must be None, 'auto', 'high' or a float in [0, 1), got {filter_eps!r}")
+    value = float(filter_eps)
+    if not 0 <= value < 1:  # also NaN
+        raise ValueError(f"filter_eps must be None, 'auto', 'high' or a float in [0, 1), got {filter_eps!r}")
+    return value if value > 0 else None
+
+
+_MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+@torch.compiler.assume_constant_result
+def _global_matmul_precision() -> str:
+    # Dynamo cannot trace this getter (a str-returning torch.* call); as a constant it is read when a graph is
+    # traced and becomes an argument of the operators in it.
+    return torch.get_float32_matmul_precision()
+
+
+def _float32_matmul_precision(dtype: torch.dtype) -> str:
+    """torch.get_float32_matmul_precision() for fp32 inputs ("highest" for others, which it does not concern): read
+    on every eager call and passed to the operators as an argument; under torch.compile, read when the graph is
+    traced, and a later change of precision retraces it (tests/test_gradient_filter.py)."""
+    if dtype != torch.float32:
+        return "highest"
+    precision = _global_matmul_precision()
+    return precision if precision in _MATMUL_PRECISIONS else "highest"
+
 
 # float32's largest finite number and its smallest normal one (2^-126): the soft-cap's range (_effective_softcap).
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -307,7 +362,7 @@ def _torch_logits(h, h_acc, w, w_acc, bias, softcap, out):
     return z
 
 
-def _torch_forward(hidden, weight, bias, labels, softcap):
+def _torch_forward(hidden, weight, bias, labels, softcap, precision="highest"):
     """Token chunks: every row of a chunk sees the whole vocabulary.
         lse = m + log sum_j exp(s_j - m),  m = max_j s_j;   logp = s[label] - lse
     exp is taken in place on the chunk's logits after the target is gathered (no second buffer)."""
@@ -332,9 +387,11 @@ def _torch_forward(hidden, weight, bias, labels, softcap):
     return logp, lse
 
 
-def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias):
+def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad, filter_eps, precision, need_hidden, need_weight,
+                    need_bias):
     """Vocabulary slices of Vs = TORCH_CHUNK_ELEMENTS // N entries, all tokens at once:
         d_z = g (onehot - exp(s - lse)) cap'      [N, Vs], s the recomputed capped logits
+                                                  (filter_eps: each exp(s - lse) < filter_eps taken as 0)
         d_weight[slice] = d_z^T h                 written once
         d_hidden += d_z W[slice]                  accumulated in fp32
         d_bias[slice] = sum_i d_z
@@ -362,7 +419,10 @@ def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidde
         w_acc = None if weight_acc is None else weight_acc[v0:v1]
         s = _torch_logits(hidden, hidden_acc, w, w_acc, None if bias is None else bias[v0:v1], softcap,
                           _rows_by(logits, N, v1 - v0))
-        dz = torch.sub(s, lse[:, None], out=_rows_by(d_logits, N, v1 - v0)).exp_().neg_()
+        dz = torch.sub(s, lse[:, None], out=_rows_by(d_logits, N, v1 - v0)).exp_()
+        if filter_eps is not None:
+            dz.masked_fill_(dz < filter_eps, 0.0)
+        dz.neg_()
         local = labels - v0
         here = (local >= 0) & (local < v1 - v0)
         dz.index_put_((rows[here], local[here]), torch.ones((), device=dz.device, dtype=dz.dtype), accumulate=True)
@@ -394,27 +454,31 @@ def _torch_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidde
 
 # ----------------------------------------------------------------------------- backend table
 
-def _native_forward(hidden, weight, bias, labels, softcap):
-    return torch.ops.nash_fast.token_logprobs_forward(hidden, weight, bias, labels, softcap)
+def _native_forward(hidden, weight, bias, labels, softcap, precision="highest"):
+    return torch.ops.nash_fast.token_logprobs_forward(hidden, weight, bias, labels, softcap, precision)
 
 
-def _native_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias):
+def _native_backward(hidden, weight, bias, labels, softcap, lse, grad, filter_eps, precision, need_hidden, need_weight,
+                     need_bias):
     d_hidden, d_weight, d_bias = torch.ops.nash_fast.token_logprobs_backward(
-        hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias, NATIVE_CHUNK_ELEMENTS)
+        hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias, NATIVE_CHUNK_ELEMENTS,
+        filter_eps or 0.0, precision)
     return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None)
 
 
-def _triton_forward(hidden, weight, bias, labels, softcap):
+def _triton_forward(hidden, weight, bias, labels, softcap, precision="highest"):
     from nash_fast.kernels import sequence_logprobs as kern
 
     return kern.token_logprobs_forward(hidden, weight, bias, labels, softcap)
 
 
-def _triton_backward(hidden, weight, bias, labels, softcap, lse, grad, need_hidden, need_weight, need_bias):
+def _triton_backward(hidden, weight, bias, labels, softcap, lse, grad, filter_eps, precision, need_hidden, need_weight,
+                     need_bias):
     from nash_fast.kernels import sequence_logprobs as kern
 
     d_hidden, d_weight, d_bias = kern.token_logprobs_backward(
-        hidden, weight, bias, labels, softcap, lse, grad, MAX_CHUNK_ELEMENTS, need_hidden, need_weight, need_bias)
+        hidden, weight, bias, labels, softcap, lse, grad, MAX_CHUNK_ELEMENTS, need_hidden, need_weight, need_bias,
+        filter_eps or 0.0)
     return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None)
 
 
@@ -444,7 +508,7 @@ def _layout(hidden, cu_seqlens, num_rows):
 def _sequence_logprobs_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     cu_seqlens: Optional[torch.Tensor], num_rows: int, ignore_index: int, average: bool,
-    softcap: Optional[float], backend: str,
+    softcap: Optional[float], backend: str, filter_eps: Optional[float] = None, precision: str = "highest",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sequence log-probs [S], log-sum-exp of every token [N] (0 where ignored)) for [N, H] hidden."""
     _validate_values(labels, cu_seqlens, hidden.shape[0], ignore_index, weight.shape[0])
@@ -453,7 +517,7 @@ def _sequence_logprobs_op(
     forward, _ = _TOKEN_KERNELS[backend]
     token_lp, token_lse = forward(hidden.index_select(0, scored).contiguous(), weight.contiguous(),
                                   None if bias is None else bias.contiguous(),
-                                  labels.index_select(0, scored).long().contiguous(), softcap)
+                                  labels.index_select(0, scored).long().contiguous(), softcap, precision)
     scored_seq = seq_id.index_select(0, scored)
     out = torch.zeros(num_seqs, device=hidden.device, dtype=token_lp.dtype).index_add_(0, scored_seq, token_lp)
     if average:
@@ -463,7 +527,8 @@ def _sequence_logprobs_op(
 
 
 @_sequence_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, cu_seqlens, num_rows, ignore_index, average, softcap, backend):
+def _(hidden, weight, bias, labels, cu_seqlens, num_rows, ignore_index, average, softcap, backend, filter_eps=None,
+      precision="highest"):
     num_seqs = num_rows if num_rows >= 0 else (1 if cu_seqlens is None else cu_seqlens.shape[0] - 1)
     dtype = _acc_dtype(hidden.dtype)
     return hidden.new_empty((num_seqs,), dtype=dtype), hidden.new_empty((hidden.shape[0],), dtype=dtype)
@@ -473,8 +538,8 @@ def _(hidden, weight, bias, labels, cu_seqlens, num_rows, ignore_index, average,
 def _sequence_logprobs_backward_op(
     grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor], num_rows: int, ignore_index: int, average: bool,
-    softcap: Optional[float], backend: str, lse: torch.Tensor, need_hidden: bool, need_weight: bool,
-    need_bias: bool,
+    softcap: Optional[float], backend: str, filter_eps: Optional[float], precision: str, lse: torch.Tensor,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_s grad_s logp_s w.r.t. hidden, weight and bias; an unneeded one is an empty tensor."""
     need_bias = need_bias and bias is not None
@@ -495,7 +560,7 @@ def _sequence_logprobs_backward_op(
         d_hidden_c, d_weight, d_bias = backward(
             hidden.index_select(0, scored).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             labels.index_select(0, scored).long().contiguous(), softcap, lse.index_select(0, scored).contiguous(),
-            token_grad, need_hidden, need_weight, need_bias)
+            token_grad, filter_eps, precision, need_hidden, need_weight, need_bias)
     empty = lambda: hidden.new_empty((0,))  # noqa: E731 (outputs must not alias each other)
     d_hidden = empty()
     if need_hidden:
@@ -505,17 +570,17 @@ def _sequence_logprobs_backward_op(
 
 
 @_sequence_logprobs_backward_op.register_fake
-def _(grad, hidden, weight, bias, labels, cu_seqlens, num_rows, ignore_index, average, softcap, backend, lse,
-      need_hidden, need_weight, need_bias):
+def _(grad, hidden, weight, bias, labels, cu_seqlens, num_rows, ignore_index, average, softcap, backend, filter_eps,
+      precision, lse, need_hidden, need_weight, need_bias):
     empty = lambda: hidden.new_empty((0,))  # noqa: E731
     return (torch.empty_like(hidden) if need_hidden else empty(), torch.empty_like(weight) if need_weight else empty(),
             torch.empty_like(bias) if need_bias and bias is not None else empty())
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, cu_seqlens, num_rows, ignore_index, average, softcap, backend = inputs
+    hidden, weight, bias, labels, cu_seqlens, num_rows, ignore_index, average, softcap, backend, filter_eps, precision = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, cu_seqlens, output[1])
-    ctx.options = (num_rows, ignore_index, average, softcap, backend)
+    ctx.options = (num_rows, ignore_index, average, softcap, backend, filter_eps, precision)
 
 
 def _backward(ctx, grad, _grad_lse):
@@ -525,7 +590,7 @@ def _backward(ctx, grad, _grad_lse):
         grad, hidden, weight, bias, labels, cu_seqlens, *ctx.options, lse, need_hidden, need_weight,
         need_bias and bias is not None)
     return (d_hidden if need_hidden else None, d_weight if need_weight else None,
-            d_bias if need_bias and bias is not None else None, None, None, None, None, None, None, None)
+            d_bias if need_bias and bias is not None else None, None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("nash_fast::sequence_logprobs", _backward, setup_context=_setup_context)
@@ -544,6 +609,7 @@ def sequence_logprobs(
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
     backend: str = "auto",
+    filter_eps: float | str | None = None,
 ) -> torch.Tensor:
     """Per-sequence log p(labels | hidden) under the LM head, without materializing logits.
 
@@ -560,12 +626,23 @@ def sequence_logprobs(
             (float32's range); a c below 2^-126 is computed as 2^-126 (each logit moves by < 2^-126).
         backend: "auto" (triton on CUDA, native on CPU when built, torch otherwise), "triton",
             "native" or "torch".
+        filter_eps: gradient filtering (the forward is never affected). None (default): exact gradients. A float
+            eps in (0, 1) (0 = None), or "auto" = finfo(dtype).eps / 32 (bf16 2.44e-4, fp16 3.05e-5, fp32 3.7e-9)
+            or "high" = finfo(dtype).eps / 1024 (bf16 7.6e-6): the backward drops d_z entries whose softmax
+            value is below eps (never a label's on native/triton), so each gradient element moves by at most
+            eps |g_i| ||W_{:,h}||_1 (d_hidden) or eps sum_i |g_i| |h_ih| (d_weight); see the module docstring.
+            The native backend skips their GEMM work (bench/gradient_filter.py).
+
+    The native backend reads torch.get_float32_matmul_precision() at call time: "medium" lets float32 inputs
+    multiply as bf16 (each operand rounded once to bf16, fp32 accumulation) where the CPU has the bf16 vnni
+    path; "highest" (the default) and "high" are exact fp32.
 
     Returns:
         [S] (packed) or [B] (padded), float32 (float64 for float64 inputs, so gradcheck is exact).
         Differentiable w.r.t. hidden, weight and bias; under torch.no_grad() nothing is saved.
     """
     _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend, ignore_index)
+    eps = resolve_filter_eps(filter_eps, hidden.dtype)
     backend = _resolve_backend(backend, hidden)
     H = hidden.shape[-1]
     num_rows = hidden.shape[0] if hidden.dim() == 3 else -1
@@ -574,11 +651,11 @@ def sequence_logprobs(
     # [labels.numel(), H], not [-1, H]: a zero-width (H = 0) hidden has no elements to infer -1 from.
     out, _ = torch.ops.nash_fast.sequence_logprobs(
         hidden.reshape(labels.shape[0], H), weight, bias, labels, cu_seqlens, num_rows, operator.index(ignore_index),
-        bool(average), _effective_softcap(softcap), backend)
+        bool(average), _effective_softcap(softcap), backend, eps, _float32_matmul_precision(hidden.dtype))
     return out
 
 
-def token_logprobs(hidden, weight, labels, *, bias=None, softcap=None, backend="auto"):
+def token_logprobs(hidden, weight, labels, *, bias=None, softcap=None, backend="auto", filter_eps=None):
     """log p(labels[i] | hidden[i]) for [N, H] hidden and [N] labels that are all valid class ids.
 
     The building block of `sequence_logprobs` (each token its own sequence). Returns float32 [N]
@@ -587,4 +664,4 @@ def token_logprobs(hidden, weight, labels, *, bias=None, softcap=None, backend="
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H], got shape {tuple(getattr(hidden, 'shape', ()))}")
     return sequence_logprobs(hidden[:, None, :], weight, labels.reshape(-1, 1), bias=bias, softcap=softcap,
-                             ignore_index=-(2**62), backend=backend)
+                             ignore_index=-(2**62), backend=backend, filter_eps=filter_eps)

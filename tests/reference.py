@@ -110,7 +110,9 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
       d_weight     dDZq^T @ |h| + (gamma(a N) + r) |dz|^T @ |h|, then u_io (|d_weight| + that)
                    (r = 2 u_io with reduced_precision_reduction, else 0)
     Positions that are not scored get bound 0 (their gradient is exactly zero).
-    Returns dict(forward [S], d_hidden (hidden's shape), d_weight [V, H], d_bias [V] or None).
+    Returns dict(forward [S], d_hidden (hidden's shape), d_weight [V, H], d_bias [V] or None), and for the scored
+    tokens (mask `scored` [N_all], labels `scored_labels`) the exact softmax p [n, V], its error bound dP,
+    g [n] and cap' [n, V].
     """
     u = 2.0**-24
     dtype = hidden.dtype
@@ -199,5 +201,8 @@ def rounding_error_bounds(hidden, weight, labels, cu_seqlens, upstream, *, ignor
     # A NaN bound is 0 x inf: a vacuous (infinite) error term times an exact zero factor, e.g. cap' = 0 against
     # dP = inf when the soft-cap term 32 u c is huge. The second-order terms make that product unbounded, not 0.
     vacuous = lambda x: None if x is None else torch.nan_to_num(x, nan=float("inf"))  # noqa: E731
+    # The exact softmax of the scored tokens, its bound dP for the computed one, the token gradients g and cap':
+    # what a caller needs to bound the gradient filter's dropped entries (tests/test_gradient_filter.py).
     return dict(forward=vacuous(fwd), d_hidden=vacuous(d_hidden.reshape(hidden.shape)), d_weight=vacuous(d_weight),
-                d_bias=vacuous(d_bias))
+                d_bias=vacuous(d_bias), softmax=p, softmax_error=vacuous(dP), token_grad=g, cap=cap, scored=scored,
+                scored_labels=y)

@@ -31,6 +31,9 @@ HOPPER_SMEM_BYTES = 227 * 1024
 # measured 44-56 bytes (triton 3.6) and 192-280 bytes (triton 3.9) of spills. A regression guard.
 SOFTCAP_BACKWARD_SPILL_BYTES = 512
 SMALL_SPILL_BYTES = 64
+# The backward with gradient filtering (filter_eps, opt-in) keeps the keep-mask tile next to d_z until the tile's
+# verdict: measured 80 bytes (triton 3.9). A regression guard for that variant only; the default path keeps 0.
+FILTER_BACKWARD_SPILL_BYTES = 256
 
 COMMON = {"h_ptr": "*{dt}", "w_ptr": "*{dt}", "b_ptr": "*{dt}", "labels_ptr": "*i64"}
 SIGNATURES = {
@@ -41,8 +44,11 @@ SIGNATURES = {
     "_dlogits_kernel": dict(
         COMMON, lse_ptr="*fp32", grad_ptr="*fp32", dz_ptr="*{dt}", dbias_partial_ptr="*fp32",
         N="i32", V="i32", H="i32", v_offset="i32", stride_h="i32", stride_w="i32", stride_dz="i32", softcap="fp32",
+        filter_eps="fp32",
     ),
 }
+# Constexprs only some kernels take (their values here: the default, unfiltered path).
+EXTRA_CONSTEXPRS = {"_dlogits_kernel": dict(FILTER=False)}
 # Integer arguments a launch at the benchmark shapes specializes as divisible by 16.
 DIVISIBLE_BY_16 = {"H", "V", "stride_h", "stride_w", "stride_dz", "v_offset"}
 
@@ -70,7 +76,7 @@ def _ptxas_spills(ptx: str):
     return int(regs.group(1)), int(spills.group(1)) if spills else 0
 
 
-def compile_for_sm90(kernel_name, dtype, config, has_bias=True, has_softcap=True):
+def compile_for_sm90(kernel_name, dtype, config, has_bias=True, has_softcap=True, **extra):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -81,6 +87,7 @@ def compile_for_sm90(kernel_name, dtype, config, has_bias=True, has_softcap=True
     sig = {name: t.format(dt=dtype) for name, t in SIGNATURES[kernel_name].items()}
     consts = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, UPCAST=False,
                   PRECISION="ieee" if dtype == "fp32" else "tf32", **config.kwargs)
+    consts.update(EXTRA_CONSTEXPRS.get(kernel_name, {}), **extra)
     names = list(sig) + list(consts)
     hinted = [n for n in sig if n.endswith("_ptr") or n in DIVISIBLE_BY_16]
     sig.update({name: "constexpr" for name in consts})
@@ -109,6 +116,9 @@ def _compile_all():
         results[f"{name}/bf16-bias/0"] = compile_for_sm90(name, "bf16", bf16_configs[0], has_bias=True, has_softcap=False)
         for i, config in enumerate(k.gpu_configs(torch.float32)):
             results[f"{name}/fp32/{i}"] = compile_for_sm90(name, "fp32", config, has_bias=False, has_softcap=False)
+    # Gradient filtering (filter_eps): the backward with FILTER on, bf16 (spill limit: the small one).
+    results["_dlogits_kernel/bf16-filter/0"] = compile_for_sm90("_dlogits_kernel", "bf16", k.gpu_configs(torch.bfloat16)[0],
+                                                                has_bias=False, has_softcap=False, FILTER=True)
     return results
 
 
@@ -133,6 +143,8 @@ def test_every_bf16_config_compiles_to_pipelined_wgmma_within_shared_memory(comp
 def _spill_limit(key):
     if key.startswith("_dlogits_kernel/bf16-softcap"):
         return SOFTCAP_BACKWARD_SPILL_BYTES
+    if key.startswith("_dlogits_kernel/bf16-filter"):
+        return FILTER_BACKWARD_SPILL_BYTES
     if "/bf16/" in key:
         return 0  # the main path (Llama, Mistral, Qwen): none at all
     return SMALL_SPILL_BYTES  # bias, forward soft-cap, fp32: a few words (measured 0-48 bytes)

@@ -70,6 +70,18 @@ at::Tensor zero_width_logits(const at::Tensor& weight, const std::optional<at::T
   return s;
 }
 
+// torch.get_float32_matmul_precision() as the Python wrapper passes it: true when fp32 inputs may multiply as bf16
+// (PyTorch's "medium": bf16 products, fp32 accumulation) and this CPU has the vnni path for bf16. "high" (TF32 or
+// bf16x3 where available) stays exact fp32 here: bf16x3 is three bf16 products per fp32 one, and bf16 dot
+// products run at twice the fp32 FMA rate on AVX512-BF16 (measured: bench/gradient_filter.py --precision), so
+// it would be about 1.5x slower than the exact fp32 GEMM it replaces.
+bool bf16_products(at::ScalarType dtype, c10::string_view precision) {
+  TORCH_CHECK_VALUE(precision == "highest" || precision == "high" || precision == "medium",
+                    "float32_matmul_precision must be 'highest', 'high' or 'medium', got '", std::string(precision), "'");
+  return dtype == at::kFloat && precision == "medium" && active_isa(at::kBFloat16) == Isa::Vnni &&
+         active_isa(at::kFloat) == Isa::Avx512;
+}
+
 template <typename Args>
 void run(void (*avx512)(const Args&, bool), void (*avx2)(const Args&, bool), void (*portable)(const Args&, bool),
          const Args& args) {
@@ -78,7 +90,7 @@ void run(void (*avx512)(const Args&, bool), void (*avx2)(const Args&, bool), voi
     case Isa::Vnni:
     case Isa::Avx512:
       TORCH_CHECK(avx512 != nullptr, "internal: no AVX-512 kernels in this build");
-      avx512(args, isa == Isa::Vnni);
+      avx512(args, isa == Isa::Vnni || args.bf16_products);
       return;
     case Isa::Avx2:
       TORCH_CHECK(avx2 != nullptr, "internal: no AVX2 kernels in this build");
@@ -108,9 +120,11 @@ constexpr void (*AVX2_BACKWARD)(const BackwardArgs&, bool) = nullptr;
 
 std::tuple<at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
                                                           const std::optional<at::Tensor>& bias_in,
-                                                          const at::Tensor& labels_in, std::optional<double> softcap) {
+                                                          const at::Tensor& labels_in, std::optional<double> softcap,
+                                                          c10::string_view float32_matmul_precision) {
   check_inputs(hidden_in, weight_in, bias_in, labels_in);
   softcap_value(softcap);  // checked before any early return
+  const bool bf16 = bf16_products(hidden_in.scalar_type(), float32_matmul_precision);
   const auto hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
   const auto labels = labels_in.to(at::kLong).contiguous();
   const auto bias = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
@@ -126,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& hidd
   }
   ForwardArgs args{hidden.scalar_type(), hidden.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr,
                    labels.data_ptr<int64_t>(), softcap_value(softcap), N, hidden.size(1), weight.size(0),
-                   logp.data_ptr<float>(), lse.data_ptr<float>()};
+                   logp.data_ptr<float>(), lse.data_ptr<float>(), bf16};
   run<ForwardArgs>(AVX512_FORWARD, AVX2_FORWARD, &DEFAULT::token_logprobs_forward, args);
   return {logp, lse};
 }
@@ -134,9 +148,12 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& hidd
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward(
     const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
     const at::Tensor& labels_in, std::optional<double> softcap, const at::Tensor& lse_in, const at::Tensor& grad_in,
-    bool need_hidden, bool need_weight, bool need_bias, int64_t max_chunk_elements) {
+    bool need_hidden, bool need_weight, bool need_bias, int64_t max_chunk_elements, double filter_eps,
+    c10::string_view float32_matmul_precision) {
   check_inputs(hidden_in, weight_in, bias_in, labels_in);
   softcap_value(softcap);  // checked before any early return
+  TORCH_CHECK_VALUE(filter_eps >= 0 && filter_eps < 1, "filter_eps must be in [0, 1) (0: exact), got ", filter_eps);
+  const bool bf16 = bf16_products(hidden_in.scalar_type(), float32_matmul_precision);
   const int64_t N = hidden_in.size(0);
   TORCH_CHECK_VALUE(lse_in.numel() == N && grad_in.numel() == N, "lse and grad must have N = ", N, " elements");
   TORCH_CHECK_VALUE(max_chunk_elements > 0, "max_chunk_elements must be positive");
@@ -179,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward(
                     labels.data_ptr<int64_t>(), softcap_value(softcap), N, hidden.size(1), weight.size(0),
                     lse.data_ptr<float>(), grad.data_ptr<float>(), need_hidden ? d_hidden.data_ptr() : nullptr,
                     need_weight ? d_weight.data_ptr() : nullptr, need_bias ? d_bias.data_ptr() : nullptr,
-                    max_chunk_elements};
+                    max_chunk_elements, static_cast<float>(filter_eps), bf16};
   run<BackwardArgs>(AVX512_BACKWARD, AVX2_BACKWARD, &DEFAULT::token_logprobs_backward, args);
   return {d_hidden, d_weight, d_bias};
 }

@@ -386,9 +386,27 @@ inline void token_lanes(int64_t tokens, fVec* valid) {
   for (int64_t q = 0; q < TOKEN_VECS; ++q) valid[q] = fVec::loadu(index + q * LANES) < fVec(float(tokens));
 }
 
+// Gradient filtering: live[g] = 0 when every softmax value p = exp(s - lse) of rows [g FILTER_ROWS, (g + 1)
+// FILTER_ROWS) of the tile is < eps (max_p: their running vector maximum; a NaN keeps the block live, as
+// !(NaN < eps)); rows holding a token's label are marked live afterwards (mark_label_groups), since there
+// |onehot - p| = 1 - p is not small. Pad lanes have p = exp(s - inf) = 0.
+inline uint8_t group_is_live(const fVec& max_p, float eps) {
+  const float m = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, max_p);
+  return !(m < eps);
+}
+
+inline void mark_label_groups(const TileContext& c, uint8_t* live) {
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    const int64_t local = c.labels[t] - c.col0;
+    if (local >= 0 && local < c.vrows) live[local / FILTER_ROWS] = 1;
+  }
+}
+
 // Replaces a z^T tile by d_z^T = g (onehot - exp(s - lse)) cap'; lse and grad are [BLOCK_T] with pad
-// lanes (grad 0), which get 0. Adds each row's sum (the final d_z) to d_bias when given.
-void backward_epilogue(float* tile, const TileContext& c, const float* lse, const float* grad, float* d_bias) {
+// lanes (grad 0), which get 0. Adds each row's sum (the final d_z) to d_bias when given. With live (one flag per
+// FILTER_ROWS rows of the tile), also records which row groups hold a softmax value >= eps (group_is_live).
+void backward_epilogue(float* tile, const TileContext& c, const float* lse, const float* grad, float* d_bias,
+                       float eps = 0.0f, uint8_t* live = nullptr) {
   float s_label[BLOCK_T];
   for (int64_t t = 0; t < c.tokens; ++t) {  // the target entries, before the tile is overwritten
     const int64_t local = c.labels[t] - c.col0;
@@ -404,12 +422,15 @@ void backward_epilogue(float* tile, const TileContext& c, const float* lse, cons
   const bool padded = c.tokens < BLOCK_T;
   fVec valid[TOKEN_VECS];
   if (padded) token_lanes(c.tokens, valid);
+  fVec max_p(0.0f);
   for (int64_t v = 0; v < c.vrows; ++v) {
     const float b = c.bias ? c.bias[v] : 0.0f;
     float* row = tile + v * BLOCK_T;
     for (int64_t q = 0; q < TOKEN_VECS; ++q) {
       const fVec s = logit(fVec::loadu(row + q * LANES), b, c.softcap, c.inv_softcap);
-      fVec d = vexp(s - shift[q]) * neg_g[q];
+      const fVec p = vexp(s - shift[q]);
+      if (live) max_p = at::vec::maximum(max_p, p);
+      fVec d = p * neg_g[q];
       if (c.softcap > 0) {
         const fVec t = s * inv_cap;
         d = d * (one - t * t);
@@ -417,7 +438,12 @@ void backward_epilogue(float* tile, const TileContext& c, const float* lse, cons
       if (padded) d = fVec::blendv(fVec(0.0f), d, valid[q]);
       d.store(row + q * LANES);
     }
+    if (live && ((v + 1) % FILTER_ROWS == 0 || v + 1 == c.vrows)) {
+      live[v / FILTER_ROWS] = group_is_live(max_p, eps);
+      max_p = fVec(0.0f);
+    }
   }
+  if (live) mark_label_groups(c, live);
   for (int64_t t = 0; t < c.tokens; ++t) {
     const int64_t local = c.labels[t] - c.col0;
     if (local < 0 || local >= c.vrows) continue;
@@ -452,7 +478,8 @@ inline __m512i bf16_upper(__m512 x) {
 // d_weight GEMM's A) and to the token block's vocabulary pairs (dz_pairs: pair row 0 of the tile; the d_hidden
 // GEMM's B); either may be nullptr. Same arithmetic as backward_epilogue.
 void backward_epilogue_bf16(const float* tile, const TileContext& c, const float* lse, const float* grad,
-                            at::BFloat16* dz_rows, int64_t ld_dz, at::BFloat16* dz_pairs) {
+                            at::BFloat16* dz_rows, int64_t ld_dz, at::BFloat16* dz_pairs, float eps = 0.0f,
+                            uint8_t* live = nullptr) {
   float fixed[BLOCK_T];
   int64_t fixed_row[BLOCK_T];
   for (int64_t t = 0; t < BLOCK_T; ++t) {  // the target entries, from the logits before anything is written
@@ -476,10 +503,13 @@ void backward_epilogue_bf16(const float* tile, const TileContext& c, const float
   const bool padded = c.tokens < BLOCK_T;
   fVec valid[TOKEN_VECS];
   if (padded) token_lanes(c.tokens, valid);
+  fVec max_p(0.0f);
   auto d_of = [&](int64_t v, int64_t q) {
     const fVec s = logit(fVec::loadu(tile + v * BLOCK_T + q * LANES), c.bias ? c.bias[v] : 0.0f, c.softcap,
                          c.inv_softcap);
-    fVec d = vexp(s - shift[q]) * neg_g[q];
+    const fVec p = vexp(s - shift[q]);
+    if (live) max_p = at::vec::maximum(max_p, p);
+    fVec d = p * neg_g[q];
     if (c.softcap > 0) {
       const fVec t = s * inv_cap;
       d = d * (one - t * t);
@@ -504,7 +534,12 @@ void backward_epilogue_bf16(const float* tile, const TileContext& c, const float
         _mm512_storeu_si512(reinterpret_cast<void*>(dz_pairs + (v / 2) * BLOCK_T * 2 + q * LANES * 2),
                             _mm512_or_si512(_mm512_srli_epi32(e, 16), _mm512_and_si512(o, high)));
     }
+    if (live && ((v + 2) % FILTER_ROWS == 0 || v + 2 >= c.vrows)) {  // FILTER_ROWS is even: pairs stay inside
+      live[v / FILTER_ROWS] = group_is_live(max_p, eps);
+      max_p = fVec(0.0f);
+    }
   }
+  if (live) mark_label_groups(c, live);
   for (int64_t t = 0; t < BLOCK_T; ++t) {
     const int64_t local = fixed_row[t];
     if (local < 0) continue;
@@ -695,6 +730,26 @@ void backward_impl(const BackwardArgs& a) {
   // VNNI path per token block paired along the vocabulary, [N / BLOCK_T, Vs / 2, BLOCK_T, 2] (B of d_hidden).
   Buffer<op_t> dz_t((need_w || (need_h && !VNNI)) ? Vs * ld_dz : 0);
   Buffer<op_t> dz_pairs(VNNI && need_h ? Vs * N_pad : 0);
+  // Gradient filtering: live[tb * groups + g] says whether rows [g FILTER_ROWS, (g + 1) FILTER_ROWS) of the slice x
+  // token block tb hold a softmax value >= eps or a label (written by the epilogues in (A)); (C) and (B) then run
+  // their GEMMs over runs of live blocks only. Without filtering the GEMMs below are the exact ones of before.
+  const float eps = a.filter_eps;
+  const bool filter = eps > 0;
+  const int64_t groups = ceil_div(Vs, FILTER_ROWS);
+  Buffer<uint8_t> live(filter ? num_token_blocks * groups : 0);
+  // Calls fn(first, end) for each maximal run [first, end) of nonzero flags[i * stride], i < count.
+  auto for_runs = [](const uint8_t* flags, int64_t count, int64_t stride, auto&& fn) {
+    for (int64_t i = 0; i < count;) {
+      if (!flags[i * stride]) {
+        ++i;
+        continue;
+      }
+      int64_t j = i + 1;
+      while (j < count && flags[j * stride]) ++j;
+      fn(i, j);
+      i = j;
+    }
+  };
 
   for (int64_t v0 = 0; v0 < V; v0 += Vs) {
     const int64_t nv = std::min(Vs, V - v0);
@@ -727,17 +782,20 @@ void backward_impl(const BackwardArgs& a) {
                      tile);
           const TileContext c{vrows, tokens, v0 + r0, a.bias ? bias.data() + v0 + r0 : nullptr, a.softcap,
                               inv_softcap, a.labels + t0};
+          uint8_t* my_live = filter ? live.data() + tb * groups + r0 / FILTER_ROWS : nullptr;
 #if defined(CPU_CAPABILITY_AVX512)
           if constexpr (std::is_same_v<op_t, at::BFloat16>) {
             if (!need_b) {
               backward_epilogue_bf16(tile, c, lse.data() + t0, grad.data() + t0,
                                      dz_t.empty() ? nullptr : dz_t.data() + r0 * ld_dz + t0, ld_dz,
-                                     dz_pairs.empty() ? nullptr : dz_pairs.data() + tb * Vs * BLOCK_T + r0 * BLOCK_T);
+                                     dz_pairs.empty() ? nullptr : dz_pairs.data() + tb * Vs * BLOCK_T + r0 * BLOCK_T,
+                                     eps, my_live);
               continue;
             }
           }
 #endif
-          backward_epilogue(tile, c, lse.data() + t0, grad.data() + t0, my_d_bias ? my_d_bias + r0 : nullptr);
+          backward_epilogue(tile, c, lse.data() + t0, grad.data() + t0, my_d_bias ? my_d_bias + r0 : nullptr, eps,
+                            my_live);
           if (!dz_t.empty())
             for (int64_t v = 0; v < vrows; ++v) store_row<op_t>(tile + v * BLOCK_T, dz_t.data() + (r0 + v) * ld_dz + t0);
           if (!dz_pairs.empty())
@@ -757,9 +815,25 @@ void backward_impl(const BackwardArgs& a) {
       at::parallel_for(0, nhb * num_token_blocks, 1, [&](int64_t u0, int64_t u1) {
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t h0 = (u / num_token_blocks) * BLOCK_HT, t0 = (u % num_token_blocks) * BLOCK_T;
-          const op_t* B = VNNI ? dz_pairs.data() + t0 * Vs : dz_t.data() + t0;
-          gemm_long_k<op_t>(std::min(BLOCK_HT, H - h0), std::min(BLOCK_T, N - t0), Kc, ld_wt, VNNI ? BLOCK_T : ld_dz,
-                            N, v0 > 0, weight_t.data() + h0 * ld_wt, B, d_hidden_t.data() + h0 * N + t0);
+          const int64_t rows = std::min(BLOCK_HT, H - h0), tokens = std::min(BLOCK_T, N - t0);
+          float* C = d_hidden_t.data() + h0 * N + t0;
+          if (!filter) {
+            const op_t* B = VNNI ? dz_pairs.data() + t0 * Vs : dz_t.data() + t0;
+            gemm_long_k<op_t>(rows, tokens, Kc, ld_wt, VNNI ? BLOCK_T : ld_dz, N, v0 > 0, weight_t.data() + h0 * ld_wt,
+                              B, C);
+            continue;
+          }
+          // Only the live row groups of this token block: each run is one product of depth k1 - k0.
+          bool written = v0 > 0;
+          for_runs(live.data() + (t0 / BLOCK_T) * groups, ceil_div(nv, FILTER_ROWS), 1, [&](int64_t g0, int64_t g1) {
+            const int64_t k0 = g0 * FILTER_ROWS, k1 = std::min(g1 * FILTER_ROWS, Kc);  // FILTER_ROWS is even
+            const op_t* B = VNNI ? dz_pairs.data() + t0 * Vs + k0 * BLOCK_T : dz_t.data() + k0 * ld_dz + t0;
+            gemm_long_k<op_t>(rows, tokens, k1 - k0, ld_wt, VNNI ? BLOCK_T : ld_dz, N, written,
+                              weight_t.data() + h0 * ld_wt + k0, B, C);
+            written = true;
+          });
+          if (!written)
+            for (int64_t h = 0; h < rows; ++h) std::fill(C + h * N, C + h * N + tokens, 0.0f);
         }
         release_tiles<op_t>();
       });
@@ -771,15 +845,35 @@ void backward_impl(const BackwardArgs& a) {
     // each chunk of d_z^T rows is read once from memory and reused from L2 by the unit's column blocks.
     if (need_w) {
       auto* d_weight = static_cast<scalar_t*>(a.d_weight);
-      const int64_t nvb = ceil_div(nv, BLOCK_V), groups = ceil_div(num_h_blocks, H_GROUP);
+      const int64_t nvb = ceil_div(nv, BLOCK_V), h_groups = ceil_div(num_h_blocks, H_GROUP);
       const int64_t K_w = VNNI ? Np : N;  // depth of the d_weight GEMM
-      at::parallel_for(0, nvb * groups, 1, [&](int64_t u0, int64_t u1) {
+      at::parallel_for(0, nvb * h_groups, 1, [&](int64_t u0, int64_t u1) {
         Buffer<float> acc(BLOCK_V * H_GROUP * BLOCK_H);
         constexpr int64_t ld_acc = H_GROUP * BLOCK_H;
         for (int64_t u = u0; u < u1; ++u) {
-          const int64_t vb = u / groups, hb0 = (u % groups) * H_GROUP, hb1 = std::min(num_h_blocks, hb0 + H_GROUP);
+          const int64_t vb = u / h_groups, hb0 = (u % h_groups) * H_GROUP, hb1 = std::min(num_h_blocks, hb0 + H_GROUP);
           const int64_t r0 = vb * BLOCK_V, vrows = std::min(BLOCK_V, nv - r0);
-          for (int64_t k0 = 0; k0 < K_w; k0 += GEMM_K_CHUNK) {
+          if (filter) {  // per row group: the token blocks where it is live, in runs (depth k0..k1 of each)
+            for (int64_t q0 = 0; q0 < vrows; q0 += FILTER_ROWS) {
+              const int64_t grows = std::min(FILTER_ROWS, vrows - q0);
+              bool written = false;
+              for_runs(live.data() + (r0 + q0) / FILTER_ROWS, num_token_blocks, groups, [&](int64_t b0, int64_t b1) {
+                const int64_t k_end = std::min(b1 * BLOCK_T, K_w);
+                for (int64_t k0 = b0 * BLOCK_T; k0 < k_end; k0 += GEMM_K_CHUNK) {  // BLOCK_T, GEMM_K_CHUNK even
+                  const int64_t kc = std::min(GEMM_K_CHUNK, k_end - k0);
+                  for (int64_t hb = hb0; hb < hb1; ++hb) {
+                    const int64_t h0 = hb * BLOCK_H, cols = std::min(BLOCK_H, H - h0);
+                    const op_t* B = VNNI ? hidden_b + hb * Np * BLOCK_H + k0 * BLOCK_H : hidden_b + k0 * H + h0;
+                    gemm<op_t>(grows, cols, kc, ld_dz, VNNI ? BLOCK_H : H, ld_acc, written,
+                               dz_t.data() + (r0 + q0) * ld_dz + k0, B, acc.data() + q0 * ld_acc + (hb - hb0) * BLOCK_H);
+                  }
+                  written = true;
+                }
+              });
+              if (!written) std::fill(acc.data() + q0 * ld_acc, acc.data() + (q0 + grows) * ld_acc, 0.0f);
+            }
+          }
+          for (int64_t k0 = 0; k0 < (filter ? 0 : K_w); k0 += GEMM_K_CHUNK) {
             const int64_t kc = std::min(GEMM_K_CHUNK, K_w - k0);
             for (int64_t hb = hb0; hb < hb1; ++hb) {
               const int64_t h0 = hb * BLOCK_H, cols = std::min(BLOCK_H, H - h0);
@@ -1030,8 +1124,10 @@ struct Forward {
 template <typename scalar_t, typename op_t>
 struct Backward {
   static void run(const BackwardArgs& a) {
+    // Filtering skips blocks inside the two gradient GEMMs, which MKL runs as one sgemm each: it takes the
+    // brgemm path (bench/gradient_filter.py measures both).
     if constexpr (std::is_same_v<op_t, float>) {
-      if (mkl_available()) return backward_mkl<scalar_t>(a);
+      if (mkl_available() && !(a.filter_eps > 0)) return backward_mkl<scalar_t>(a);
     }
     backward_impl<scalar_t, op_t>(a);
   }
@@ -1046,8 +1142,8 @@ void dispatch(const Args& args, bool vnni) {
     case at::kHalf:
       vnni ? Fn<at::Half, at::Half>::run(args) : Fn<at::Half, float>::run(args);
       break;
-    case at::kFloat:
-      Fn<float, float>::run(args);
+    case at::kFloat:  // vnni here only for bf16 products (float32 matmul precision "medium")
+      vnni && args.bf16_products ? Fn<float, at::BFloat16>::run(args) : Fn<float, float>::run(args);
       break;
     default:
       TORCH_CHECK_VALUE(false, "nash_fast CPU kernels take float32, bfloat16 or float16, got ", args.dtype);
