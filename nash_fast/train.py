@@ -201,11 +201,12 @@ def build_loss_fn(cfg: TrainConfig):
 
     hyper = {k: getattr(cfg, k) for k in ("beta", "eta", "tau", "lam", "label_smoothing", "discopop_tau")
              if getattr(cfg, k) is not None}
+    options = dict(average_log_prob=cfg.average_log_prob, backend=cfg.logprob_backend,
+                   filter_eps=cfg.logprob_filter_eps_value())
     if cfg.loss_types():  # TRL's loss types: one, or TRL's loss_type list with loss_weights
         hyper.update(loss_weights=cfg.loss_weight_values(), bco_running_mean=cfg.bco_running_mean)
-        return FusedLinearPreferenceLoss(list(cfg.loss_types()), average_log_prob=cfg.average_log_prob,
-                                         backend=cfg.logprob_backend, **hyper)
-    return FusedLinearPreferenceLoss(cfg.loss, average_log_prob=cfg.average_log_prob, backend=cfg.logprob_backend, **hyper)
+        return FusedLinearPreferenceLoss(list(cfg.loss_types()), **options, **hyper)
+    return FusedLinearPreferenceLoss(cfg.loss, **options, **hyper)
 
 
 class PackedBackbone(torch.nn.Module):

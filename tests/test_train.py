@@ -113,6 +113,12 @@ def test_torch_compile_trains_like_eager(tmp_path, small_data):
     assert final_weights(tmp_path / "eager").keys() == final_weights(tmp_path / "compiled").keys()
 
 
+@pytest.mark.parametrize("flags,expected", [([], None), (["--logprob-filter-eps", "auto"], "auto"),
+                                            (["--logprob-filter-eps", "1e-4", "--loss", "sigmoid,ipo"], 1e-4)])
+def test_logprob_filter_eps_reaches_the_loss(flags, expected):
+    assert trainer.build_loss_fn(parse_config(flags)).filter_eps == expected
+
+
 @pytest.mark.parametrize("flags", [["--zero-stage", "2"], ["--gradient-checkpointing"]])
 def test_torch_compile_refuses_what_it_cannot_do(flags):
     with pytest.raises(ValueError, match="--torch-compile"):
