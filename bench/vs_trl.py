@@ -289,7 +289,7 @@ def main() -> None:
                     work.mkdir()
                     result_path = work / "result.json"
                     worker, flags = ("nash", "--torch-compile") if framework == "nash+compile" else (framework, "")
-                    command = [sys.executable, __file__, "--worker", worker, "--nash-flags", flags, "--model", model, "--data", str(data),
+                    command = [sys.executable, __file__, "--worker", worker, f"--nash-flags={flags}", "--model", model, "--data", str(data),
                                "--work", str(work), "--dtype", dtype, "--result", str(result_path), "--steps", str(steps),
                                "--max-tokens", str(max_tokens), "--max-length", str(args.max_length), "--lr", str(args.lr),
                                "--threads", str(args.threads), "--warmup", str(args.warmup),

@@ -640,7 +640,19 @@ def sequence_logprobs(
     Returns:
         [S] (packed) or [B] (padded), float32 (float64 for float64 inputs, so gradcheck is exact).
         Differentiable w.r.t. hidden, weight and bias; under torch.no_grad() nothing is saved.
+
+    Under torch.autocast the op is the Linear LM head it replaces: float32 hidden / weight / bias are cast to the
+    autocast dtype (float64 is left alone, as autocast does), and the op itself runs outside the autocast.
     """
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        device_type = hidden.device.type
+        cast = torch.get_autocast_dtype(device_type)
+        hidden, weight, bias = (t.to(cast) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+                                for t in (hidden, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return sequence_logprobs(hidden, weight, labels, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+                                     average=average, bias=bias, softcap=softcap, backend=backend,
+                                     filter_eps=filter_eps)
     _validate_static(hidden, weight, labels, cu_seqlens, bias, softcap, backend, ignore_index)
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
     backend = _resolve_backend(backend, hidden)

@@ -38,6 +38,8 @@ of W batches (the caller's stop() is a collective).
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -161,6 +163,13 @@ def data_fingerprint(examples: Sequence[dict], *, augment: bool) -> str:
 
 # ----------------------------------------------------------------------------------------------- the pass
 
+def _autocast(model: torch.nn.Module, dtype: torch.dtype | None):
+    """torch.autocast of `dtype` on the model's device (for None: no change to the caller's autocast state)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def dataset_sequence_logprobs(
     model: torch.nn.Module,
@@ -173,9 +182,11 @@ def dataset_sequence_logprobs(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[list[float]]:
     """Per example, the log-prob of each of its sequences in the collator's order
-    (pairs: chosen, rejected[, aug chosen, aug rejected]; groups: response 0..K-1)."""
+    (pairs: chosen, rejected[, aug chosen, aug rejected]; groups: response 0..K-1). autocast_dtype: run the
+    model under torch.autocast of that dtype (as a trainer's autocast policy computes them)."""
     lengths = [example_sequence_lengths(e, i, augment=augment) for i, e in enumerate(examples)]
     batches = TokenBudgetBatchSampler(lengths, max_tokens, shuffle=False).all_batches()
     mine = batches[rank::world_size]
@@ -190,7 +201,8 @@ def dataset_sequence_logprobs(
         iterator = tqdm(mine, desc="precompute", unit="batch", leave=False)
     for batch_indices in iterator:
         batch = collate([examples[i] for i in batch_indices])
-        logps = packed_sequence_logprobs(model, batch, average=average, backend=backend).float().cpu()
+        with _autocast(model, autocast_dtype):
+            logps = packed_sequence_logprobs(model, batch, average=average, backend=backend).float().cpu()
         pair_index = batch["pair_index"]
         for position, example_index in enumerate(batch_indices):
             results[example_index] = logps[pair_index == position].tolist()
@@ -321,11 +333,14 @@ def cached_sequence_logprobs(
     log: Callable[[str], None] = lambda message: print(f"[nash_fast] {message}", flush=True),
     stop: Callable[[], str | None] | None = None,
     locked: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[list[list[float]], bool]:
     """dataset_sequence_logprobs of load_model() over examples, from cache_dir when the fingerprints match and
     the cache file verifies; resumed from verified shards of an interrupted pass.
 
     name labels the pass ("ref", "prev"); settings (e.g. dtype, attention implementation) enter the key.
+    autocast_dtype: the forward runs under torch.autocast of that dtype (the trainer's --bf16 plain path: an fp32
+    model under bf16 autocast, so the reference's numerics are the policy's and step 1's log-ratios are ~0).
     stop() -> 'SIGINT' / 'SIGTERM' / None is asked after every round of world_size batches (every rank calls it,
     so it may be a collective); on a request the pass saves its shard and raises nash_fast.interrupt.Interrupted.
     locked: the caller holds the run lock of a directory containing cache_dir (dead temporaries of other
@@ -397,7 +412,7 @@ def cached_sequence_logprobs(
         for number, round_ids in enumerate(iterator, 1):
             if rank < len(round_ids):
                 batch_indices = batches[round_ids[rank]]
-                with torch.no_grad():
+                with torch.no_grad(), _autocast(model, autocast_dtype):
                     batch = collate([examples[i] for i in batch_indices])
                     logps = packed_sequence_logprobs(model, batch, average=average, backend=backend).float().cpu()
                 for position, example_index in enumerate(batch_indices):

@@ -631,13 +631,21 @@ def _precompute(cfg, dist, device, dtype, vocab_size, examples, plan, lora=None)
     from nash_fast.precompute import attach_logprobs, cached_sequence_logprobs
 
     cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "precompute")
-    settings = {"dtype": str(dtype), "attn": cfg.attn_implementation, "backend": cfg.logprob_backend}
+    # The plain --bf16 path trains an fp32 policy under bf16 autocast: the frozen models run the same way, so the
+    # reference's log-probs are the policy's at step 0 (a bf16-weight reference is off by ~0.01-0.03 nat per
+    # sequence on SmolLM2: a bias in every log-ratio). DeepSpeed's bf16 keeps bf16 weights: so do its references.
+    autocast_dtype = torch.bfloat16 if cfg.bf16 and not cfg.uses_deepspeed() else None
+    if autocast_dtype is not None:
+        dtype = torch.float32
+    settings = {"dtype": str(dtype), "attn": cfg.attn_implementation, "backend": cfg.logprob_backend,
+                **({"autocast": str(autocast_dtype)} if autocast_dtype is not None else {})}
     common = dict(cache_dir=cache_dir, augment=plan.augment, average=cfg.average_log_prob,
                   max_tokens=cfg.precompute_max_tokens or 2 * cfg.max_tokens, backend=cfg.logprob_backend,
                   settings=settings, rank=dist.rank, world_size=dist.world_size, barrier=dist.barrier,
                   # precompute's tqdm bar only on a terminal: in a log file it is one line of carriage returns
                   progress=cfg.progress_bar and is_terminal(sys.stderr), log=log if dist.is_main else (lambda m: None),
-                  stop=dist.stop_requested, locked=_inside(cache_dir, Path(cfg.output_dir)))
+                  stop=dist.stop_requested, locked=_inside(cache_dir, Path(cfg.output_dir)),
+                  autocast_dtype=autocast_dtype)
     ref_name = cfg.ref_model or cfg.model
 
     def loader(name):

@@ -359,6 +359,31 @@ def test_no_grad_is_forward_only(backend):
     torch.testing.assert_close(with_grad.detach(), without)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_autocast_casts_inputs_like_the_linear_it_replaces(backend):
+    # Under bf16 autocast, float32 hidden / weight / bias run as bf16 (what autocast does to the LM-head Linear):
+    # bitwise the result of passing them cast; gradients come back in float32. float64 is left alone.
+    if backend == "native" and not lp_mod.native_status()[0]:
+        pytest.skip("native kernels not built")
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(13, 8, generator=generator, requires_grad=True)
+    bias = torch.randn(13, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 13, (10,), generator=generator)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sequence_logprobs(hidden, weight, labels, cu_seqlens=cu, bias=bias, backend=backend)
+    expected = sequence_logprobs(hidden.detach().bfloat16(), weight.detach().bfloat16(), labels, cu_seqlens=cu,
+                                 bias=bias.detach().bfloat16(), backend=backend)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (hidden, weight, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        double = sequence_logprobs(hidden.detach().double(), weight.detach().double(), labels, backend=backend
+                                   if backend == "torch" else "torch")
+    assert double.dtype == torch.float64
+
+
 def test_single_sequence_default_layout_and_padded_equals_packed():
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 5, 8, generator=g)

@@ -119,6 +119,28 @@ def test_logprob_filter_eps_reaches_the_loss(flags, expected):
     assert trainer.build_loss_fn(parse_config(flags)).filter_eps == expected
 
 
+def test_bf16_plain_path_reference_runs_like_the_policy(tmp_path, small_data, monkeypatch):
+    # --bf16 without DeepSpeed trains an fp32 policy under bf16 autocast: the reference pass loads fp32 weights
+    # and runs under the same autocast (a bf16-weight reference biased every step-1 log-ratio on SmolLM2).
+    import nash_fast.precompute
+
+    seen = []
+    original = nash_fast.precompute.cached_sequence_logprobs
+
+    def spy(name, model_name, load_model, examples, **kwargs):
+        def loading():
+            model = load_model()
+            seen.append((name, kwargs["autocast_dtype"], next(model.parameters()).dtype))
+            return model
+        return original(name, model_name, loading, examples, **kwargs)
+
+    monkeypatch.setattr(nash_fast.precompute, "cached_sequence_logprobs", spy)
+    trainer.train(parse_config(run_args(small_data, tmp_path, "--max-steps", "1", "--bf16")))
+    assert seen == [("ref", torch.bfloat16, torch.float32)]
+    # Policy = reference at step 1, computed alike: the log-ratios are the packing's rounding noise only.
+    assert abs(read_metrics(tmp_path)[0]["chosen_logratio"]) < 0.05
+
+
 @pytest.mark.parametrize("flags", [["--zero-stage", "2"], ["--gradient-checkpointing"]])
 def test_torch_compile_refuses_what_it_cannot_do(flags):
     with pytest.raises(ValueError, match="--torch-compile"):
