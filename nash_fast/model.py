@@ -326,7 +326,8 @@ class _BucketAttention(torch.autograd.Function):
             d_v = torch.matmul(p.transpose(-1, -2), d_o)  # [n, KV, w, d]
             d_p = torch.matmul(d_o, v.transpose(-1, -2)).to(accumulate)
             p32 = p.to(accumulate)
-            d_s = p32.mul_(d_p - (p32 * d_p).sum(-1, keepdim=True)).mul_(scaling).to(query.dtype)
+            # Not in place: p32 is the saved P itself when the input dtype is the accumulation dtype.
+            d_s = (p32 * (d_p - (p32 * d_p).sum(-1, keepdim=True))).mul_(scaling).to(query.dtype)
             d_q = torch.matmul(d_s, k).view(n, kv_heads, groups, width, dim).permute(1, 2, 0, 3, 4)
             d_q = d_q.reshape(heads, n * width, dim)
             d_k = torch.matmul(d_s.transpose(-1, -2), q).transpose(0, 1).reshape(kv_heads, n * width, dim)

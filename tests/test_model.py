@@ -327,6 +327,19 @@ def test_bucket_attention_under_autocast():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_bucket_attention_backward_twice_keeps_its_saved_probabilities(dtype):
+    # retain_graph=True, two backwards: the same gradients (the backward must not write into the saved P, which
+    # is the accumulation-dtype tensor itself for float32 / float64 inputs).
+    query, key, value = (torch.randn(1, h, 9, 8, dtype=dtype).requires_grad_() for h in (4, 2, 2))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    out, _ = varlen_attention_forward(_Attention(), query, key, value, None, scaling=0.3, cu_seq_lens_q=cu)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, (query, key, value), grad, retain_graph=True)
+    second = torch.autograd.grad(out, (query, key, value), grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_wide_buckets_take_sdpa(monkeypatch):
     # Buckets wider than _MATH_MAX_WIDTH[dtype] keep sdpa's O(L)-memory kernels; the short-bucket path is not called.
     calls = []
