@@ -644,7 +644,9 @@ def sequence_logprobs(
     Under torch.autocast the op is the Linear LM head it replaces: float32 hidden / weight / bias are cast to the
     autocast dtype (float64 is left alone, as autocast does), and the op itself runs outside the autocast.
     """
-    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+    # (autocast exists for some device types only: asking about another, e.g. meta, is an error)
+    if (isinstance(hidden, torch.Tensor) and torch.amp.is_autocast_available(hidden.device.type)
+            and torch.is_autocast_enabled(hidden.device.type)):
         device_type = hidden.device.type
         cast = torch.get_autocast_dtype(device_type)
         hidden, weight, bias = (t.to(cast) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t

@@ -402,7 +402,8 @@ def varlen_attention_forward(
     device_type = query.device.type
     # Under autocast sdpa runs in the autocast dtype (it is on autocast's lower-precision list); so does the
     # bucket path, whose matmuls autocast must not recast one by one inside the autograd.Function.
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
+    autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else query.dtype
     if (not softcap and dropout == 0.0 and widest <= _MATH_MAX_WIDTH.get(compute_dtype, 0)
             and head_dim == query.shape[-1]):
         banded = window if window is not None and widest > window else None
