@@ -39,7 +39,6 @@ of W batches (the caller's stop() is a collective).
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import os

@@ -77,9 +77,9 @@ from nash_fast.data.dataset import load_records, load_rows, tokenize, validate_r
 from nash_fast.data.sampler import BatchStream
 from nash_fast.distributed import Dist, deepspeed_config, select_device, setup_distributed
 from nash_fast.metrics import MetricsLog, loss_start_end, print_summary, write_plots
+from nash_fast.model import compile_decoder_layers
 from nash_fast.optimization import build_optimizer, lr_factor
 from nash_fast.pretrained import resolve_model
-from nash_fast.model import compile_decoder_layers
 
 __all__ = ["main", "train", "load_records", "validate_records", "LossPlan", "micro_batch_loss"]
 
