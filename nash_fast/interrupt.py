@@ -119,7 +119,23 @@ def exit_with(status: int):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+    _leave_process_group()
     sys.exit(status)
+
+
+def _leave_process_group() -> None:
+    """destroy_process_group() while the interpreter is whole. Left to interpreter shutdown, a gloo group's worker
+    threads can free work objects holding tensors after Python is gone: the process dies by SIGABRT (exit -6)
+    instead of its status, seen on a rank whose peer stopped first (pytorch/pytorch#179291). Every collective has
+    returned by now, so leaving needs no peer; torch is not imported here when the program never did."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a group that cannot be torn down is left to the interpreter, as before
+        pass
 
 
 def exit_status(signal_name: str | None) -> int:

@@ -109,3 +109,37 @@ def test_an_abort_exits_130_even_through_exec(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 130 and "prog: aborted by a second Ctrl-C" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+LEAVE_MODULE = textwrap.dedent(
+    """
+    import atexit, sys
+    import torch
+    import torch.distributed as dist
+    from nash_fast.interrupt import exit_with
+
+    # Registered first, so it runs last among the atexit handlers: after exit_with has done its part.
+    atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    gathered = [torch.zeros(1)]
+    dist.all_gather(gathered, torch.ones(1))
+    exit_with(int(sys.argv[1]))
+    """
+)
+
+
+@pytest.mark.parametrize("status", [0, 2])
+def test_exit_with_leaves_the_process_group_before_interpreter_shutdown(status):
+    """A gloo group left to interpreter shutdown can end a rank by SIGABRT instead of its status (seen as exit -6 on
+    the rank whose peer failed first); exit_with destroys it while Python is whole."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", LEAVE_MODULE, str(status)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert "initialized at exit: False" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_exit_with_does_not_import_torch():
+    code = "import sys\nfrom nash_fast.interrupt import exit_with\nexit_with(0 if 'torch' not in sys.modules else 5)"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0
