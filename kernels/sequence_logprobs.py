@@ -41,7 +41,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from torch.library import triton_op, wrap_triton
 
-from nash_fast.logprobs import mm_fp32_output_works
+from nash_fast.capabilities import mm_fp32_output_works
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

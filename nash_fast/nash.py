@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nash_fast import losses
+from nash_fast import build, losses
+from nash_fast.cli import ArgumentParser, run_cli
 
 # --------------------------------------------------------------------------- games
 
@@ -227,8 +228,6 @@ def dpo_step(P, logits_t, *, beta: float) -> torch.Tensor:
 def _rule_records(P: np.ndarray, pi_t: np.ndarray, rule: str, *, groups: int, K: int, rng) -> list[dict]:
     """Records of the project's real dataset rules (nash_fast.build): `groups` prompts' worth of K
     responses sampled from pi_t (a response is its index as a string), judged exactly by P."""
-    from nash_fast import build
-
     samples = rng.choice(len(pi_t), size=(groups, K), p=pi_t)
     judge = lambda prompts, a, b: [P[int(x), int(y)] for x, y in zip(a, b)]  # noqa: E731
     prompts = [f"x{g}" for g in range(groups)]  # distinct prompts: the "pairs" rule seeds its draws by prompt
@@ -368,14 +367,10 @@ def self_play(P, method: str, *, iterations: int, init=None, eta: float | None =
 
 def main(argv=None) -> int:
     """The CLI (one-line errors, exit status 2; --debug for a traceback)."""
-    from nash_fast.cli import run_cli
-
     return run_cli("python -m nash_fast.nash", _main, argv)
 
 
 def _main(argv) -> None:
-    from nash_fast.cli import ArgumentParser
-
     parser = ArgumentParser(prog="python -m nash_fast.nash", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="Print the full traceback of an error.")
     parser.add_argument("--iterations", type=int, default=30)

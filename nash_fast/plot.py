@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nash_fast.cli import RunFailed
+from nash_fast.cli import RunFailed, run_cli
 
 SMOOTHING = 0.9  # EMA weight of smooth()
 
@@ -140,8 +140,6 @@ PROG = "python -m nash_fast.plot"
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: one-line errors (nash_fast.cli), exit status 1 when there is nothing to plot or no matplotlib."""
-    from nash_fast.cli import run_cli
-
     return run_cli(PROG, _main, argv)
 
 

@@ -48,9 +48,10 @@ from typing import Callable, Sequence
 import torch
 
 from nash_fast import rundir
-from nash_fast.pretrained import is_gguf_model, resolve_model
 from nash_fast.data import PackedPreferenceCollator, TokenBudgetBatchSampler, example_sequence_lengths
+from nash_fast.interrupt import Interrupted
 from nash_fast.model import packed_sequence_logprobs
+from nash_fast.pretrained import is_gguf_model, resolve_model
 
 CACHE_VERSION = 1
 SHARD_BATCHES = 64  # precompute batches per shard written to disk (rounded up to a multiple of the process count)
@@ -98,11 +99,7 @@ def directory_fingerprint(directory: str | os.PathLike, memo_file: str | os.Path
             digest.update(_file_identity(path, memo).encode())
     if memo is not None and memo != before:
         Path(memo_file).parent.mkdir(parents=True, exist_ok=True)
-        tmp = rundir.temporary_path(memo_file)
-        with open(tmp, "w") as f:
-            json.dump(memo, f)
-        os.replace(tmp, memo_file)
-        rundir.done(tmp)
+        rundir.write_bytes_atomic(memo_file, json.dumps(memo).encode())
     return digest.hexdigest()
 
 
@@ -223,22 +220,13 @@ class CacheDamaged(ValueError):
 
 
 def write_verified(path: Path, obj) -> None:
-    """torch.save obj to path atomically, then its size and SHA-256 to path.sha256 (JSON, written second)."""
-    from nash_fast.checkpoint import sha256_file, write_json_atomic
-
+    """torch.save obj to path atomically, then its record {"file", "bytes", "sha256"} to path.sha256 (JSON,
+    written second; nash_fast.rundir's file record)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = rundir.temporary_path(path)
-    try:
+    with rundir.atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        record = {"file": path.name, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-        rundir.done(tmp)
-    write_json_atomic(_sidecar(path), record)
+        record = {"file": path.name, **rundir.file_record(tmp)}
+    rundir.write_json_atomic(_sidecar(path), record)
 
 
 def _sidecar(path: Path) -> Path:
@@ -248,23 +236,16 @@ def _sidecar(path: Path) -> Path:
 def read_verified(path: Path):
     """torch.load(weights_only=True) of a file written by write_verified, after checking its size and SHA-256
     against the sidecar. CacheDamaged when the sidecar is missing or either does not match."""
-    from nash_fast.checkpoint import sha256_file
-
     try:
         record = json.loads(_sidecar(path).read_bytes().decode("utf-8"))
-        expected_bytes, expected_sha = int(record["bytes"]), str(record["sha256"])
     except FileNotFoundError:
         raise CacheDamaged(f"{_sidecar(path).name} is missing (written by an older version, or killed in between)") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError) as error:
         raise CacheDamaged(f"{_sidecar(path).name} is unreadable ({type(error).__name__})") from None
-    try:
-        size = path.stat().st_size
-    except OSError:
-        raise CacheDamaged(f"{path.name} is missing") from None
-    if size != expected_bytes:
-        raise CacheDamaged(f"{path.name} has {size} bytes, {expected_bytes} were written")
-    if sha256_file(path) != expected_sha:
-        raise CacheDamaged(f"{path.name}: SHA-256 does not match (the file changed after it was written)")
+    entry = {k: record.get(k) for k in ("bytes", "sha256")} if isinstance(record, dict) else None
+    problem = rundir.verify_files(path.parent, {path.name: entry}, record=f"{_sidecar(path).name}")
+    if problem is not None:
+        raise CacheDamaged(f"{path.name}: {problem[1]}")
     try:
         return torch.load(path, weights_only=True)
     except Exception as error:
@@ -346,8 +327,6 @@ def cached_sequence_logprobs(
     processes are then removed too). Returns (per-example log-probs, hit). On a miss the model is loaded,
     used and released.
     """
-    from nash_fast.interrupt import Interrupted
-
     cache_dir = Path(cache_dir)
     if rank == 0:
         rundir.remove_dead_temporaries(cache_dir, locked=locked, log=log)

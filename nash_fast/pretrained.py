@@ -168,15 +168,8 @@ def _check_converted(target: Path, digest: str, dtype_name: str) -> str | None:
     if (not isinstance(record, dict) or record.get("format") != FORMAT or record.get("source_sha256") != digest
             or record.get("dtype") != dtype_name or not isinstance(record.get("files"), dict)):
         return f"{RECORD} does not describe this file in {dtype_name}"
-    files = record["files"]
-    present = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and p.name != RECORD)
-    if present != sorted(files):
-        return f"holds files {present}, the record lists {sorted(files)}"
-    for file, entry in files.items():
-        path = target / file
-        if path.stat().st_size != entry.get("bytes") or rundir.sha256_file(path) != entry.get("sha256"):
-            return f"{file} does not match its recorded size and SHA-256"
-    return None
+    problem = rundir.verify_files(target, record["files"], record=RECORD, exact=True, ignore=(RECORD,))
+    return None if problem is None else f"{problem[0]}: {problem[1]}"
 
 
 def _convert(source: Path, digest: str, dtype_name: str, target: Path) -> None:
@@ -185,8 +178,8 @@ def _convert(source: Path, digest: str, dtype_name: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = rundir.temporary_path(target)
-    try:
+    # replace=False: when another process finished the same conversion first, its directory stays
+    with rundir.atomic_directory(target, replace=False) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
         model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
                                                      dtype=getattr(torch, dtype_name))
@@ -201,13 +194,8 @@ def _convert(source: Path, digest: str, dtype_name: str, target: Path) -> None:
         model.config.dtype = dtype_name
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": rundir.sha256_file(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(tmp)): rundir.file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         record = {"format": FORMAT, "source": source.name, "source_sha256": digest, "dtype": dtype_name,
                   "transformers": transformers.__version__, "files": files}
         (tmp / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    except BaseException:
-        rundir.remove_tree(tmp)
-        rundir.done(tmp)
-        raise
-    rundir.publish_directory(tmp, target)
+

@@ -9,6 +9,22 @@ the current holder; a second run on the same directory fails at once with RunDir
 them. The file is never deleted (deleting a lock file another process has open but not yet locked lets
 two processes hold "the" lock on two different inodes); on release its contents are emptied.
 
+Writing aside. Every durable file or directory the project writes appears under its name only when complete:
+
+    with atomic_file(path) as tmp:          # write tmp (any way: open, torch.save, save_pretrained of a file)
+        ...                                 # then: fsync tmp, rename over path, fsync the parent
+    with atomic_directory(path) as tmp:     # fill the directory tmp
+        ...                                 # then: fsync the tree, rename to path (replacing an old one, which
+                                            # is first renamed aside), fsync the parent
+    write_bytes_atomic(path, payload); write_json_atomic(path, obj)
+
+If the block raises, the temporary is removed and `path` is untouched. A kill -9 at any moment leaves the old
+`path` (or none) and at most a dead temporary, removed by the next run (remove_dead_temporaries).
+
+Records. A file's integrity record is {"bytes": size, "sha256": hex digest} (file_record); the checkpoint
+manifest, the precompute cache's sidecar, self-play's shard records and the GGUF cache's record all hold such
+entries, and verify_files() is their one reader.
+
 Temporaries. Everything written aside and renamed into place gets a name from temporary_path():
 `.tmp-<name>.<pid>@<host>.<n>`, unique per process and call. remove_dead_temporaries() deletes the
 temporaries of a directory that are provably dead, and only those:
@@ -20,6 +36,7 @@ temporaries of a directory that are provably dead, and only those:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -30,7 +47,9 @@ import shutil
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 LOCK_NAME = ".nash_fast.lock"
 _TEMP = re.compile(r"^\.tmp-(?P<name>.+)\.(?P<pid>\d+)@(?P<host>.+)\.(?P<n>\d+)$")
@@ -61,10 +80,12 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def temporary_path(final: str | os.PathLike) -> Path:
-    """A fresh temporary name next to `final`, registered as live until done(path) is called."""
+def temporary_path(final: str | os.PathLike, *, owner: str | None = None, serial: int | None = None) -> Path:
+    """A fresh temporary name next to `final`, registered as live until done(path) is called. owner ("pid@host")
+    and serial name a temporary several processes share (a distributed checkpoint: rank 0's pid@host, the step)."""
     final = Path(final)
-    path = final.parent / f".tmp-{final.name}.{os.getpid()}@{hostname()}.{next(_counter)}"
+    owner = owner or f"{os.getpid()}@{hostname()}"
+    path = final.parent / f".tmp-{final.name}.{owner}.{next(_counter) if serial is None else serial}"
     _live.add(str(path))
     return path
 
@@ -74,21 +95,47 @@ def done(path: str | os.PathLike) -> None:
     _live.discard(str(path))
 
 
-def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
-    """Write payload to a temporary unique to this process, fsync, rename over path: readers see the old file
-    or the whole new one, never a part; the temporary is removed if anything fails."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path next to `path`; when the block ends, the file written there is fsynced and renamed
+    over `path` and the parent directory fsynced: readers see the old file or the whole new one, never a part.
+    If the block raises, the temporary is removed and `path` is left as it was."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
         done(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yields a temporary directory path next to `path` (not created: save_pretrained and mkdir make it); when the
+    block ends, publish_directory(tmp, path, replace=replace). If the block raises, the temporary is removed."""
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+    except BaseException:
+        remove_tree(tmp)
+        done(tmp)
+        raise
+    publish_directory(tmp, path, replace=replace)
+
+
+def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    """`payload` as the whole of `path`, written aside and renamed into place (atomic_file)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(payload)
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """JSON (indented, keys sorted) as the whole of `path`, written aside and renamed into place (atomic_file)."""
+    write_bytes_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
@@ -110,19 +157,29 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def publish_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> bool:
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """fsync every file and directory under `directory`, deepest first, then itself: a rename after it is durable."""
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*"), key=lambda p: (p.is_dir(), -len(p.parts), str(p))):
+        fsync_path(path)
+    fsync_path(directory)
+
+
+def publish_directory(tmp: str | os.PathLike, final: str | os.PathLike, *, replace: bool = False) -> bool:
     """Move the fully written directory `tmp` (from temporary_path(final)) to `final` atomically: fsync every file
-    and directory under it, rename, fsync the parent. Readers see no `final` or the whole of it. When another
-    process published `final` first, ours is removed and False is returned (the first one stays)."""
+    and directory under it, rename, fsync the parent. Readers see no `final` or the whole of it.
+    replace=True: an existing `final` is replaced (renamed aside first, then removed: a kill -9 in between leaves
+    no half-deleted directory under the name). replace=False: when another process published `final` first, ours
+    is removed and False is returned (the first one stays)."""
     tmp, final = Path(tmp), Path(final)
     try:
-        for path in sorted(tmp.rglob("*"), key=lambda p: -len(p.parts)):
-            fsync_path(path)
-        fsync_path(tmp)
+        fsync_tree(tmp)
+        if replace and (final.exists() or final.is_symlink()):
+            remove_tree(final)
         try:
             os.rename(tmp, final)
         except OSError as error:
-            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
+            if replace or error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
                 raise
             return False
         fsync_path(final.parent)
@@ -131,6 +188,60 @@ def publish_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> bool:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         done(tmp)
+
+
+# =============================================================================================== file records
+
+def file_record(path: str | os.PathLike) -> dict:
+    """{"bytes": size, "sha256": hex digest}: the integrity record of one file."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def bytes_record(payload: bytes) -> dict:
+    """file_record of a file that will hold exactly `payload`."""
+    return {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def is_file_record(entry) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+
+
+def sha256_files(paths: list[Path]) -> list[str]:
+    """SHA-256 of several files, in parallel (hashlib releases the GIL on large buffers)."""
+    if len(paths) <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+def verify_files(directory: str | os.PathLike, records: dict[str, dict], *, record: str = "the record",
+                 exact: bool = False, ignore: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """(name, what is wrong) for the first file under `directory` that does not match its record
+    {name: {"bytes", "sha256"}} (sizes first, then the digests in parallel); None when all match.
+    exact: a file present under `directory` that `records` does not list (other than `ignore`) is wrong too.
+    `record` names the record in the messages ("the manifest", "its sidecar")."""
+    directory = Path(directory)
+    for name, entry in sorted(records.items()):
+        if not is_file_record(entry):
+            return name, f"{record} entry is malformed (bytes, sha256)"
+    if exact:
+        present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()} - set(ignore)
+        for name in sorted(present - set(records)):
+            return name, f"present but not listed in {record}"
+    checked = []
+    for name, entry in sorted(records.items()):
+        path = directory / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return name, "missing"
+        if size != entry["bytes"]:
+            return name, f"{size} bytes, {record} recorded {entry['bytes']}"
+        checked.append((name, path, entry["sha256"]))
+    for (name, _, expected), actual in zip(checked, sha256_files([p for _, p, _ in checked])):
+        if actual != expected:
+            return name, f"SHA-256 does not match {record} (the file changed after it was written)"
+    return None
 
 
 def remove_tree(path: Path) -> None:

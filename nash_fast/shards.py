@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from nash_fast import rundir
-from nash_fast.cli import RunFailed
+from nash_fast.cli import RunFailed, one_line
+from nash_fast.data import load_jsonl
+from nash_fast.interrupt import Interrupted, stop_requested
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 RECORD_FORMAT = 1
@@ -166,14 +168,10 @@ class World:
         except KeyboardInterrupt:
             raise  # an abort (a second Ctrl-C): no agreement
         except BaseException as caught:  # noqa: BLE001 - reported to the other ranks, then raised here
-            from nash_fast.interrupt import Interrupted
-
             if isinstance(caught, (RankFailed, Interrupted)) or getattr(caught, "agreed_by_ranks", False):
                 raise  # already agreed by every rank (a nested step; the trainer's collective stop decision)
             result, error = None, caught
         if error is not None:
-            from nash_fast.cli import one_line
-
             message = one_line(error)
         reports = self._gather_json(None if error is None else message, where)
         failed = [(r, m) for r, m in enumerate(reports) if m is not None]
@@ -206,8 +204,6 @@ class World:
 
     def stop_requested(self, where: str) -> str | None:
         """A SIGINT / SIGTERM of any rank (the same answer on every rank)."""
-        from nash_fast.interrupt import stop_requested
-
         if not self.distributed:
             return stop_requested()
         requests = [r for r in self._gather_json(stop_requested(), where) if r]
@@ -283,32 +279,28 @@ def finished(directory: Path, index: int, key: str) -> bool:
 
 def write_unit(directory: Path, index: int, key: str, rows: Sequence, stats: dict, rank: int) -> None:
     """The unit's rows (JSON lines) atomically, then its record (size, SHA-256, key, who, stats) atomically."""
-    from nash_fast.checkpoint import write_json_atomic
-
     data, record_path = _names(directory, index)
     payload = "".join(json.dumps(row) + "\n" for row in rows).encode()
     rundir.write_bytes_atomic(data, payload)
-    write_json_atomic(record_path, {"format": RECORD_FORMAT, "index": index, "key": key, "bytes": len(payload),
-                                    "sha256": hashlib.sha256(payload).hexdigest(), "rows": len(rows), "rank": rank,
-                                    "stats": stats})
+    rundir.write_json_atomic(record_path, {"format": RECORD_FORMAT, "index": index, "key": key,
+                                           **rundir.bytes_record(payload), "rows": len(rows), "rank": rank,
+                                           "stats": stats})
 
 
 def read_unit(directory: Path, index: int, key: str) -> tuple[list, dict]:
     """(rows, stats) of a finished unit, verified against its record (ValueError naming the file otherwise)."""
-    from nash_fast.data import load_jsonl
-
     data, record_path = _names(directory, index)
     record = _record(directory, index)
     if record is None or record.get("key") != key:
         raise RunFailed(f"{record_path}: missing or written for other inputs; rerun the same command to redo it")
     if not data.is_file():
         raise RunFailed(f"{data}: missing; rerun the same command to redo it")
-    payload = data.read_bytes()
-    if len(payload) != record["bytes"] or hashlib.sha256(payload).hexdigest() != record["sha256"]:
+    problem = rundir.verify_files(directory, {data.name: {k: record.get(k) for k in ("bytes", "sha256")}},
+                                  record="its record")
+    if problem is not None:
         record_path.unlink(missing_ok=True)  # the rerun redoes this unit
-        raise RunFailed(f"{data}: its SHA-256 does not match its record (damaged after it was written); rerun the "
-                        "same command to redo this shard")
-    rows = load_jsonl(data) if payload else []
+        raise RunFailed(f"{data}: {problem[1]}; rerun the same command to redo this shard")
+    rows = load_jsonl(data) if data.stat().st_size else []
     if len(rows) != record["rows"]:
         raise RunFailed(f"{data}: {len(rows)} rows, its record says {record['rows']}")
     return rows, record.get("stats") or {}

@@ -54,8 +54,9 @@ if __name__ == "__main__":  # a Ctrl-C / SIGTERM while torch & co. import: one l
     exit_quietly_on_signals("python -m nash_fast.train")
 
 import contextlib
+import importlib.util
 import math
-import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,22 +65,32 @@ from typing import Any, Sequence
 
 import torch
 
-from nash_fast.checkpoint import (
-    TrainerState,
-    remove_checkpoints,
-    resume_run,
-    save_run_checkpoint,
-    seed_everything,
-)
+from nash_fast import rundir
+from nash_fast.adapters import load_policy, model_load_kwargs, save_final
+from nash_fast.checkpoint import remove_checkpoints
+from nash_fast.cli import RunFailed, run_cli
 from nash_fast.config import TrainConfig, parse_config
 from nash_fast.console import Console, is_terminal, library_bars_only_on_a_terminal, log
+from nash_fast.data import PackedPreferenceCollator, TokenBudgetBatchSampler, example_sequence_lengths, split_by_role
 from nash_fast.data.dataset import load_records, load_rows, tokenize, validate_records  # noqa: F401 (load_rows: API)
 from nash_fast.data.sampler import BatchStream
 from nash_fast.distributed import Dist, deepspeed_config, select_device, setup_distributed
+from nash_fast.fused_loss import FusedLinearPreferenceLoss
+from nash_fast.interrupt import Interrupted, exit_status, exit_with, mark_finished, stop_signals
 from nash_fast.metrics import MetricsLog, loss_start_end, print_summary, write_plots
-from nash_fast.model import compile_decoder_layers
+from nash_fast.model import (
+    compile_decoder_layers,
+    enable_activation_checkpointing,
+    gathered_lm_head,
+    head_logit_transform,
+    packed_hidden_states,
+)
 from nash_fast.optimization import build_optimizer, lr_factor
+from nash_fast.precompute import attach_logprobs, cached_sequence_logprobs
 from nash_fast.pretrained import resolve_model
+from nash_fast.resume import TrainerState, resume_run, save_run_checkpoint, seed_everything
+from nash_fast.rundir import RunLock, remove_dead_temporaries
+from nash_fast.tiny import build_tiny_model, build_tiny_tokenizer
 
 __all__ = ["main", "train", "load_records", "validate_records", "LossPlan", "micro_batch_loss"]
 
@@ -89,8 +100,6 @@ __all__ = ["main", "train", "load_records", "validate_records", "LossPlan", "mic
 def load_tokenizer(cfg: TrainConfig):
     name = cfg.tokenizer or cfg.model
     if name == "tiny":
-        from nash_fast.tiny import build_tiny_tokenizer
-
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
 
@@ -103,8 +112,6 @@ def _attn_implementation(cfg: TrainConfig, device: torch.device) -> str | None:
     if cfg.attn_implementation is not None:
         return cfg.attn_implementation
     if device.type == "cuda":
-        import importlib.util
-
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
     return None
@@ -123,8 +130,6 @@ def load_model(name: str, cfg: TrainConfig, *, vocab_size: int, dtype: torch.dty
     attn = _attn_implementation(cfg, device)
     placed = False  # a quantized model is placed by the loader and cannot be moved
     if name == "tiny":
-        from nash_fast.tiny import build_tiny_model
-
         # Always the same weights (seed 0), independent of --seed: "tiny" names one model, so a reference or
         # previous iterate given as "tiny" in another run is this very model.
         model = build_tiny_model(vocab_size, dtype=dtype, attn_implementation=attn)
@@ -135,8 +140,6 @@ def load_model(name: str, cfg: TrainConfig, *, vocab_size: int, dtype: torch.dty
         if attn is not None:
             kwargs["attn_implementation"] = attn
         if quantize:  # adapters hook: QLoRA's bitsandbytes config (nash_fast.adapters)
-            from nash_fast.adapters import model_load_kwargs
-
             kwargs.update(model_load_kwargs(cfg, device))
             placed = "device_map" in kwargs
         # A GGUF file is loaded from its dequantized cache directory (float32; `dtype` casts as for any model).
@@ -169,15 +172,11 @@ class LossPlan:
         return cls(cfg.loss, groups, augment, sequence_fields, pair_fields)
 
     def collator(self, max_tokens: int | None = None):
-        from nash_fast.data import PackedPreferenceCollator
-
         return PackedPreferenceCollator(
             augment=self.augment, sequence_fields=self.sequence_fields, pair_fields=self.pair_fields, max_tokens=max_tokens
         )
 
     def loss_inputs(self, batch: dict, device) -> dict[str, torch.Tensor]:
-        from nash_fast.data import split_by_role
-
         if self.groups:
             return {"ref_logps": batch["ref_logps"].to(device), "winrate": batch["winrate"].to(device),
                     "pair_index": batch["pair_index"].to(device)}
@@ -198,8 +197,6 @@ class LossPlan:
 
 
 def build_loss_fn(cfg: TrainConfig):
-    from nash_fast.fused_loss import FusedLinearPreferenceLoss
-
     hyper = {k: getattr(cfg, k) for k in ("beta", "eta", "tau", "lam", "label_smoothing", "discopop_tau")
              if getattr(cfg, k) is not None}
     options = dict(average_log_prob=cfg.average_log_prob, backend=cfg.logprob_backend,
@@ -222,8 +219,6 @@ class PackedBackbone(torch.nn.Module):
         self.lm = lm
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from nash_fast.model import packed_hidden_states
-
         return packed_hidden_states(self.lm, batch)
 
 
@@ -234,8 +229,6 @@ def micro_batch_loss(model, batch: dict, loss_fn, plan: LossPlan, *, forward=Non
     forward(batch) -> hidden [T, H] runs the backbone (default: packed_hidden_states(model, batch); the
     trainer passes the DeepSpeed engine). With backward given, backward(loss) runs while the LM-head weight
     is still gathered (ZeRO-3 needs forward and backward inside the gather)."""
-    from nash_fast.model import head_logit_transform, gathered_lm_head, packed_hidden_states
-
     device = model.get_input_embeddings().weight.device
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
@@ -263,7 +256,7 @@ def micro_batch_loss(model, batch: dict, loss_fn, plan: LossPlan, *, forward=Non
 # =============================================================================================== trainer
 
 @dataclass
-class Run:
+class TrainRun:
     """Everything the loop touches."""
 
     cfg: TrainConfig
@@ -300,7 +293,7 @@ class Run:
 _METRIC_KEYS = ("loss", "chosen_logratio", "rejected_logratio", "reward_accuracy", "reward_margin", "logratio")
 
 
-def _train_step(run: Run) -> dict:
+def _train_step(run: TrainRun) -> dict:
     """One optimizer step over W x G global micro-batches; returns its metrics record."""
     cfg, dist, state = run.cfg, run.dist, run.state
     start = time.perf_counter()
@@ -399,7 +392,7 @@ def _train_step(run: Run) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
-def _install_zero0_guard(run: Run) -> None:
+def _install_zero0_guard(run: TrainRun) -> None:
     """Plain DeepSpeed stage 0 in fp32 applies whatever gradient it has; drop a non-finite one before the
     optimizer sees it (torch optimizers skip parameters without gradients), so that step is skipped too."""
     def pre_step(optimizer, args, kwargs):
@@ -420,8 +413,6 @@ def train(cfg: TrainConfig) -> dict:
     SIGINT / SIGTERM (nash_fast.interrupt) stop the run at the next safe point: after the current optimizer step
     (which is then checkpointed), after a precompute shard, or after a model load. The summary then has
     stopped_by_signal True, signal 'SIGINT' / 'SIGTERM' and the checkpoint to resume from."""
-    from nash_fast.interrupt import stop_signals
-
     threads = torch.get_num_threads()
     try:
         with stop_signals("nash_fast"), library_bars_only_on_a_terminal():
@@ -436,8 +427,6 @@ _COMMAND: str | None = None
 
 def _lock_output_dir(cfg: TrainConfig, dist: Dist):
     """Rank 0 locks --output-dir for the run's life (nash_fast.rundir); every rank fails if it cannot."""
-    from nash_fast.rundir import RunLock
-
     lock, error = None, None
     if dist.is_main:
         try:
@@ -464,7 +453,7 @@ def _train(cfg: TrainConfig) -> dict:
             lock.release()
 
 
-def _stopped(signal_name: str, where: str, run: Run | None, checkpoint: Path | None, dist: Dist, output_dir: Path,
+def _stopped(signal_name: str, where: str, run: TrainRun | None, checkpoint: Path | None, dist: Dist, output_dir: Path,
              extra: dict | None = None) -> dict:
     """The summary of a run stopped by a signal, after printing where and how to resume."""
     if dist.is_main:
@@ -479,9 +468,6 @@ def _stopped(signal_name: str, where: str, run: Run | None, checkpoint: Path | N
 
 
 def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
-    from nash_fast.interrupt import Interrupted
-    from nash_fast.rundir import remove_dead_temporaries
-
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
     elif cfg.model == "tiny" and device.type == "cpu":
@@ -496,8 +482,6 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
     tokenizer = load_tokenizer(cfg)
     examples = tokenize(cfg, tokenizer, records)
     plan = LossPlan.for_config(cfg, examples)
-    from nash_fast.data import TokenBudgetBatchSampler, example_sequence_lengths
-
     lengths = [example_sequence_lengths(e, i, augment=plan.augment) for i, e in enumerate(examples)]
     try:
         sampler = TokenBudgetBatchSampler(lengths, cfg.max_tokens, shuffle=cfg.shuffle, seed=cfg.seed)
@@ -519,8 +503,6 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
     policy_dtype = dtype if cfg.uses_deepspeed() else torch.float32
     lora = None
     if cfg.lora_r is not None:  # adapters hook: base + LoRA loaded first; the reference is its base (nash_fast.adapters)
-        from nash_fast.adapters import load_policy
-
         lora = load_policy(cfg, lambda: load_model(cfg.model, cfg, vocab_size=vocab_size, dtype=policy_dtype,
                                                    device=device, quantize=True))
         if cfg.torch_compile:  # before its adapters-disabled reference pass, like every frozen model (_precompute)
@@ -537,8 +519,6 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
     model = lora.model if lora is not None else load_model(cfg.model, cfg, vocab_size=vocab_size, dtype=policy_dtype,
                                                            device=device)
     if cfg.gradient_checkpointing:
-        from nash_fast.model import enable_activation_checkpointing
-
         enable_activation_checkpointing(model)
     if cfg.torch_compile:
         compile_decoder_layers(model)
@@ -557,7 +537,7 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
         model = engine.module.lm
         # The scheduler stays on the client optimizer: DeepSpeed's wrapper steps it with the same param-group
         # dicts, and we step the schedule ourselves only for applied (not skipped) steps.
-    run = Run(cfg, dist, device, model, optimizer, scheduler, engine, build_loss_fn(cfg), plan, plan.collator(),
+    run = TrainRun(cfg, dist, device, model, optimizer, scheduler, engine, build_loss_fn(cfg), plan, plan.collator(),
               examples, stream, sampler, total_steps, warmup, forward=engine if engine is not None else PackedBackbone(model),
               adapters=lora)
     if engine is not None and engine.zero_optimization_stage() == 0 and not cfg.bf16:
@@ -587,8 +567,6 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
                 progress.update(run.state.step, loss=record.get("loss"), tokens=record["tokens"],
                                 tokens_per_s=record["tokens_per_s"])
                 if run.state.consecutive_bad >= cfg.max_consecutive_bad_steps:
-                    from nash_fast.cli import RunFailed
-
                     raise RunFailed(
                         f"{run.state.consecutive_bad} optimizer steps in a row were skipped for a non-finite loss or "
                         f"gradient (last at step {run.state.step}, see {metrics_log.path}); stopping "
@@ -607,8 +585,6 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
                         {"last": record, "skipped_steps": run.state.skipped_steps})
 
     if run.state.step > 0 and run.state.skipped_steps == run.state.step:
-        from nash_fast.cli import RunFailed
-
         raise RunFailed(f"all {run.state.step} optimizer steps were skipped for a non-finite loss or gradient (see "
                         f"{metrics_log.path}); the model never changed, so no final model is written")
     summary = {"output_dir": str(output_dir), "metrics": str(metrics_log.path), "steps": run.state.step,
@@ -629,8 +605,6 @@ def _locked_train(cfg: TrainConfig, dist: Dist, device: torch.device) -> dict:
 
 
 def _precompute(cfg, dist, device, dtype, vocab_size, examples, plan, lora=None) -> None:
-    from nash_fast.precompute import attach_logprobs, cached_sequence_logprobs
-
     cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "precompute")
     # The plain --bf16 path trains an fp32 policy under bf16 autocast: the frozen models run the same way, so the
     # reference's log-probs are the policy's at step 0 (a bf16-weight reference is off by ~0.01-0.03 nat per
@@ -683,13 +657,9 @@ def _inside(path: Path, directory: Path) -> bool:
         return False
 
 
-def _save_final_model(run: Run, tokenizer) -> Path:
+def _save_final_model(run: TrainRun, tokenizer) -> Path:
     """save_pretrained (+ tokenizer) into OUTPUT/final, written aside and renamed."""
-    from nash_fast.rundir import done, remove_tree, temporary_path
-
     if run.adapters is not None:  # adapters hook: final/ is a PEFT adapter directory (+ merged/, nash_fast.adapters)
-        from nash_fast.adapters import save_final
-
         cfg = run.cfg
         return save_final(run, tokenizer, run.adapters, lambda: load_model(
             cfg.model, cfg, vocab_size=len(tokenizer), dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
@@ -701,16 +671,9 @@ def _save_final_model(run: Run, tokenizer) -> Path:
         if state_dict is not None:  # keys of the PackedBackbone wrapper: lm.<name>
             state_dict = {k[len("lm."):]: v for k, v in state_dict.items()}
     if run.dist.is_main:
-        tmp = temporary_path(final)
-        run.model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        from nash_fast.checkpoint import fsync_tree
-
-        fsync_tree(tmp)
-        if final.exists():
-            remove_tree(final)  # renamed aside first: a kill -9 here leaves no half-deleted final/
-        os.rename(tmp, final)
-        done(tmp)
+        with rundir.atomic_directory(final) as tmp:  # an older final/ is replaced
+            run.model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
     run.dist.barrier()
     return final
 
@@ -721,17 +684,11 @@ PROG = "python -m nash_fast.train"
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: one line per user error (exit 2), traceback only for bugs or with --debug (nash_fast.cli);
     after a SIGTERM / SIGINT stop, exit status 0 / 130."""
-    from nash_fast.cli import run_cli
-
     return run_cli(PROG, _main, argv)
 
 
 def _main(argv: list[str]) -> int:
     global _COMMAND
-    import shlex
-
-    from nash_fast.interrupt import exit_status, mark_finished
-
     shown, skip = [], False
     for arg in argv:  # the deepspeed launcher's --local_rank is not the user's
         if skip or arg.startswith(("--local_rank", "--local-rank")):
@@ -748,6 +705,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from nash_fast.interrupt import exit_with
-
     exit_with(main())

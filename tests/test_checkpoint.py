@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from nash_fast import checkpoint
+from nash_fast import checkpoint, rundir
 from nash_fast.checkpoint import (
     checkpoint_step,
     is_complete,
@@ -58,11 +58,24 @@ def test_crash_between_write_and_rename_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.undo()
     latest = latest_checkpoint(tmp_path)
     assert checkpoint_step(latest) == 1 and load_value(latest) == 1.0
-    assert any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())  # the half-done save, never loaded
-    # The next save clears the leftover and succeeds.
+    # The failed save took its temporary with it (nash_fast.rundir.publish_directory); a killed one leaves a dead
+    # temporary instead, cleared by the next save (test_a_dead_writers_temporary_is_cleared_by_the_next_save).
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
     save_checkpoint(tmp_path, 2, writer(2), keep_last=1)
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
     assert load_value(latest_checkpoint(tmp_path)) == 2.0
+
+
+def test_a_dead_writers_temporary_is_cleared_by_the_next_save(tmp_path):
+    """A save killed mid-way (kill -9: no cleanup) leaves .tmp-step-N.<pid>@<host>.<step>; it is never loaded, and
+    the next save removes it once its writer is provably dead."""
+    save_checkpoint(tmp_path, 1, writer(1), keep_last=1)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".tmp-step-00000002.{int(dead.stdout)}@{rundir.hostname()}.2"
+    writer(2)(leftover.mkdir() or leftover)
+    assert checkpoint_step(latest_checkpoint(tmp_path)) == 1
+    save_checkpoint(tmp_path, 2, writer(2), keep_last=1)
+    assert not leftover.exists() and load_value(latest_checkpoint(tmp_path)) == 2.0
 
 
 def test_crash_inside_writer_keeps_previous(tmp_path):

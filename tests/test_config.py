@@ -156,7 +156,8 @@ def _same(a, b):
 def test_yaml_values_and_flags_parse_the_same_way(tmp_path, capsys, field):
     """For every option and every text a user may write: the flag and the YAML key give the same value, or
     both refuse it (the YAML one with a ValueError naming the option)."""
-    from nash_fast.config import _base_type, load_yaml
+    from nash_fast.config import load_yaml
+    from nash_fast.options import base_type as _base_type
 
     base, _ = _base_type(field.type)
     for text in _TEXTS[base]:

@@ -144,7 +144,7 @@ def _flip(path, bit):
 def test_cache_files_are_verified_before_use(tmp_path, tokenizer, examples):
     """Every cache file carries a SHA-256 sidecar: a flipped bit, a missing sidecar or a file swapped for another
     cache file all make a miss and a recomputation with the same numbers; nothing unverified is loaded."""
-    from nash_fast.checkpoint import sha256_file
+    from nash_fast.rundir import sha256_file
 
     messages = []
 

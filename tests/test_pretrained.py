@@ -111,7 +111,7 @@ def test_converted_once_verified_on_use_and_a_damaged_copy_is_moved_aside(tmp_pa
     pretrained._resolved.clear()
     warnings = []
     assert pretrained.resolve_model(str(source), log=warnings.append) == str(target)
-    assert len(calls) == 3 and "model.safetensors does not match its recorded size and SHA-256" in warnings[0]
+    assert len(calls) == 3 and "model.safetensors: SHA-256 does not match" in warnings[0]
     aside = [p for p in target.parent.iterdir() if p.name.startswith(target.name + ".damaged-")]
     assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == b"weights of m.ggu!"  # kept
     assert (target / "model.safetensors").read_bytes() == b"weights of m.gguf"
@@ -119,7 +119,7 @@ def test_converted_once_verified_on_use_and_a_damaged_copy_is_moved_aside(tmp_pa
     (target / "unlisted.bin").write_bytes(b"")  # a file the record does not list
     pretrained._resolved.clear()
     pretrained.resolve_model(str(source), log=warnings.append)
-    assert len(calls) == 4 and "holds files" in warnings[-2]
+    assert len(calls) == 4 and "unlisted.bin: present but not listed" in warnings[-2]
 
 
 def test_publish_directory_keeps_the_first_of_two_writers(tmp_path):

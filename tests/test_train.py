@@ -266,7 +266,8 @@ def test_trl_loss_list_with_running_state_resumes_bitwise(tmp_path, small_data, 
         {k: v for k, v in r.items() if k not in timing} for r in read_metrics(straight)]
 
     # Without the saved running mean the resumed steps would differ: a checkpoint without it is not this run's.
-    from nash_fast.checkpoint import MANIFEST, sha256_file
+    from nash_fast.checkpoint import MANIFEST
+    from nash_fast.rundir import sha256_file
 
     broken = tmp_path / "broken"
     shutil.copytree(interrupted / "checkpoints" / "step-00000003", broken / "checkpoints" / "step-00000003")

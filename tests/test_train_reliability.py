@@ -20,7 +20,8 @@ import torch
 
 import nash_fast.precompute as precompute
 import nash_fast.train as trainer
-from nash_fast.checkpoint import MANIFEST, list_checkpoints, sha256_file
+from nash_fast.checkpoint import MANIFEST, list_checkpoints
+from nash_fast.rundir import sha256_file
 from nash_fast.config import parse_config
 from nash_fast.data import load_tiny_preferences
 from nash_fast.rundir import RunDirectoryLocked, RunLock, hostname
@@ -129,7 +130,8 @@ def test_checkpoints_need_no_unpickling_and_a_planted_pickle_never_runs(tmp_path
 def test_deepspeed_engine_files_are_checked_and_loaded_weights_only(tmp_path):
     """DeepSpeed's loader unpickles (torch.load(weights_only=False)): a checkpoint is verified before it is handed
     over, every engine file may reference only DeepSpeed's data classes, and the load itself runs weights_only."""
-    from nash_fast.checkpoint import CheckpointDamaged, _check_deepspeed_files, _weights_only_torch_load
+    from nash_fast.checkpoint import CheckpointDamaged
+    from nash_fast.resume import _check_deepspeed_files, _weights_only_torch_load
 
     marker = tmp_path / "pwned"
     engine = tmp_path / "step-00000001" / "engine"

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-if TYPE_CHECKING:  # nash_fast.config imports nash_fast.data
+from nash_fast.data import apply_chat_template_option, tokenize_records
+from nash_fast.data.formats import validate_records as validate
+from nash_fast.data.loading import load_rows as load
+
+if TYPE_CHECKING:  # annotations only: nash_fast.config (a layer above) imports nash_fast.data
     from nash_fast.config import TrainConfig
 
 __all__ = ["load_rows", "validate_records", "load_records", "tokenize"]
@@ -17,8 +21,6 @@ __all__ = ["load_rows", "validate_records", "load_records", "tokenize"]
 
 def load_rows(cfg: TrainConfig) -> list[dict]:
     """Raw rows of --dataset (no model, no tokenizer): nash_fast.data.loading."""
-    from nash_fast.data.loading import load_rows as load
-
     return load(cfg.dataset, split=cfg.dataset_split, config=cfg.dataset_config)
 
 
@@ -28,8 +30,6 @@ def validate_records(rows: Sequence[Any], cfg: TrainConfig) -> list[dict]:
 
     Errors name the row and the dataset's column. Returns the records in explicit form with canonical field
     names (other columns are kept unchanged)."""
-    from nash_fast.data.formats import validate_records as validate
-
     return validate(rows, columns=cfg.column_mapping(), loss=cfg.loss, default_preference=cfg.default_preference,
                     aug_prompt=cfg.aug_prompt, source=f"--dataset {cfg.dataset}")
 
@@ -40,10 +40,6 @@ def load_records(cfg: TrainConfig) -> list[dict]:
 
 
 def tokenize(cfg: TrainConfig, tokenizer, records: list[dict]) -> list[dict]:
-    from nash_fast.data import tokenize_records
-
-    from nash_fast.data import apply_chat_template_option
-
     use_chat_template = apply_chat_template_option(tokenizer, cfg.chat_template)  # a given template is installed
     try:
         examples = tokenize_records(tokenizer, records, use_chat_template=use_chat_template, max_length=cfg.max_length)

@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from nash_fast.console import is_terminal
+from nash_fast.data.records import load_jsonl, load_tiny_preferences, read_utf8
+
 __all__ = ["load_rows", "looks_like_path", "check_local_path"]
 
 # Suffixes of files a --dataset / --model can name; a hub id never ends in one of them.
@@ -49,9 +52,7 @@ def load_rows(name: str, *, split: str | None = None, config: str | None = None,
     A path-like name that does not exist fails at once; only hub-style names reach datasets.load_dataset
     (offline with HF_HUB_OFFLINE=1)."""
     if name == "tiny":
-        if tiny is None:
-            from nash_fast.data.records import load_tiny_preferences as tiny
-        return tiny()
+        return (tiny or load_tiny_preferences)()
     check_local_path(option, name)
     path = Path(name).expanduser()
     if path.is_file():
@@ -60,12 +61,8 @@ def load_rows(name: str, *, split: str | None = None, config: str | None = None,
             raise ValueError(f"{option}-split {split}: {name} is a {suffix} file, which has no splits (drop the "
                              "option, or give a .json file of the form {split: [records]})")
         if suffix == ".jsonl":
-            from nash_fast.data.records import load_jsonl
-
             return load_jsonl(path)
         if suffix == ".json":
-            from nash_fast.data.records import read_utf8
-
             try:
                 data = json.loads(read_utf8(path))
             except json.JSONDecodeError as error:
@@ -91,8 +88,6 @@ def load_rows(name: str, *, split: str | None = None, config: str | None = None,
         raise ValueError(f"{option} {name}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
     split = split or "train"
     import datasets
-
-    from nash_fast.console import is_terminal
 
     quiet = not is_terminal(sys.stderr) and not datasets.are_progress_bars_disabled()
     if quiet:  # in a log file a bar is one line of carriage returns
