@@ -452,6 +452,7 @@ def _native_backward(hidden, weight, bias, labels, softcap, lse, grad, filter_ep
 
 
 def _triton_forward(hidden, weight, bias, labels, softcap, precision="highest"):
+    # Imported on first use: importing Triton takes seconds and needs a GPU or TRITON_INTERPRET=1 to be useful.
     from nash_fast.kernels import sequence_logprobs as kern
 
     return kern.token_logprobs_forward(hidden, weight, bias, labels, softcap)

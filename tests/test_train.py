@@ -125,10 +125,8 @@ def test_logprob_filter_eps_reaches_the_loss(flags, expected):
 def test_bf16_plain_path_reference_runs_like_the_policy(tmp_path, small_data, monkeypatch):
     # --bf16 without DeepSpeed trains an fp32 policy under bf16 autocast: the reference pass loads fp32 weights
     # and runs under the same autocast (a bf16-weight reference biased every step-1 log-ratio on SmolLM2).
-    import nash_fast.precompute
-
     seen = []
-    original = nash_fast.precompute.cached_sequence_logprobs
+    original = trainer.cached_sequence_logprobs  # nash_fast.precompute's, as the trainer calls it
 
     def spy(name, model_name, load_model, examples, **kwargs):
         def loading():
@@ -137,7 +135,7 @@ def test_bf16_plain_path_reference_runs_like_the_policy(tmp_path, small_data, mo
             return model
         return original(name, model_name, loading, examples, **kwargs)
 
-    monkeypatch.setattr(nash_fast.precompute, "cached_sequence_logprobs", spy)
+    monkeypatch.setattr(trainer, "cached_sequence_logprobs", spy)
     trainer.train(parse_config(run_args(small_data, tmp_path, "--max-steps", "1", "--bf16")))
     assert seen == [("ref", torch.bfloat16, torch.float32)]
     # Policy = reference at step 1, computed alike: the log-ratios are the packing's rounding noise only.
