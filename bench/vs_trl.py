@@ -27,7 +27,7 @@ host falls on both) and reports:
   ref_pass_s       seconds of the reference-log-prob pass over the pairs
   step1_loss       the first optimizer step's loss (the policy is the reference there, so both are
                    (1/(2 beta))^2 * 2 = 50 up to rounding; they must agree)
-Results append to --out/vs_trl_cpu.csv (device, versions, commit); the README table is `--markdown`.
+Results append to --out/vs_trl_cpu.csv (device, versions, commit); the table in docs/benchmarks.md is `--markdown`.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of tokens/s")
     parser.add_argument("--quick", action="store_true", help="tiny random Llama, 16 pairs (smoke test)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--markdown", action="store_true", help="print the README table of --out's CSV and exit")
+    parser.add_argument("--markdown", action="store_true", help="print the docs/benchmarks.md table of --out's CSV and exit")
     # worker mode (internal)
     parser.add_argument("--worker", choices=("nash", "trl"), help=argparse.SUPPRESS)
     for name in ("--data", "--work", "--dtype", "--result"):

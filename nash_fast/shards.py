@@ -98,7 +98,7 @@ class World:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if not env.get(name):
                 raise ValueError(f"WORLD_SIZE={world_size} but {name} is not set: start the job with torchrun, the "
-                                 "deepspeed launcher or srun (see the README), which set it")
+                                 "deepspeed launcher or srun (see docs/multi-gpu.md), which set it")
         import torch
         import torch.distributed as dist
 

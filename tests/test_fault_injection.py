@@ -1,6 +1,6 @@
 """The fault-injection script (tests/fault_injection.py) on a short run, one trial of each kind whose outcome
 does not depend on timing: kill -9 at a random moment, a bit flip in a random checkpoint file, two runs on one
-output directory. Many trials, and the signal kinds, are run by the script itself (README, Reliability)."""
+output directory. Many trials, and the signal kinds, are run by the script itself (docs/reliability.md)."""
 
 import subprocess
 import sys

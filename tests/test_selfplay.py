@@ -352,7 +352,7 @@ def test_judge_returning_nan_names_the_prompt(tmp_path, monkeypatch):
 
 
 def test_embedded_default_runs_two_iterations(tmp_path):
-    """The demo's speed is measured in the README, not asserted here: a wall-clock bound on 2 shared cores
+    """The demo's speed is measured in docs/timings.md, not asserted here: a wall-clock bound on 2 shared cores
     fails at random (227 s against a 300 s bound was seen under load). The timeout only catches a hang."""
     start = time.time()
     result = subprocess.run([sys.executable, "-m", "nash_fast.selfplay", "--output-dir", str(tmp_path / "demo")],
