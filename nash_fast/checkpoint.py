@@ -28,11 +28,12 @@ half-deleted step-N behind.
 
 A manifest proves integrity, not authorship: whoever can write the directory can rewrite it. Nothing the
 trainer writes needs unpickling to be read back (torch.load(weights_only=True), JSON); DeepSpeed's engine
-files are loaded under the same weights_only rule (_check_deepspeed_files, _weights_only_torch_load).
+files are loaded under the same weights_only rule (nash_fast.resume).
 
 Distributed: every rank calls save_checkpoint (each may write its own files, e.g. DeepSpeed's
 partitioned optimizer states) with the same temporary name (owner = rank 0's pid@host); rank 0 alone
-digests, writes the manifest, renames and prunes, between barriers.
+digests, writes the manifest, renames (nash_fast.rundir.publish_directory) and prunes, between barriers.
+Digests and their checks are nash_fast.rundir's file records (file_record, verify_files).
 
 The trainer's checkpoints (what goes into step-N/, and resuming from it) are nash_fast.resume's.
 """

@@ -35,8 +35,10 @@ def flag(name: str) -> str:
 
 
 def base_type(annotation) -> tuple[type, bool]:
-    """'int | None' -> (int, True); 'str' -> (str, False) (annotations are strings: __future__ annotations)."""
-    parts = [p.strip() for p in str(annotation).split("|")]
+    """'int | None' -> (int, True); 'str' -> (str, False): a string annotation (modules with __future__
+    annotations) or the type itself (int, int | None)."""
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    parts = [p.strip() for p in text.split("|")]
     optional = "None" in parts
     base = next(p for p in parts if p != "None")
     return {"int": int, "float": float, "str": str, "bool": bool}[base], optional
@@ -191,7 +193,7 @@ def read_yaml_mapping(path: str | os.PathLike, option: str = "--config") -> dict
 
 def changed_options(saved: dict, current: dict, may_change: Iterable[str], *, absent: dict | None = None) -> str:
     """The options a resumed run changed although they decide what is being computed, as
-    "--name old -> new, ..." ("" when there are none: the resume may go on). `saved` holds the options the run
+    "--name old -> new, ..." in name order ("" when there are none: the resume may go on). `saved` holds the options the run
     was started with, `current` this invocation's, `may_change` the options a resume may change (execution
     details, or extending the run). An option missing from `saved` (added to the program after the run was
     written) had the value `absent` gives for it then; without one it counts as unchanged."""
@@ -201,5 +203,5 @@ def changed_options(saved: dict, current: dict, may_change: Iterable[str], *, ab
     def old(name):
         return saved[name] if name in saved else absent.get(name, current[name])
 
-    changed = [k for k in current if k not in allowed and old(k) != current[k]]
+    changed = sorted(k for k in current if k not in allowed and old(k) != current[k])
     return ", ".join(f"{flag(k)} {old(k)!r} -> {current[k]!r}" for k in changed)

@@ -126,3 +126,68 @@ def test_remove_tree_never_leaves_a_half_deleted_directory(tmp_path, monkeypatch
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-step-00000002.")
     rundir.remove_dead_temporaries(tmp_path, locked=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ writing aside
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "state.json"
+    rundir.write_json_atomic(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(RuntimeError, match="disk full"):
+        with rundir.atomic_file(path) as tmp:
+            tmp.write_text('{"a": 2, "half')
+            raise RuntimeError("disk full")
+    assert json.loads(path.read_text()) == {"a": 1}  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # the temporary went with the error
+    assert not rundir._live  # and is no longer registered as being written
+    rundir.write_bytes_atomic(path, b"new")
+    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_atomic_directory_publishes_replaces_and_cleans_up(tmp_path):
+    final = tmp_path / "final"
+    with rundir.atomic_directory(final) as tmp:
+        tmp.mkdir()
+        (tmp / "weights").write_bytes(b"1")
+        assert not final.exists()  # nothing under the name until the block ends
+    assert (final / "weights").read_bytes() == b"1"
+    with rundir.atomic_directory(final) as tmp:  # replace=True (default): the old directory is replaced
+        tmp.mkdir()
+        (tmp / "weights").write_bytes(b"2")
+    assert [p.name for p in final.iterdir()] == ["weights"] and (final / "weights").read_bytes() == b"2"
+    with pytest.raises(ValueError, match="bad"):
+        with rundir.atomic_directory(final) as tmp:
+            tmp.mkdir()
+            (tmp / "weights").write_bytes(b"3")
+            raise ValueError("bad")
+    assert (final / "weights").read_bytes() == b"2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    with rundir.atomic_directory(final, replace=False) as tmp:  # another writer published first: it stays
+        tmp.mkdir()
+        (tmp / "weights").write_bytes(b"4")
+    assert (final / "weights").read_bytes() == b"2" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert not rundir._live
+
+
+def test_verify_files_names_the_first_file_that_does_not_match_its_record(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name, payload in (("a.bin", b"alpha"), ("sub/b.bin", b"beta")):
+        (tmp_path / name).write_bytes(payload)
+    records = {"a.bin": rundir.file_record(tmp_path / "a.bin"), "sub/b.bin": rundir.bytes_record(b"beta")}
+    assert records["sub/b.bin"] == rundir.file_record(tmp_path / "sub" / "b.bin")
+    assert rundir.verify_files(tmp_path, records) is None
+    assert rundir.verify_files(tmp_path, records, exact=True) is None
+    (tmp_path / "extra").write_bytes(b"")
+    assert rundir.verify_files(tmp_path, records, exact=True, record="the manifest") == (
+        "extra", "present but not listed in the manifest")
+    assert rundir.verify_files(tmp_path, records, exact=True, ignore=("extra",)) is None
+    (tmp_path / "sub" / "b.bin").write_bytes(b"bet@")  # same size, other bytes
+    assert rundir.verify_files(tmp_path, records, record="the record") == (
+        "sub/b.bin", "SHA-256 does not match the record (the file changed after it was written)")
+    (tmp_path / "a.bin").write_bytes(b"alph")
+    assert rundir.verify_files(tmp_path, records, record="the record") == ("a.bin", "4 bytes, the record recorded 5")
+    (tmp_path / "a.bin").unlink()
+    assert rundir.verify_files(tmp_path, records) == ("a.bin", "missing")
+    for bad in (None, {"bytes": "5", "sha256": "x"}, {"bytes": 5}, {"bytes": True, "sha256": 3}):
+        assert rundir.verify_files(tmp_path, {"a.bin": bad})[1].endswith("entry is malformed (bytes, sha256)")
