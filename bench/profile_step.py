@@ -9,7 +9,7 @@ sppo_hard, AdamW) in a fresh process per dtype, and instruments its optimizer st
   * forward and backward wall time of the decoder's parts, from module hooks (forward pre/post hooks; backward
     pre-hooks and full backward hooks: the CPU autograd engine runs one node at a time on the calling thread,
     so the time between a module's two backward hooks is its backward): embedding, attention projections
-    (q/k/v/o), attention core (nash_fast.model.varlen_attention_forward, the per-sequence sdpa; its backward
+    (q/k/v/o), attention core (nash_fast.attention.varlen_attention_forward, the per-sequence sdpa; its backward
     timed by identity markers on its inputs and output), MLP (gate/up/down + SiLU), RMSNorms, the rotary table
     (applying rotary to q and k, the residual adds and reshapes fall in "other");
   * LM head and loss: FusedLinearPreferenceLoss's forward, and its backward (from the start of backward until
@@ -98,7 +98,7 @@ class PartTimer:
 
 
 def timed_attention(timer: PartTimer, attention):
-    """`attention` (nash_fast.model.varlen_attention_forward) with its forward timed and its backward timed by
+    """`attention` (nash_fast.attention.varlen_attention_forward) with its forward timed and its backward timed by
     identity markers: the output's marker fires when d_out arrives (attention backward starts), the inputs'
     markers when d_query / d_key / d_value are ready (the last of them ends it)."""
     import torch
@@ -166,10 +166,10 @@ def worker(args) -> dict:
         model = run.model
         decoder = backbone(model)
         layers = decoder.layers
-        import nash_fast.model as model_module
+        import nash_fast.attention as attention_module
 
-        wrapped, state["attention_backward"] = timed_attention(timer, model_module.varlen_attention_forward)
-        model_module.varlen_attention_forward = wrapped
+        wrapped, state["attention_backward"] = timed_attention(timer, attention_module.varlen_attention_forward)
+        attention_module.varlen_attention_forward = wrapped
         for layer in layers:
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 timer.watch(getattr(layer.self_attn, name), "attention_proj")

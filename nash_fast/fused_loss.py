@@ -405,14 +405,61 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ref_input, ref_weight, ref_bias). Given ref_input and ref_weight (and ref_bias), the reference log-probs
         are computed here, forward-only under torch.no_grad(), by the same fused op on the same labels (for
         Sr-DPO / Sr-IPO in the Liger layout, aug_ref_input holds the reference's hidden states of the augmented
-        rows); otherwise they are passed precomputed (ref_chosen_logps, ...)."""
+        rows); otherwise they are passed precomputed (ref_chosen_logps, ...).
+
+        In four steps: the inputs (_resolve_inputs), the layout (_layout, then _per_pair_inputs), the loss
+        (_pair_loss: the formula of nash_fast.losses.PAIR_LOSSES by name, or TRL's loss types) and the metrics
+        (_pair_metrics); SPPO's all-responses form leaves after the first (_all_responses)."""
         if not isinstance(hidden, torch.Tensor):
             raise ValueError(f"hidden must be a tensor, got {type(hidden).__name__}")
         # Token counts compare labels with ignore_index here too: by value, in int64 (a uint8 -100 would wrap to 156).
         labels, aug_labels = (_int64_labels(t) for t in (labels, aug_labels))
+        precomputed = dict(
+            ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+            prev_chosen_logps=prev_chosen_logps, prev_rejected_logps=prev_rejected_logps,
+            aug_ref_chosen_logps=aug_ref_chosen_logps, aug_ref_rejected_logps=aug_ref_rejected_logps,
+            winrate=winrate, target_prob=target_prob, ref_logps=ref_logps,
+        )
+        # 1. inputs: the form, what it needs, the reference computed here from ref_input.
+        all_responses, needed, computed_here, reference_sequences = self._resolve_inputs(
+            hidden, labels, cu_seqlens, ref_input, ref_weight, ref_bias, aug_ref_input, aug_hidden, aug_labels,
+            precomputed,
+        )
+        if all_responses:
+            if self._nll_alpha is not None:
+                raise ValueError("compute_nll_loss needs chosen responses: SPPO's all-responses form has none")
+            return self._all_responses(weight, hidden, labels, bias, cu_seqlens, role, pair_index,
+                                       precomputed["ref_logps"], winrate)
+        # 2. layout: the policy's log-probs per pair, and the inputs per pair.
+        chosen, rejected, aug_chosen, aug_rejected, num_tokens, order = self._layout(
+            weight, hidden, labels, bias, cu_seqlens, role, pair_index, aug_hidden, aug_labels, aug_ref_input
+        )
+        given = self._per_pair_inputs(precomputed, needed, computed_here, reference_sequences, order, chosen,
+                                      cu_seqlens, ref_weight, ref_bias, aug_ref_input, aug_hidden, aug_labels)
+        ref_w, ref_l = given["ref_chosen_logps"], given["ref_rejected_logps"]
+        # 3. the loss.
+        per_pair = self._pair_loss(chosen, rejected, ref_w, ref_l, aug_chosen, aug_rejected, given, labels,
+                                   cu_seqlens, order, hidden)
+        nll = self._chosen_nll(chosen, labels, cu_seqlens, order, hidden) if self._nll_alpha is not None else None
+        # 4. metrics.
+        metrics = self._pair_metrics(per_pair, chosen, rejected, ref_w, ref_l, aug_chosen, aug_rejected, given, nll,
+                                     num_tokens, weight, hidden, bias, cu_seqlens, order)
+        loss = self._reduce(per_pair)
+        if nll is not None:
+            loss = loss + self._nll_alpha * nll
+        return loss, metrics
+
+    def _resolve_inputs(self, hidden, labels, cu_seqlens, ref_input, ref_weight, ref_bias, aug_ref_input, aug_hidden,
+                        aug_labels, precomputed):
+        """Step 1 of forward: (all_responses: SPPO's all-responses form rather than the pairwise one, needed: the
+        precomputed inputs that form reads, computed_here: those of them made here instead of given, the
+        per-sequence reference log-probs computed from ref_input or None). Refuses a missing or an unused input.
+        precomputed (the inputs as given, by name) gets ref_logps when the all-responses form computes it here."""
         self._check_reference_arguments(ref_input, ref_weight, ref_bias, aug_ref_input, cu_seqlens,
-                                        ref_chosen_logps, ref_rejected_logps, aug_ref_chosen_logps,
-                                        aug_ref_rejected_logps, ref_logps)
+                                        precomputed["ref_chosen_logps"], precomputed["ref_rejected_logps"],
+                                        precomputed["aug_ref_chosen_logps"], precomputed["aug_ref_rejected_logps"],
+                                        precomputed["ref_logps"])
+        winrate, ref_logps = precomputed["winrate"], precomputed["ref_logps"]
         num_sequences = _num_sequences(hidden, cu_seqlens)
         if self.loss == "sppo" and ref_logps is None and (ref_input is not None or self._zero_reference):
             # No ref_logps to tell SPPO's forms apart: winrate has one entry per sequence in the all-responses
@@ -424,14 +471,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         if ref_input is not None:
             reference_sequences = self._reference_logps(ref_input, ref_weight, ref_bias, hidden, labels, cu_seqlens)
         if all_responses and ref_logps is None:
-            ref_logps = (reference_sequences if reference_sequences is not None
-                         else torch.zeros(num_sequences, device=hidden.device))
-        precomputed = dict(
-            ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-            prev_chosen_logps=prev_chosen_logps, prev_rejected_logps=prev_rejected_logps,
-            aug_ref_chosen_logps=aug_ref_chosen_logps, aug_ref_rejected_logps=aug_ref_rejected_logps,
-            winrate=winrate, target_prob=target_prob, ref_logps=ref_logps,
-        )
+            precomputed["ref_logps"] = (reference_sequences if reference_sequences is not None
+                                        else torch.zeros(num_sequences, device=hidden.device))
         needed = _ALL_RESPONSES_INPUTS if all_responses else _PAIR_INPUTS["dpo" if self._trl else self.loss]
         computed_here = set()
         if not all_responses and (reference_sequences is not None or self._zero_reference):
@@ -451,29 +492,29 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             for name, value in (("aug_hidden", aug_hidden), ("aug_labels", aug_labels), ("aug_ref_input", aug_ref_input)):
                 if value is not None:
                     raise ValueError(f"{name} is only used by loss='sr_dpo' / 'sr_ipo'")
+        return all_responses, needed, computed_here, reference_sequences
 
-        if all_responses:
-            if self._nll_alpha is not None:
-                raise ValueError("compute_nll_loss needs chosen responses: SPPO's all-responses form has none")
-            return self._all_responses(weight, hidden, labels, bias, cu_seqlens, role, pair_index, ref_logps, winrate)
-
+    def _layout(self, weight, hidden, labels, bias, cu_seqlens, role, pair_index, aug_hidden, aug_labels,
+                aug_ref_input):
+        """Step 2 of forward: the policy's log-probs per pair from either layout, (chosen, rejected, aug_chosen,
+        aug_rejected, num_tokens, order); order[role] holds the sequences (rows) of that role, by pair."""
         if cu_seqlens is None:
-            chosen, rejected, aug_chosen, aug_rejected, num_tokens, order = self._liger_layout(
-                weight, hidden, labels, bias, role, pair_index, aug_hidden, aug_labels
-            )
-        else:
-            for name, value in (("aug_hidden", aug_hidden), ("aug_labels", aug_labels), ("aug_ref_input", aug_ref_input)):
-                if value is not None:
-                    raise ValueError(
-                        f"{name} is for the Liger layout; packed batches carry augmented sequences as role 2/3"
-                    )
-            chosen, rejected, aug_chosen, aug_rejected, num_tokens, order = self._packed_layout(
-                weight, hidden, labels, bias, cu_seqlens, role, pair_index
-            )
+            return self._liger_layout(weight, hidden, labels, bias, role, pair_index, aug_hidden, aug_labels)
+        for name, value in (("aug_hidden", aug_hidden), ("aug_labels", aug_labels), ("aug_ref_input", aug_ref_input)):
+            if value is not None:
+                raise ValueError(
+                    f"{name} is for the Liger layout; packed batches carry augmented sequences as role 2/3"
+                )
+        return self._packed_layout(weight, hidden, labels, bias, cu_seqlens, role, pair_index)
 
+    def _per_pair_inputs(self, precomputed, needed, computed_here, reference_sequences, order, chosen, cu_seqlens,
+                         ref_weight, ref_bias, aug_ref_input, aug_hidden, aug_labels):
+        """The inputs the loss reads (needed), each [P] in pair order: the given ones checked, the reference computed
+        from ref_input placed per pair (for Sr-* in the Liger layout, the augmented rows' from aug_ref_input), zeros
+        for a reference-free loss, SPPO's default win rate."""
         num_pairs = chosen.shape[0]
         device = chosen.device
-        if reference_sequences is not None:  # computed above from ref_input: place it per pair
+        if reference_sequences is not None:  # computed from ref_input: place it per pair
             precomputed.update(ref_chosen_logps=reference_sequences[order[CHOSEN].to(device)],
                                ref_rejected_logps=reference_sequences[order[REJECTED].to(device)])
             if self._uses_augmented:
@@ -493,34 +534,26 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                                                          "aug_ref_chosen_logps", "aug_ref_rejected_logps")})
         if "winrate" in computed_here:
             precomputed["winrate"] = torch.full((num_pairs,), self._default_winrate, device=device)
-        given = {
+        return {
             name: _per_example(name, precomputed[name], num_pairs, device, name in _PROBABILITIES)
             for name in needed
         }
-        ref_w, ref_l = given["ref_chosen_logps"], given["ref_rejected_logps"]
-        if self._trl:
-            per_pair = self._trl_loss(chosen, rejected, ref_w, ref_l, labels, cu_seqlens, order, hidden)
-        elif self.loss == "sppo":
-            per_pair = losses.sppo_pair_loss(chosen, rejected, ref_w, ref_l, given["winrate"], eta=self.eta)
-        elif self.loss == "inpo":
-            per_pair = losses.inpo_loss(
-                chosen, rejected, ref_w, ref_l, given["prev_chosen_logps"], given["prev_rejected_logps"],
-                eta=self.eta, tau=self.tau,
-            )
-        elif self.loss == "ipo":
-            per_pair = losses.ipo_loss(chosen, rejected, ref_w, ref_l, beta=self.beta)
-        elif self.loss == "dpo":
-            per_pair = losses.dpo_loss(chosen, rejected, ref_w, ref_l, beta=self.beta)
-        elif self.loss == "spce":
-            per_pair = losses.spce_loss(chosen, rejected, ref_w, ref_l, given["target_prob"], beta=self.beta)
-        else:
-            sr_loss = losses.sr_dpo_loss if self.loss == "sr_dpo" else losses.sr_ipo_loss
-            per_pair = sr_loss(
-                chosen, rejected, ref_w, ref_l, aug_chosen, aug_rejected,
-                given["aug_ref_chosen_logps"], given["aug_ref_rejected_logps"], beta=self.beta, lam=self.lam,
-            )
-        nll = self._chosen_nll(chosen, labels, cu_seqlens, order, hidden) if self._nll_alpha is not None else None
 
+    def _pair_loss(self, chosen, rejected, ref_w, ref_l, aug_chosen, aug_rejected, given, labels, cu_seqlens, order,
+                   hidden):
+        """Step 3 of forward: the per-pair loss [P], the formula of losses.PAIR_LOSSES[self.loss] (TRL's loss types:
+        _trl_loss)."""
+        if self._trl:
+            return self._trl_loss(chosen, rejected, ref_w, ref_l, labels, cu_seqlens, order, hidden)
+        if self._uses_augmented:
+            given = dict(given, aug_chosen_logps=aug_chosen, aug_rejected_logps=aug_rejected)
+        hyper = {"beta": self.beta, "eta": self.eta, "tau": self.tau, "lam": self.lam}
+        return losses.PAIR_LOSSES[self.loss](chosen, rejected, ref_w, ref_l, given, hyper)
+
+    def _pair_metrics(self, per_pair, chosen, rejected, ref_w, ref_l, aug_chosen, aug_rejected, given, nll, num_tokens,
+                      weight, hidden, bias, cu_seqlens, order):
+        """Step 4 of forward: the detached metrics of the pairwise form (see the module docstring)."""
+        device = chosen.device
         with torch.no_grad():
             delta_w, delta_l = chosen - ref_w, rejected - ref_l
             scale = self.reward_scale
@@ -549,11 +582,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                     (aug_chosen - given["aug_ref_chosen_logps"]) - (aug_rejected - given["aug_ref_rejected_logps"])
                 )
                 metrics["refinement"] = refinement.mean()
-            metrics = {k: v.detach() for k, v in metrics.items()}
-        loss = self._reduce(per_pair)
-        if nll is not None:
-            loss = loss + self._nll_alpha * nll
-        return loss, metrics
+            return {k: v.detach() for k, v in metrics.items()}
 
     def _trl_loss(self, chosen, rejected, ref_w, ref_l, labels, cu_seqlens, order, hidden):
         """sum_k w_k loss_k per pair (TRL: sum_k w_k mean(loss_k), the mean of this), each loss_k as TRL computes it

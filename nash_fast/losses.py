@@ -35,7 +35,8 @@ formulas as Liger-Kernel 0.8.5's chunked_loss/dpo_loss.py where Liger has them),
 
 (s the logistic sigmoid, r = beta Delta the implicit rewards, n the scored tokens of a response.) TRL's
 "sigmoid" is dpo_loss, and its "ipo" is ipo_loss on per-token mean log-probs (TRL divides both log-ratios by
-the responses' token counts). LOSS_TYPES lists TRL's names and the functions computing them.
+the responses' token counts). LOSS_TYPES lists TRL's names and the functions computing them; PAIR_LOSSES
+nash-fast's own names (the pairwise forms), as FusedLinearPreferenceLoss calls them.
 
 Inputs must share shape, dtype and device; they are upcast to at least float32 (bf16 log-probs
 would lose the small log-ratio differences these losses act on). Every loss is written with
@@ -399,6 +400,61 @@ def spce_loss(pi_w, pi_l, ref_w, ref_l, target_prob, *, beta):
 def _spce(pi_w, pi_l, ref_w, ref_l, target_prob, *, beta):
     z = beta * ((pi_w - ref_w) - (pi_l - ref_l))
     return F.binary_cross_entropy_with_logits(z, target_prob, reduction="none")
+
+
+# =============================================================================================== by name
+# nash-fast's own losses in their pairwise form, as FusedLinearPreferenceLoss(loss) computes them:
+#     PAIR_LOSSES[loss](pi_w, pi_l, ref_w, ref_l, given, hyper) -> per-pair loss [P]
+# given: the loss's other per-pair inputs under FusedLinearPreferenceLoss's argument names (winrate, target_prob,
+# prev_chosen_logps, aug_ref_chosen_logps, ...; aug_chosen_logps / aug_rejected_logps: the policy's log-probs given
+# the prompt-augmented query p+x); hyper: {"beta", "eta", "tau", "lam"}, None where the loss has none.
+
+def _sppo_by_name(pi_w, pi_l, ref_w, ref_l, given, hyper):
+    """SPPO eq. 4.8: (Delta_w - eta (P - 1/2))^2 + (Delta_l - eta (1/2 - P))^2, P = winrate = P(y_w > y_l | x)."""
+    return sppo_pair_loss(pi_w, pi_l, ref_w, ref_l, given["winrate"], eta=hyper["eta"])
+
+
+def _inpo_by_name(pi_w, pi_l, ref_w, ref_l, given, hyper):
+    """INPO eq. 8: (h - 1/(2 eta))^2, h = (pi_w - pi_l) - (tau/eta) (ref_w - ref_l) - ((eta - tau)/eta) (prev_w -
+    prev_l), prev_w / prev_l = prev_chosen_logps / prev_rejected_logps (the current iterate's)."""
+    return inpo_loss(pi_w, pi_l, ref_w, ref_l, given["prev_chosen_logps"], given["prev_rejected_logps"],
+                     eta=hyper["eta"], tau=hyper["tau"])
+
+
+def _ipo_by_name(pi_w, pi_l, ref_w, ref_l, given, hyper):
+    """IPO (Sr-DPO eq. 14 at lam = 0): (Delta_w - Delta_l - 1/(2 beta))^2."""
+    return ipo_loss(pi_w, pi_l, ref_w, ref_l, beta=hyper["beta"])
+
+
+def _dpo_by_name(pi_w, pi_l, ref_w, ref_l, given, hyper):
+    """DPO (SPPO eq. 4.9): -log sigmoid(beta (Delta_w - Delta_l))."""
+    return dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=hyper["beta"])
+
+
+def _spce_by_name(pi_w, pi_l, ref_w, ref_l, given, hyper):
+    """OSP eq. 7, 8: -(t log sigma(z) + (1 - t) log sigma(-z)), z = beta (Delta_w - Delta_l), t = target_prob."""
+    return spce_loss(pi_w, pi_l, ref_w, ref_l, given["target_prob"], beta=hyper["beta"])
+
+
+def _sr_dpo_by_name(pi_w, pi_l, ref_w, ref_l, given, hyper):
+    """Sr-DPO eq. 11, 12: -log sigmoid(beta (Delta_w - Delta_l) - lam sg[D]),
+    D = beta ((aug_pi_w - aug_ref_w) - (aug_pi_l - aug_ref_l)) on the prompt-augmented query."""
+    return sr_dpo_loss(pi_w, pi_l, ref_w, ref_l, given["aug_chosen_logps"], given["aug_rejected_logps"],
+                       given["aug_ref_chosen_logps"], given["aug_ref_rejected_logps"], beta=hyper["beta"],
+                       lam=hyper["lam"])
+
+
+def _sr_ipo_by_name(pi_w, pi_l, ref_w, ref_l, given, hyper):
+    """Sr-IPO, Sr-DPO eq. 11, 14: (Delta_w - Delta_l - lam sg[D] - 1/(2 beta))^2, D as in Sr-DPO."""
+    return sr_ipo_loss(pi_w, pi_l, ref_w, ref_l, given["aug_chosen_logps"], given["aug_rejected_logps"],
+                       given["aug_ref_chosen_logps"], given["aug_ref_rejected_logps"], beta=hyper["beta"],
+                       lam=hyper["lam"])
+
+
+PAIR_LOSSES = {
+    "sppo": _sppo_by_name, "inpo": _inpo_by_name, "ipo": _ipo_by_name, "dpo": _dpo_by_name,
+    "sr_dpo": _sr_dpo_by_name, "sr_ipo": _sr_ipo_by_name, "spce": _spce_by_name,
+}
 
 
 # =============================================================================================== TRL's loss types

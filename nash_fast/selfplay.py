@@ -77,6 +77,7 @@ from nash_fast.interrupt import Interrupted, exit_status, exit_with, mark_finish
 from nash_fast.judges import load_judge
 from nash_fast.losses import check_hyperparameters
 from nash_fast.options import add_field_option, changed_options, flag, help_with_default, join_problems, option
+from nash_fast.plot import svg_report
 from nash_fast.pretrained import is_gguf_model, locate_gguf, resolve_model
 from nash_fast.rundir import write_json_atomic
 from nash_fast.tiny import build_tiny_model, build_tiny_tokenizer
@@ -828,66 +829,8 @@ def write_report(run: Run, iterations: int) -> list[dict]:
                      f"{fmt(r['mean_response_tokens'], '.1f')} | {r['records'] if r['records'] is not None else '-'} | "
                      + " | ".join(fmt(r["seconds"].get(s), ".1f") for s in STAGES) + " |")
     (run.root / "report.md").write_text("\n".join(lines) + "\n")
-    (run.root / "report.svg").write_text(svg_report(rows))
+    (run.root / "report.svg").write_text(svg_report(rows, STAGES))
     return rows
-
-
-def _svg_panel(x0: float, title: str, ylabel: str, xs: list[int], series: dict[str, list], colors: list[str],
-               y_range: tuple[float, float] | None = None, reference: tuple[float, str] | None = None) -> str:
-    """One panel: title, x axis "iteration", y axis `ylabel` (quantity and unit), a legend naming every series
-    and the dashed reference line (value, name); values per iteration are drawn as they are, nothing is smoothed."""
-    width, height, pad = 300.0, 220.0, 40.0
-    reference, reference_name = reference if reference is not None else (None, None)
-    values = [v for ys in series.values() for v in ys if v is not None] + ([reference] if reference is not None else [])
-    lo, hi = y_range if y_range else (min(values, default=0.0), max(values, default=1.0))
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    x_lo, x_hi = min(xs, default=1), max(max(xs, default=1), min(xs, default=1) + 1)
-    px = lambda x: x0 + pad + (x - x_lo) / (x_hi - x_lo) * (width - 2 * pad)  # noqa: E731
-    py = lambda y: height - pad - (y - lo) / (hi - lo) * (height - 2 * pad)  # noqa: E731
-    out = [f'<text x="{x0 + width / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>',
-           f'<line x1="{x0 + pad}" y1="{height - pad}" x2="{x0 + width - pad}" y2="{height - pad}" stroke="black"/>',
-           f'<line x1="{x0 + pad}" y1="{pad}" x2="{x0 + pad}" y2="{height - pad}" stroke="black"/>',
-           f'<text x="{x0 + pad - 4}" y="{py(lo) + 4}" text-anchor="end" font-size="10">{lo:.3g}</text>',
-           f'<text x="{x0 + pad - 4}" y="{py(hi) + 4}" text-anchor="end" font-size="10">{hi:.3g}</text>',
-           f'<text x="{x0 + width / 2}" y="{height - 8}" text-anchor="middle" font-size="11">iteration</text>',
-           f'<text x="{x0 + 12}" y="{height / 2}" text-anchor="middle" font-size="11" '
-           f'transform="rotate(-90 {x0 + 12} {height / 2})">{ylabel}</text>']
-    for x in xs:
-        out.append(f'<text x="{px(x)}" y="{height - pad + 14}" text-anchor="middle" font-size="10">{x}</text>')
-    if reference is not None:
-        out.append(f'<line x1="{x0 + pad}" y1="{py(reference)}" x2="{x0 + width - pad}" y2="{py(reference)}" '
-                   'stroke="gray" stroke-dasharray="4 3"/>')
-    for k, ((name, ys), color) in enumerate(zip(series.items(), colors)):
-        points = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None]
-        if points:
-            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
-                       + " ".join(f"{a:.1f},{b:.1f}" for a, b in points) + '"/>')
-            out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in points]
-        out.append(f'<text x="{x0 + pad + 6}" y="{pad + 12 * k + 2}" font-size="10" fill="{color}">{name}</text>')
-    if reference is not None:
-        out.append(f'<text x="{x0 + pad + 6}" y="{pad + 12 * len(series) + 2}" font-size="10" fill="gray">'
-                   f'- - {reference_name}</text>')
-    return "\n".join(out)
-
-
-def svg_report(rows: list[dict]) -> str:
-    """Three panels: win rates of pi_{t+1} (vs pi_t, vs pi_1), mean response tokens, seconds per stage."""
-    xs = [r["iteration"] for r in rows]
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    panels = [
-        _svg_panel(0, "win rate of pi_{t+1}", "P(pi_{t+1} wins) (0 to 1)", xs,
-                   {"vs pi_t": [r["win_rate_vs_previous"] for r in rows],
-                    "vs pi_1": [r["win_rate_vs_initial"] for r in rows]},
-                   colors, y_range=(0.0, 1.0), reference=(0.5, "1/2: a tie")),
-        _svg_panel(300, "mean response length", "tokens per response", xs,
-                   {"pi_{t+1} held-out": [r["mean_response_tokens"] for r in rows],
-                    "pi_t samples": [r["generated_response_tokens"] for r in rows]}, colors),
-        _svg_panel(600, "time per stage", "wall time (s)", xs, {s: [r["seconds"].get(s) for r in rows] for s in STAGES},
-                   colors),
-    ]
-    return ('<svg xmlns="http://www.w3.org/2000/svg" width="900" height="220" font-family="sans-serif">\n'
-            '<rect width="900" height="220" fill="white"/>\n' + "\n".join(panels) + "\n</svg>\n")
 
 
 # =============================================================================================== loop

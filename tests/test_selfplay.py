@@ -368,10 +368,12 @@ def test_embedded_default_runs_two_iterations(tmp_path):
 def test_report_figures_label_axes_with_units_and_name_every_line():
     import xml.etree.ElementTree as ET
 
+    from nash_fast import plot
+
     rows = [{"iteration": t, "win_rate_vs_previous": 0.5 + 0.1 * t, "win_rate_vs_initial": 0.5 + 0.2 * t,
              "mean_response_tokens": 10.0 + t, "generated_response_tokens": 9.0 + t,
              "seconds": {s: float(t) for s in selfplay.STAGES}} for t in (1, 2)]
-    svg = ET.fromstring(selfplay.svg_report(rows))
+    svg = ET.fromstring(plot.svg_report(rows, selfplay.STAGES))  # what selfplay.write_report writes
     texts = [e.text for e in svg.iter("{http://www.w3.org/2000/svg}text")]
     for ylabel in ("P(pi_{t+1} wins) (0 to 1)", "tokens per response", "wall time (s)"):
         assert ylabel in texts
