@@ -34,7 +34,7 @@ class MetricsLog:
         self.path = output_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
-        self.lines = lines  # the run's list (Run.metrics_lines): appended to here, saved with every checkpoint
+        self.lines = lines  # the run's list (TrainRun.metrics_lines): appended to here, saved with every checkpoint
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
