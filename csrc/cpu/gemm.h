@@ -407,23 +407,117 @@ void pack_hidden_blocks(const scalar_t* hidden, int64_t N, int64_t H, int64_t K,
   });
 }
 
-// lse = max + log(sum of exp), logp = target - lse, from the per-token running values.
-inline void finish_forward(const ForwardArgs& a, const float* run_max, const float* run_sum, const float* target) {
-  at::parallel_for(0, a.N, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      a.lse[i] = run_max[i] + std::log(run_sum[i]);
-      a.logp[i] = target[i] - a.lse[i];
-    }
-  });
-}
+// Both forward back ends around their GEMMs: the bias in fp32, the tiles' epilogue contexts, and per token
+// (padded to whole token blocks) the running max and sum of exponentials over the vocabulary seen so far and
+// the label's logit; finish() turns them into lse = max + log(sum) and logp = target - lse.
+template <typename scalar_t>
+class ForwardSteps {
+ public:
+  explicit ForwardSteps(const ForwardArgs& a)
+      : a_(a),
+        inv_softcap_(a.softcap > 0 ? 1.0f / a.softcap : 0.0f),
+        bias_(bias_fp32<scalar_t>(a.bias, a.V)),
+        run_max_(round_up(a.N, BLOCK_T), NEG_INF),
+        run_sum_(round_up(a.N, BLOCK_T), 0.0f),
+        target_(round_up(a.N, BLOCK_T), 0.0f) {}
 
-// Per-token backward inputs padded to whole token blocks: pad lanes get lse = +inf and grad = 0, so their
-// d_z = exp(s - inf) * 0 = 0 whatever their (bias-only) logits are.
-inline Buffer<float> padded_tokens(const float* values, int64_t N, int64_t N_pad, float fill) {
-  Buffer<float> out(N_pad, fill);
-  std::copy(values, values + N, out.begin());
-  return out;
-}
+  // The running values of the token block starting at t0, into registers (m: max, s: sum) and back.
+  void load(int64_t t0, fVec* m, fVec* s) const {
+    for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+      m[q] = fVec::loadu(run_max_.data() + t0 + q * LANES);
+      s[q] = fVec::loadu(run_sum_.data() + t0 + q * LANES);
+    }
+  }
+  void store(int64_t t0, const fVec* m, const fVec* s) {
+    for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+      m[q].store(run_max_.data() + t0 + q * LANES);
+      s[q].store(run_sum_.data() + t0 + q * LANES);
+    }
+  }
+
+  // forward_epilogue of the z^T tile of vocabulary rows [col, col + vrows) x the token block starting at t0.
+  void epilogue(float* tile, int64_t col, int64_t vrows, int64_t t0, fVec* m, fVec* s) {
+    const TileContext c{vrows, std::min(BLOCK_T, a_.N - t0), col, a_.bias ? bias_.data() + col : nullptr,
+                        a_.softcap, inv_softcap_, a_.labels + t0};
+    forward_epilogue(tile, c, m, s, target_.data() + t0);
+  }
+
+  void finish() const {
+    at::parallel_for(0, a_.N, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        a_.lse[i] = run_max_[i] + std::log(run_sum_[i]);
+        a_.logp[i] = target_[i] - a_.lse[i];
+      }
+    });
+  }
+
+ private:
+  const ForwardArgs& a_;
+  const float inv_softcap_;
+  const Buffer<float> bias_;
+  Buffer<float> run_max_, run_sum_, target_;
+};
+
+// Both backward back ends around their GEMMs: the bias in fp32, the tiles' epilogue contexts, lse and grad
+// padded to whole token blocks, and d_bias. Pad lanes get lse = +inf and grad = 0, so their d_z =
+// exp(s - inf) * 0 = 0 whatever their (bias-only) logits are. d_bias is summed per thread over a vocabulary
+// slice of at most Vs rows (the epilogues add into thread_d_bias()), the threads' sums are added in thread order
+// after each slice (end_slice) and rounded once to the output dtype at the end (write_d_bias).
+template <typename scalar_t>
+class BackwardSteps {
+ public:
+  BackwardSteps(const BackwardArgs& a, int64_t Vs)
+      : a_(a),
+        Vs_(Vs),
+        inv_softcap_(a.softcap > 0 ? 1.0f / a.softcap : 0.0f),
+        bias_(bias_fp32<scalar_t>(a.bias, a.V)),
+        lse_(padded_tokens(a.lse, a.N, std::numeric_limits<float>::infinity())),
+        grad_(padded_tokens(a.grad, a.N, 0.0f)),
+        d_bias_(a.d_bias ? a.V : 0, 0.0f),
+        num_threads_(at::get_num_threads()),
+        d_bias_partial_(a.d_bias ? num_threads_ * Vs : 0) {}
+
+  // The epilogue's view of the z^T tile of vocabulary rows [col, col + vrows) x the token block starting at t0,
+  // and that block's lse and grad.
+  TileContext tile(int64_t col, int64_t vrows, int64_t t0) const {
+    return {vrows, std::min(BLOCK_T, a_.N - t0), col, a_.bias ? bias_.data() + col : nullptr, a_.softcap,
+            inv_softcap_, a_.labels + t0};
+  }
+  const float* lse(int64_t t0) const { return lse_.data() + t0; }
+  const float* grad(int64_t t0) const { return grad_.data() + t0; }
+
+  void begin_slice() {
+    if (a_.d_bias) std::fill(d_bias_partial_.begin(), d_bias_partial_.end(), 0.0f);
+  }
+  // The calling thread's d_bias sums for the slice, by row within the slice (nullptr without d_bias).
+  float* thread_d_bias() { return a_.d_bias ? d_bias_partial_.data() + at::get_thread_num() * Vs_ : nullptr; }
+  // After the slice of nv rows from v0.
+  void end_slice(int64_t v0, int64_t nv) {
+    if (a_.d_bias)
+      for (int t = 0; t < num_threads_; ++t)
+        for (int64_t v = 0; v < nv; ++v) d_bias_[v0 + v] += d_bias_partial_[t * Vs_ + v];
+  }
+  void write_d_bias() const {
+    if (!a_.d_bias) return;
+    auto* out = static_cast<scalar_t*>(a_.d_bias);
+    for (int64_t v = 0; v < a_.V; ++v) out[v] = static_cast<scalar_t>(d_bias_[v]);
+  }
+
+ private:
+  static Buffer<float> padded_tokens(const float* values, int64_t N, float fill) {
+    Buffer<float> out(round_up(N, BLOCK_T), fill);
+    std::copy(values, values + N, out.begin());
+    return out;
+  }
+
+  const BackwardArgs& a_;
+  const int64_t Vs_;
+  const float inv_softcap_;
+  const Buffer<float> bias_, lse_, grad_;
+  Buffer<float> d_bias_;
+  const int num_threads_;
+  Buffer<float> d_bias_partial_;
+};
 
 // NASH_FAST_PROFILE=1: wall seconds per phase of each call, printed to stderr (for tuning).
 class PhaseClock {

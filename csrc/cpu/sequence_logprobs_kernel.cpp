@@ -45,8 +45,7 @@ void forward_impl(const ForwardArgs& a) {
   const auto* weight = static_cast<const scalar_t*>(a.weight);
   const int64_t K = is_vnni<op_t>() ? round_up(H, 2) : H;  // VNNI pairs need an even depth
   const bool weight_as_is = std::is_same_v<scalar_t, op_t> && K == H;
-  const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
-  const Buffer<float> bias = bias_fp32<scalar_t>(a.bias, V);
+  ForwardSteps<scalar_t> steps(a);
 
   PhaseClock clock("forward");
   const int64_t num_token_blocks = ceil_div(N, BLOCK_T);
@@ -55,8 +54,6 @@ void forward_impl(const ForwardArgs& a) {
   const int64_t Vs = std::clamp(FORWARD_SLICE_BYTES / int64_t(sizeof(op_t) * K) / BLOCK_V * BLOCK_V, BLOCK_V,
                                 round_up(V, BLOCK_V));
   Buffer<op_t> weight_rows(weight_as_is ? 0 : Vs * K);
-  Buffer<float> run_max(num_token_blocks * BLOCK_T, NEG_INF), run_sum(num_token_blocks * BLOCK_T, 0.0f);
-  Buffer<float> target(num_token_blocks * BLOCK_T, 0.0f);
   clock("pack");
 
   for (int64_t v0 = 0; v0 < V; v0 += Vs) {
@@ -74,28 +71,20 @@ void forward_impl(const ForwardArgs& a) {
       for (int64_t tb = t_begin; tb < t_end; ++tb) {
         const int64_t t0 = tb * BLOCK_T;
         fVec m[TOKEN_VECS], s[TOKEN_VECS];
-        for (int64_t q = 0; q < TOKEN_VECS; ++q) {
-          m[q] = fVec::loadu(run_max.data() + t0 + q * LANES);
-          s[q] = fVec::loadu(run_sum.data() + t0 + q * LANES);
-        }
+        steps.load(t0, m, s);
         for (int64_t r0 = 0; r0 < nv; r0 += BLOCK_V) {
           const int64_t vrows = std::min(BLOCK_V, nv - r0);
           gemm<op_t>(vrows, BLOCK_T, K, K, BLOCK_T, BLOCK_T, false, W + r0 * K,
                      hidden_packed.data() + tb * K * BLOCK_T, tile);
-          const TileContext c{vrows, std::min(BLOCK_T, N - t0), v0 + r0, a.bias ? bias.data() + v0 + r0 : nullptr,
-                              a.softcap, inv_softcap, a.labels + t0};
-          forward_epilogue(tile, c, m, s, target.data() + t0);
+          steps.epilogue(tile, v0 + r0, vrows, t0, m, s);
         }
-        for (int64_t q = 0; q < TOKEN_VECS; ++q) {
-          m[q].store(run_max.data() + t0 + q * LANES);
-          s[q].store(run_sum.data() + t0 + q * LANES);
-        }
+        steps.store(t0, m, s);
       }
       release_tiles<op_t>();
     });
     clock("tiles");
   }
-  finish_forward(a, run_max.data(), run_sum.data(), target.data());
+  steps.finish();
 }
 
 // ------------------------------------------------------------------------------------------ backward
@@ -116,11 +105,7 @@ void backward_impl(const BackwardArgs& a) {
   const int64_t num_h_blocks = ceil_div(H, BLOCK_H);
   const int64_t Vs = std::clamp(a.max_chunk_elements / N_pad / BLOCK_V * BLOCK_V, std::min(MIN_BACKWARD_SLICE, round_up(V, BLOCK_V)),
                                 round_up(V, BLOCK_V));
-  const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
-  const Buffer<float> bias = bias_fp32<scalar_t>(a.bias, V);
-
-  const Buffer<float> lse = padded_tokens(a.lse, N, N_pad, std::numeric_limits<float>::infinity());
-  const Buffer<float> grad = padded_tokens(a.grad, N, N_pad, 0.0f);
+  BackwardSteps<scalar_t> steps(a, Vs);
 
   Buffer<op_t> hidden_packed(num_token_blocks * K * BLOCK_T);
   Buffer<op_t> hidden_dweight(need_w ? (VNNI ? num_h_blocks * Np * BLOCK_H : (std::is_same_v<scalar_t, float> ? 0 : N * H)) : 0);
@@ -141,9 +126,6 @@ void backward_impl(const BackwardArgs& a) {
                                                                        : hidden_dweight.data();
 
   Buffer<float> d_hidden_t(need_h ? H * N : 0);  // d_hidden^T [H, N], fp32 across slices (slice 0 writes it)
-  Buffer<float> d_bias(need_b ? V : 0, 0.0f);
-  const int num_threads = at::get_num_threads();
-  Buffer<float> d_bias_partial(need_b ? num_threads * Vs : 0);
   Buffer<op_t> weight_rows(weight_as_is ? 0 : Vs * K);
   // Row strides of the slice buffers are padded by a cache line: rows a power of two apart would all
   // fall into the same L1/L2 sets when a GEMM reads 16 of them at once.
@@ -190,26 +172,25 @@ void backward_impl(const BackwardArgs& a) {
       }
     });
     if (!weight_as_is) W = weight_rows.data();
-    if (need_b) std::fill(d_bias_partial.begin(), d_bias_partial.end(), 0.0f);
+    steps.begin_slice();
     clock("pack");
 
     // (A) d_z^T tiles, parallel over token blocks.
     at::parallel_for(0, num_token_blocks, 1, [&](int64_t t_begin, int64_t t_end) {
       alignas(64) float tile[BLOCK_V * BLOCK_T];
-      float* my_d_bias = need_b ? d_bias_partial.data() + at::get_thread_num() * Vs : nullptr;
+      float* my_d_bias = steps.thread_d_bias();
       for (int64_t tb = t_begin; tb < t_end; ++tb) {
-        const int64_t t0 = tb * BLOCK_T, tokens = std::min(BLOCK_T, N - t0);
+        const int64_t t0 = tb * BLOCK_T;
         for (int64_t r0 = 0; r0 < nv; r0 += BLOCK_V) {
           const int64_t vrows = std::min(BLOCK_V, nv - r0);
           gemm<op_t>(vrows, BLOCK_T, K, K, BLOCK_T, BLOCK_T, false, W + r0 * K, hidden_packed.data() + tb * K * BLOCK_T,
                      tile);
-          const TileContext c{vrows, tokens, v0 + r0, a.bias ? bias.data() + v0 + r0 : nullptr, a.softcap,
-                              inv_softcap, a.labels + t0};
+          const TileContext c = steps.tile(v0 + r0, vrows, t0);
           uint8_t* my_live = filter ? live.data() + tb * groups + r0 / FILTER_ROWS : nullptr;
 #if defined(CPU_CAPABILITY_AVX512)
           if constexpr (std::is_same_v<op_t, at::BFloat16>) {
             if (!need_b) {
-              backward_epilogue_bf16(tile, c, lse.data() + t0, grad.data() + t0,
+              backward_epilogue_bf16(tile, c, steps.lse(t0), steps.grad(t0),
                                      dz_t.empty() ? nullptr : dz_t.data() + r0 * ld_dz + t0, ld_dz,
                                      dz_pairs.empty() ? nullptr : dz_pairs.data() + tb * Vs * BLOCK_T + r0 * BLOCK_T,
                                      eps, my_live);
@@ -217,8 +198,7 @@ void backward_impl(const BackwardArgs& a) {
             }
           }
 #endif
-          backward_epilogue(tile, c, lse.data() + t0, grad.data() + t0, my_d_bias ? my_d_bias + r0 : nullptr, eps,
-                            my_live);
+          backward_epilogue(tile, c, steps.lse(t0), steps.grad(t0), my_d_bias ? my_d_bias + r0 : nullptr, eps, my_live);
           if (!dz_t.empty())
             for (int64_t v = 0; v < vrows; ++v) store_row<op_t>(tile + v * BLOCK_T, dz_t.data() + (r0 + v) * ld_dz + t0);
           if (!dz_pairs.empty())
@@ -316,9 +296,7 @@ void backward_impl(const BackwardArgs& a) {
       });
       clock("d_weight");
     }
-    if (need_b)
-      for (int t = 0; t < num_threads; ++t)
-        for (int64_t v = 0; v < nv; ++v) d_bias[v0 + v] += d_bias_partial[t * Vs + v];
+    steps.end_slice(v0, nv);
   }
 
   clock("d_bias");
@@ -333,10 +311,7 @@ void backward_impl(const BackwardArgs& a) {
       }
     });
   }
-  if (need_b) {
-    auto* out = static_cast<scalar_t*>(a.d_bias);
-    for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(d_bias[v]);
-  }
+  steps.write_d_bias();
   clock("output");
 }
 

@@ -66,8 +66,7 @@ void forward_mkl(const ForwardArgs& a) {
   const int64_t N = a.N, H = a.H, V = a.V;
   const auto* hidden = static_cast<const scalar_t*>(a.hidden);
   const auto* weight = static_cast<const scalar_t*>(a.weight);
-  const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
-  const Buffer<float> bias = bias_fp32<scalar_t>(a.bias, V);
+  ForwardSteps<scalar_t> steps(a);
 
   PhaseClock clock("forward(mkl)");
   const int64_t num_token_blocks = ceil_div(N, BLOCK_T);
@@ -77,8 +76,6 @@ void forward_mkl(const ForwardArgs& a) {
   Buffer<float> packed(cblas_sgemm_pack_get_size(NASH_FAST_CBLAS_A_MATRIX, int(rows_per_pack), int(BLOCK_T), int(H)) /
                            sizeof(float) + 1);
   Buffer<float> converted(std::is_same_v<scalar_t, float> ? 0 : rows_per_pack * H);
-  Buffer<float> run_max(num_token_blocks * BLOCK_T, NEG_INF), run_sum(num_token_blocks * BLOCK_T, 0.0f);
-  Buffer<float> target(num_token_blocks * BLOCK_T, 0.0f);
   clock("pack");
 
   for (int64_t v0 = 0; v0 < V; v0 += rows_per_pack) {
@@ -91,25 +88,16 @@ void forward_mkl(const ForwardArgs& a) {
       for (int64_t tb = t_begin; tb < t_end; ++tb) {
         const int64_t t0 = tb * BLOCK_T;
         fVec m[TOKEN_VECS], s[TOKEN_VECS];
-        for (int64_t q = 0; q < TOKEN_VECS; ++q) {
-          m[q] = fVec::loadu(run_max.data() + t0 + q * LANES);
-          s[q] = fVec::loadu(run_sum.data() + t0 + q * LANES);
-        }
+        steps.load(t0, m, s);
         mkl_logits_tile(packed.data(), nv, H, hidden_packed.data() + tb * H * BLOCK_T, tile.data());
-        for (int64_t r0 = 0; r0 < nv; r0 += BLOCK_V) {
-          const TileContext c{std::min(BLOCK_V, nv - r0), std::min(BLOCK_T, N - t0), v0 + r0,
-                              a.bias ? bias.data() + v0 + r0 : nullptr, a.softcap, inv_softcap, a.labels + t0};
-          forward_epilogue(tile.data() + r0 * BLOCK_T, c, m, s, target.data() + t0);
-        }
-        for (int64_t q = 0; q < TOKEN_VECS; ++q) {
-          m[q].store(run_max.data() + t0 + q * LANES);
-          s[q].store(run_sum.data() + t0 + q * LANES);
-        }
+        for (int64_t r0 = 0; r0 < nv; r0 += BLOCK_V)
+          steps.epilogue(tile.data() + r0 * BLOCK_T, v0 + r0, std::min(BLOCK_V, nv - r0), t0, m, s);
+        steps.store(t0, m, s);
       }
     });
     clock("tiles");
   }
-  finish_forward(a, run_max.data(), run_sum.data(), target.data());
+  steps.finish();
 }
 
 template <typename scalar_t>
@@ -117,7 +105,7 @@ void backward_mkl(const BackwardArgs& a) {
   constexpr bool FP32 = std::is_same_v<scalar_t, float>;
   PhaseClock clock("backward(mkl)");
   const int64_t N = a.N, H = a.H, V = a.V;
-  const bool need_h = a.d_hidden != nullptr, need_w = a.d_weight != nullptr, need_b = a.d_bias != nullptr;
+  const bool need_h = a.d_hidden != nullptr, need_w = a.d_weight != nullptr;
   const auto* hidden = static_cast<const scalar_t*>(a.hidden);
   const auto* weight = static_cast<const scalar_t*>(a.weight);
   const int64_t num_token_blocks = ceil_div(N, BLOCK_T);
@@ -127,11 +115,7 @@ void backward_mkl(const BackwardArgs& a) {
   // so that the slice (the depth of the d_hidden sgemm) is wide enough for MKL to run near its peak.
   const int64_t Vs = std::clamp(2 * a.max_chunk_elements / N_pad / rows_per_pack * rows_per_pack, rows_per_pack,
                                 round_up(V, rows_per_pack));
-  const float inv_softcap = a.softcap > 0 ? 1.0f / a.softcap : 0.0f;
-  const Buffer<float> bias = bias_fp32<scalar_t>(a.bias, V);
-
-  const Buffer<float> lse = padded_tokens(a.lse, N, N_pad, std::numeric_limits<float>::infinity());
-  const Buffer<float> grad = padded_tokens(a.grad, N, N_pad, 0.0f);
+  BackwardSteps<scalar_t> steps(a, Vs);
 
   Buffer<float> hidden_packed(num_token_blocks * H * BLOCK_T);
   pack_hidden_blocks(hidden, N, H, H, hidden_packed.data());
@@ -152,14 +136,11 @@ void backward_mkl(const BackwardArgs& a) {
   Buffer<float> d_hidden_acc(need_h && !FP32 ? N * H : 0);         // fp32 across slices
   float* d_hidden = need_h ? (FP32 ? static_cast<float*>(a.d_hidden) : d_hidden_acc.data()) : nullptr;
   Buffer<float> d_weight_rows(need_w && !FP32 ? Vs * H : 0);
-  Buffer<float> d_bias(need_b ? V : 0, 0.0f);
-  const int num_threads = at::get_num_threads();
-  Buffer<float> d_bias_partial(need_b ? num_threads * Vs : 0);
 
   for (int64_t v0 = 0; v0 < V; v0 += Vs) {
     const int64_t nv = std::min(Vs, V - v0);
     const float* W = rows_as_fp32(weight + v0 * H, nv, H, weight_converted);
-    if (need_b) std::fill(d_bias_partial.begin(), d_bias_partial.end(), 0.0f);
+    steps.begin_slice();
     clock("pack");
     for (int64_t s0 = 0; s0 < nv; s0 += rows_per_pack) {
       const int64_t ns = std::min(rows_per_pack, nv - s0);
@@ -168,16 +149,15 @@ void backward_mkl(const BackwardArgs& a) {
       at::parallel_for(0, num_token_blocks, 1, [&](int64_t t_begin, int64_t t_end) {
         MklSequential sequential;
         Buffer<float> tile(rows_per_pack * BLOCK_T);
-        float* my_d_bias = need_b ? d_bias_partial.data() + at::get_thread_num() * Vs : nullptr;
+        float* my_d_bias = steps.thread_d_bias();
         for (int64_t tb = t_begin; tb < t_end; ++tb) {
-          const int64_t t0 = tb * BLOCK_T, tokens = std::min(BLOCK_T, N - t0);
+          const int64_t t0 = tb * BLOCK_T;
           mkl_logits_tile(packed.data(), ns, H, hidden_packed.data() + tb * H * BLOCK_T, tile.data());
           for (int64_t r0 = 0; r0 < ns; r0 += BLOCK_V) {
             const int64_t vrows = std::min(BLOCK_V, ns - r0), row = s0 + r0;  // row within the slice
-            const TileContext c{vrows, tokens, v0 + row, a.bias ? bias.data() + v0 + row : nullptr, a.softcap,
-                                inv_softcap, a.labels + t0};
             float* sub = tile.data() + r0 * BLOCK_T;
-            backward_epilogue(sub, c, lse.data() + t0, grad.data() + t0, my_d_bias ? my_d_bias + row : nullptr);
+            backward_epilogue(sub, steps.tile(v0 + row, vrows, t0), steps.lse(t0), steps.grad(t0),
+                              my_d_bias ? my_d_bias + row : nullptr);
             for (int64_t v = 0; v < vrows; ++v) store_row<float>(sub + v * BLOCK_T, dz_t.data() + (row + v) * ld_dz + t0);
           }
         }
@@ -195,17 +175,12 @@ void backward_mkl(const BackwardArgs& a) {
       if constexpr (!FP32) store_rows(out, nv, H, d_weight);
       clock("d_weight");
     }
-    if (need_b)
-      for (int t = 0; t < num_threads; ++t)
-        for (int64_t v = 0; v < nv; ++v) d_bias[v0 + v] += d_bias_partial[t * Vs + v];
+    steps.end_slice(v0, nv);
   }
   if constexpr (!FP32) {
     if (need_h) store_rows(d_hidden, N, H, static_cast<scalar_t*>(a.d_hidden));
   }
-  if (need_b) {
-    auto* out = static_cast<scalar_t*>(a.d_bias);
-    for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(d_bias[v]);
-  }
+  steps.write_d_bias();
   clock("output");
 }
 
