@@ -2,9 +2,6 @@
 // MKL: sequence_logprobs_mkl.cpp): operand packing, the logits tiles' epilogues (bias, soft-cap, log-sum-exp,
 // d_z) and the steps before and after the tiles. Compiled per ISA like vec.h.
 #pragma once
-#ifndef CPU_CAPABILITY
-#error "compiled once per vector ISA with CPU_CAPABILITY defined (CMakeLists.txt: add_capability)"
-#endif
 
 #include "vec.h"
 
@@ -245,59 +242,81 @@ inline void mark_label_groups(const TileContext& c, uint8_t* live) {
   }
 }
 
-// Replaces a z^T tile by d_z^T = g (onehot - exp(s - lse)) cap'; lse and grad are [BLOCK_T] with pad
-// lanes (grad 0), which get 0. Adds each row's sum (the final d_z) to d_bias when given. With live (one flag per
-// FILTER_ROWS rows of the tile), also records which row groups hold a softmax value >= eps (group_is_live).
+// d_z^T = g (onehot - exp(s - lse)) cap' of one z^T tile, the arithmetic of both backward epilogues; lse and grad
+// are [BLOCK_T] with pad lanes (grad 0), which get 0. The label entries (onehot = 1) are computed when this is
+// built, from the logits before an epilogue overwrites them, and written after the rest by for_labels.
+class DzTile {
+ public:
+  DzTile(const float* tile, const TileContext& c, const float* lse, const float* grad)
+      : c_(c), one_(1.0f), inv_cap_(c.inv_softcap), padded_(c.tokens < BLOCK_T) {
+    for (int64_t t = 0; t < BLOCK_T; ++t) {
+      const int64_t local = t < c.tokens ? c.labels[t] - c.col0 : -1;
+      label_row_[t] = (local >= 0 && local < c.vrows) ? local : -1;
+      if (label_row_[t] < 0) continue;
+      const float s = logit_scalar(tile[local * BLOCK_T + t], c.bias ? c.bias[local] : 0.0f, c.softcap, c.inv_softcap);
+      float cap = 1.0f;
+      if (c.softcap > 0) {
+        const float u = s * c.inv_softcap;
+        cap = 1.0f - u * u;
+      }
+      label_dz_[t] = (1.0f - std::exp(s - lse[t])) * grad[t] * cap;
+    }
+    for (int64_t q = 0; q < TOKEN_VECS; ++q) {
+      shift_[q] = fVec::loadu(lse + q * LANES);
+      neg_g_[q] = fVec(0.0f) - fVec::loadu(grad + q * LANES);
+    }
+    if (padded_) token_lanes(c.tokens, valid_);
+  }
+
+  // -g exp(s - lse) cap' for the lanes [q LANES, (q + 1) LANES) of a row with logits z and bias b (the entry
+  // wherever the row is not the label); folds exp(s - lse) into *max_p when max_p is given.
+  fVec operator()(const fVec& z, float b, int64_t q, fVec* max_p) const {
+    const fVec s = logit(z, b, c_.softcap, c_.inv_softcap);
+    const fVec p = vexp(s - shift_[q]);
+    if (max_p) *max_p = at::vec::maximum(*max_p, p);
+    fVec d = p * neg_g_[q];
+    if (c_.softcap > 0) {
+      const fVec t = s * inv_cap_;
+      d = d * (one_ - t * t);
+    }
+    if (padded_) d = fVec::blendv(fVec(0.0f), d, valid_[q]);
+    return d;
+  }
+
+  // fn(row, token, d) for each label entry of the tile.
+  template <typename Fn>
+  void for_labels(Fn&& fn) const {
+    for (int64_t t = 0; t < BLOCK_T; ++t)
+      if (label_row_[t] >= 0) fn(label_row_[t], t, label_dz_[t]);
+  }
+
+ private:
+  const TileContext& c_;
+  const fVec one_, inv_cap_;
+  const bool padded_;
+  fVec shift_[TOKEN_VECS], neg_g_[TOKEN_VECS], valid_[TOKEN_VECS];
+  float label_dz_[BLOCK_T];
+  int64_t label_row_[BLOCK_T];
+};
+
+// Replaces a z^T tile by d_z^T (DzTile). Adds each row's sum (the final d_z) to d_bias when given. With live (one
+// flag per FILTER_ROWS rows of the tile), also records which row groups hold a softmax value >= eps (group_is_live).
 void backward_epilogue(float* tile, const TileContext& c, const float* lse, const float* grad, float* d_bias,
                        float eps = 0.0f, uint8_t* live = nullptr) {
-  float s_label[BLOCK_T];
-  for (int64_t t = 0; t < c.tokens; ++t) {  // the target entries, before the tile is overwritten
-    const int64_t local = c.labels[t] - c.col0;
-    if (local >= 0 && local < c.vrows)
-      s_label[t] = logit_scalar(tile[local * BLOCK_T + t], c.bias ? c.bias[local] : 0.0f, c.softcap, c.inv_softcap);
-  }
-  fVec shift[TOKEN_VECS], neg_g[TOKEN_VECS];
-  for (int64_t q = 0; q < TOKEN_VECS; ++q) {
-    shift[q] = fVec::loadu(lse + q * LANES);
-    neg_g[q] = fVec(0.0f) - fVec::loadu(grad + q * LANES);
-  }
-  const fVec one(1.0f), inv_cap(c.inv_softcap);
-  const bool padded = c.tokens < BLOCK_T;
-  fVec valid[TOKEN_VECS];
-  if (padded) token_lanes(c.tokens, valid);
+  const DzTile dz(tile, c, lse, grad);
   fVec max_p(0.0f);
   for (int64_t v = 0; v < c.vrows; ++v) {
     const float b = c.bias ? c.bias[v] : 0.0f;
     float* row = tile + v * BLOCK_T;
-    for (int64_t q = 0; q < TOKEN_VECS; ++q) {
-      const fVec s = logit(fVec::loadu(row + q * LANES), b, c.softcap, c.inv_softcap);
-      const fVec p = vexp(s - shift[q]);
-      if (live) max_p = at::vec::maximum(max_p, p);
-      fVec d = p * neg_g[q];
-      if (c.softcap > 0) {
-        const fVec t = s * inv_cap;
-        d = d * (one - t * t);
-      }
-      if (padded) d = fVec::blendv(fVec(0.0f), d, valid[q]);
-      d.store(row + q * LANES);
-    }
+    for (int64_t q = 0; q < TOKEN_VECS; ++q)
+      dz(fVec::loadu(row + q * LANES), b, q, live ? &max_p : nullptr).store(row + q * LANES);
     if (live && ((v + 1) % FILTER_ROWS == 0 || v + 1 == c.vrows)) {
       live[v / FILTER_ROWS] = group_is_live(max_p, eps);
       max_p = fVec(0.0f);
     }
   }
   if (live) mark_label_groups(c, live);
-  for (int64_t t = 0; t < c.tokens; ++t) {
-    const int64_t local = c.labels[t] - c.col0;
-    if (local < 0 || local >= c.vrows) continue;
-    const float s = s_label[t], g = grad[t];
-    float cap = 1.0f;
-    if (c.softcap > 0) {
-      const float u = s * c.inv_softcap;
-      cap = 1.0f - u * u;
-    }
-    tile[local * BLOCK_T + t] = (1.0f - std::exp(s - lse[t])) * g * cap;
-  }
+  dz.for_labels([&](int64_t local, int64_t t, float d) { tile[local * BLOCK_T + t] = d; });
   if (d_bias) {
     for (int64_t v = 0; v < c.vrows; ++v) {
       const float* row = tile + v * BLOCK_T;
@@ -308,51 +327,19 @@ void backward_epilogue(float* tile, const TileContext& c, const float* lse, cons
   }
 }
 
-
 #if defined(CPU_CAPABILITY_AVX512)
-// The vnni path's epilogue in one pass (bf16 operands, d_bias not needed): d_z^T = g (onehot - exp(s - lse)) cap'
-// goes straight from registers to the slice's row-major buffer (dz_rows: row 0 of the tile, stride ld_dz; the
-// d_weight GEMM's A) and to the token block's vocabulary pairs (dz_pairs: pair row 0 of the tile; the d_hidden
-// GEMM's B); either may be nullptr. Same arithmetic as backward_epilogue.
+// The vnni path's epilogue in one pass (bf16 operands, d_bias not needed): d_z^T (DzTile) goes straight from
+// registers to the slice's row-major buffer (dz_rows: row 0 of the tile, stride ld_dz; the d_weight GEMM's A)
+// and to the token block's vocabulary pairs (dz_pairs: pair row 0 of the tile; the d_hidden GEMM's B); either
+// may be nullptr. The same values as backward_epilogue, rounded once to bf16.
 void backward_epilogue_bf16(const float* tile, const TileContext& c, const float* lse, const float* grad,
                             at::BFloat16* dz_rows, int64_t ld_dz, at::BFloat16* dz_pairs, float eps = 0.0f,
                             uint8_t* live = nullptr) {
-  float fixed[BLOCK_T];
-  int64_t fixed_row[BLOCK_T];
-  for (int64_t t = 0; t < BLOCK_T; ++t) {  // the target entries, from the logits before anything is written
-    const int64_t local = t < c.tokens ? c.labels[t] - c.col0 : -1;
-    fixed_row[t] = (local >= 0 && local < c.vrows) ? local : -1;
-    if (fixed_row[t] < 0) continue;
-    const float s = logit_scalar(tile[local * BLOCK_T + t], c.bias ? c.bias[local] : 0.0f, c.softcap, c.inv_softcap);
-    float cap = 1.0f;
-    if (c.softcap > 0) {
-      const float u = s * c.inv_softcap;
-      cap = 1.0f - u * u;
-    }
-    fixed[t] = (1.0f - std::exp(s - lse[t])) * grad[t] * cap;
-  }
-  fVec shift[TOKEN_VECS], neg_g[TOKEN_VECS];
-  for (int64_t q = 0; q < TOKEN_VECS; ++q) {
-    shift[q] = fVec::loadu(lse + q * LANES);
-    neg_g[q] = fVec(0.0f) - fVec::loadu(grad + q * LANES);
-  }
-  const fVec one(1.0f), inv_cap(c.inv_softcap);
-  const bool padded = c.tokens < BLOCK_T;
-  fVec valid[TOKEN_VECS];
-  if (padded) token_lanes(c.tokens, valid);
+  const DzTile dz(tile, c, lse, grad);
   fVec max_p(0.0f);
   auto d_of = [&](int64_t v, int64_t q) {
-    const fVec s = logit(fVec::loadu(tile + v * BLOCK_T + q * LANES), c.bias ? c.bias[v] : 0.0f, c.softcap,
-                         c.inv_softcap);
-    const fVec p = vexp(s - shift[q]);
-    if (live) max_p = at::vec::maximum(max_p, p);
-    fVec d = p * neg_g[q];
-    if (c.softcap > 0) {
-      const fVec t = s * inv_cap;
-      d = d * (one - t * t);
-    }
-    if (padded) d = fVec::blendv(fVec(0.0f), d, valid[q]);
-    return __m512(d);
+    return __m512(dz(fVec::loadu(tile + v * BLOCK_T + q * LANES), c.bias ? c.bias[v] : 0.0f, q,
+                     live ? &max_p : nullptr));
   };
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t v = 0; v < c.vrows; v += 2) {
@@ -377,13 +364,11 @@ void backward_epilogue_bf16(const float* tile, const TileContext& c, const float
     }
   }
   if (live) mark_label_groups(c, live);
-  for (int64_t t = 0; t < BLOCK_T; ++t) {
-    const int64_t local = fixed_row[t];
-    if (local < 0) continue;
-    const at::BFloat16 d(fixed[t]);
+  dz.for_labels([&](int64_t local, int64_t t, float value) {
+    const at::BFloat16 d(value);
     if (dz_rows) dz_rows[local * ld_dz + t] = d;
     if (dz_pairs) dz_pairs[((local / 2) * BLOCK_T + t) * 2 + (local & 1)] = d;
-  }
+  });
 }
 #endif
 

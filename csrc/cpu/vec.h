@@ -116,16 +116,10 @@ template <typename op_t>
 inline void store_row_pair(const float* even, const float* odd, op_t* dst) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<op_t, at::BFloat16>) {
-    const __m512i ones = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    auto rounded = [&](const float* src) {  // bf16 in the upper 16 bits of each 32-bit lane
-      const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(src));
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), ones);
-      return _mm512_add_epi32(bits, _mm512_add_epi32(bias, lsb));
-    };
     for (int64_t t = 0; t < BLOCK_T; t += 16) {
-      const __m512i lo = _mm512_srli_epi32(rounded(even + t), 16);
-      const __m512i hi = odd ? _mm512_and_si512(rounded(odd + t), high) : _mm512_setzero_si512();
+      const __m512i lo = _mm512_srli_epi32(bf16_upper(_mm512_loadu_ps(even + t)), 16);
+      const __m512i hi = odd ? _mm512_and_si512(bf16_upper(_mm512_loadu_ps(odd + t)), high) : _mm512_setzero_si512();
       _mm512_storeu_si512(reinterpret_cast<void*>(dst + 2 * t), _mm512_or_si512(lo, hi));
     }
     return;
