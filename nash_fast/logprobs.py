@@ -55,7 +55,7 @@ __all__ = ["sequence_logprobs", "token_logprobs", "native_status", "native_cpu_i
 # 2**26 bf16 = 128 MiB; with V = 128256 that is 523 tokens' worth.
 MAX_CHUNK_ELEMENTS = 2**26
 # The native backward keeps d_z for N x Vs elements (twice, in two layouts) in the input dtype on the AMX
-# path, and for 2 N x Vs elements once in fp32 on the MKL path (csrc/cpu/sequence_logprobs_kernel.cpp,
+# path, and for 2 N x Vs elements once in fp32 on the MKL path (csrc/cpu/sequence_logprobs_mkl.cpp,
 # backward_mkl: a deeper d_hidden sgemm); Vs is at least 512 (csrc/cpu/common.h). Measured on AMX (1 thread): Vs = 512-1024 keeps the slice buffers in L2
 # and beats 2048-4096 by 10-30% per backward phase.
 NATIVE_CHUNK_ELEMENTS = 2**21

@@ -82,39 +82,45 @@ bool bf16_products(at::ScalarType dtype, c10::string_view precision) {
          active_isa(at::kFloat) == Isa::Avx512;
 }
 
+// The entry points of one compiled copy of the kernels; nullptr where this build has no copy for that ISA
+// (isa.cpp never selects its path then).
+struct Kernels {
+  void (*forward)(const ForwardArgs&, bool) = nullptr;
+  void (*backward)(const BackwardArgs&, bool) = nullptr;
+};
+
+#define NASH_FAST_KERNELS(CAPABILITY) Kernels{&CAPABILITY::token_logprobs_forward, &CAPABILITY::token_logprobs_backward}
+#ifdef NASH_FAST_HAVE_AVX512
+constexpr Kernels AVX512_KERNELS = NASH_FAST_KERNELS(AVX512);
+#else
+constexpr Kernels AVX512_KERNELS{};
+#endif
+#ifdef NASH_FAST_HAVE_AVX2
+constexpr Kernels AVX2_KERNELS = NASH_FAST_KERNELS(AVX2);
+#else
+constexpr Kernels AVX2_KERNELS{};
+#endif
+constexpr Kernels DEFAULT_KERNELS = NASH_FAST_KERNELS(DEFAULT);
+#undef NASH_FAST_KERNELS
+
+// Runs `kernel` (&Kernels::forward or &Kernels::backward) of the copy compiled for the active path.
 template <typename Args>
-void run(void (*avx512)(const Args&, bool), void (*avx2)(const Args&, bool), void (*portable)(const Args&, bool),
-         const Args& args) {
+void run(void (*Kernels::*kernel)(const Args&, bool), const Args& args) {
   const Isa isa = active_isa(args.dtype);
   switch (isa) {
     case Isa::Vnni:
     case Isa::Avx512:
-      TORCH_CHECK(avx512 != nullptr, "internal: no AVX-512 kernels in this build");
-      avx512(args, isa == Isa::Vnni || args.bf16_products);
+      TORCH_CHECK(AVX512_KERNELS.*kernel != nullptr, "internal: no AVX-512 kernels in this build");
+      (AVX512_KERNELS.*kernel)(args, isa == Isa::Vnni || args.bf16_products);
       return;
     case Isa::Avx2:
-      TORCH_CHECK(avx2 != nullptr, "internal: no AVX2 kernels in this build");
-      avx2(args, false);
+      TORCH_CHECK(AVX2_KERNELS.*kernel != nullptr, "internal: no AVX2 kernels in this build");
+      (AVX2_KERNELS.*kernel)(args, false);
       return;
     default:
-      portable(args, false);
+      (DEFAULT_KERNELS.*kernel)(args, false);
   }
 }
-
-#ifdef NASH_FAST_HAVE_AVX512
-constexpr auto AVX512_FORWARD = &AVX512::token_logprobs_forward;
-constexpr auto AVX512_BACKWARD = &AVX512::token_logprobs_backward;
-#else
-constexpr void (*AVX512_FORWARD)(const ForwardArgs&, bool) = nullptr;
-constexpr void (*AVX512_BACKWARD)(const BackwardArgs&, bool) = nullptr;
-#endif
-#ifdef NASH_FAST_HAVE_AVX2
-constexpr auto AVX2_FORWARD = &AVX2::token_logprobs_forward;
-constexpr auto AVX2_BACKWARD = &AVX2::token_logprobs_backward;
-#else
-constexpr void (*AVX2_FORWARD)(const ForwardArgs&, bool) = nullptr;
-constexpr void (*AVX2_BACKWARD)(const BackwardArgs&, bool) = nullptr;
-#endif
 
 }  // namespace
 
@@ -141,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& hidd
   ForwardArgs args{hidden.scalar_type(), hidden.data_ptr(), weight.data_ptr(), bias ? bias->data_ptr() : nullptr,
                    labels.data_ptr<int64_t>(), softcap_value(softcap), N, hidden.size(1), weight.size(0),
                    logp.data_ptr<float>(), lse.data_ptr<float>(), bf16};
-  run<ForwardArgs>(AVX512_FORWARD, AVX2_FORWARD, &DEFAULT::token_logprobs_forward, args);
+  run(&Kernels::forward, args);
   return {logp, lse};
 }
 
@@ -197,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_backward(
                     lse.data_ptr<float>(), grad.data_ptr<float>(), need_hidden ? d_hidden.data_ptr() : nullptr,
                     need_weight ? d_weight.data_ptr() : nullptr, need_bias ? d_bias.data_ptr() : nullptr,
                     max_chunk_elements, static_cast<float>(filter_eps), bf16};
-  run<BackwardArgs>(AVX512_BACKWARD, AVX2_BACKWARD, &DEFAULT::token_logprobs_backward, args);
+  run(&Kernels::backward, args);
   return {d_hidden, d_weight, d_bias};
 }
 
