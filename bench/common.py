@@ -324,6 +324,19 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def best_of(fn, repeats: int, *, warmup: bool = False) -> float:
+    """Fastest of `repeats` timed calls of fn() on the CPU, in seconds; warmup: one untimed call first (oneDNN
+    kernel generation, first touch of buffers)."""
+    if warmup:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def time_call(fn, device, grad_to_none=(), quick: bool = False) -> tuple[float, float, float]:
     """(median, 20th, 80th percentile) milliseconds of fn().
 

@@ -18,9 +18,15 @@ import argparse
 import json
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 
-from nash_fast import sequence_logprobs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_of  # noqa: E402
+
+from nash_fast import sequence_logprobs  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -63,15 +69,6 @@ def main() -> None:
                           "vs_naive": {m: round(s / best["naive"], 2) for m, s in best.items()}}), flush=True)
         if args.roofline:
             roofline(args, name, hidden, weight, labels, cu)
-
-
-def best_of(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def roofline(args, name, hidden, weight, labels, cu) -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_description, git_commit  # noqa: E402
+from common import best_of, cpu_description, git_commit  # noqa: E402
 
 from nash_fast import sequence_logprobs  # noqa: E402
 from nash_fast.logprobs import NATIVE_CHUNK_ELEMENTS, native_status, resolve_filter_eps  # noqa: E402
@@ -180,16 +180,6 @@ def errors(h32, w32, y, eps_values, rows):
         del ref_h, ref_w
 
 
-def best_time(fn, repeats):
-    fn()  # warm-up (oneDNN kernel generation, first-touch of buffers)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def timings(h32, w32, y, eps_values, threads_list, repeats, rows):
     saved = torch.get_num_threads()
     try:
@@ -209,7 +199,7 @@ def timings(h32, w32, y, eps_values, threads_list, repeats, rows):
                     try:
                         gemm = torch.ops.nash_fast.cpu_gemm(dtype) if eps == 0 else (
                             "brgemm" if dtype == torch.float32 else torch.ops.nash_fast.cpu_gemm(dtype))
-                        seconds = best_time(lambda: native_backward(h, w, y, lse, eps), repeats)
+                        seconds = best_of(lambda: native_backward(h, w, y, lse, eps), repeats, warmup=True)
                     finally:
                         if mkl is not None:
                             if old is None:
@@ -238,7 +228,7 @@ def precision_rows(h32, w32, y, threads_list, repeats, rows):
                 def step():
                     logp, lse = torch.ops.nash_fast.token_logprobs_forward(h32, w32, None, y, None, precision)
                     return native_backward(h32, w32, y, lse, 0.0, precision)
-                seconds = best_time(step, repeats)
+                seconds = best_of(step, repeats, warmup=True)
                 rows.append(dict(section="matmul", dtype="fp32", threads=threads, eps="",
                                  quantity=f"fwd_bwd_s_precision_{precision}", value=seconds))
                 gh, gw = step()
@@ -251,7 +241,7 @@ def precision_rows(h32, w32, y, threads_list, repeats, rows):
             a32, b32 = torch.randn(n, n), torch.randn(n, n)
             for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 a, b = a32.to(dtype), b32.to(dtype)
-                seconds = best_time(lambda: torch.mm(a, b), repeats)
+                seconds = best_of(lambda: torch.mm(a, b), repeats, warmup=True)
                 rows.append(dict(section="matmul", dtype=dname, threads=threads, eps="",
                                  quantity="torch_mm_2048_tflops", value=2 * n**3 / seconds / 1e12))
                 print(f"torch.mm {dname} threads={threads}: {2 * n**3 / seconds / 1e12:.3f} TFLOP/s", flush=True)
