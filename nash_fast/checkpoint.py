@@ -74,7 +74,7 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _read_manifest(directory: Path) -> dict:
+def read_manifest(directory: Path) -> dict:
     """The parsed manifest; CheckpointDamaged if it is missing, unreadable, or not format 2."""
     path = Path(directory) / MANIFEST
     try:
@@ -100,7 +100,7 @@ def _read_manifest(directory: Path) -> dict:
 def is_complete(directory: Path) -> bool:
     """Cheap check: a format-2 manifest, and every file it lists present with the recorded size."""
     try:
-        files = _read_manifest(Path(directory))["files"]
+        files = read_manifest(Path(directory))["files"]
         return all((Path(directory) / name).stat().st_size == entry["bytes"] for name, entry in files.items())
     except (OSError, CheckpointDamaged):
         return False
@@ -110,7 +110,7 @@ def verify_checkpoint(directory: str | os.PathLike) -> dict:
     """Check every file against the manifest's size and SHA-256, and that no unlisted file is present.
     Returns the manifest; raises CheckpointDamaged naming the first offending file."""
     directory = Path(directory)
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
     problem = rundir.verify_files(directory, manifest["files"], record="the manifest", exact=True, ignore=(MANIFEST,))
     if problem is not None:
         raise CheckpointDamaged(directory, *problem)
@@ -140,7 +140,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def checkpoint_step(directory: str | os.PathLike) -> int:
-    return int(_read_manifest(Path(directory))["step"])
+    return int(read_manifest(Path(directory))["step"])
 
 
 def save_checkpoint(
@@ -166,9 +166,7 @@ def save_checkpoint(
         # Replacing it would open a window with neither the old nor the new one in place.
         raise FileExistsError(f"a complete checkpoint for step {step} already exists: {final}")
     # One name on every rank (rank 0's pid@host and the step), registered as live by rank 0, its publisher.
-    owner = owner or f"{os.getpid()}@{rundir.hostname()}"
-    tmp = rundir.temporary_path(final, owner=owner, serial=step) if rank == 0 else \
-        root / f"{_TMP_PREFIX}{final.name}.{owner}.{step}"
+    tmp = rundir.temporary_path(final, owner=owner, serial=step, register=rank == 0)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         rundir.remove_dead_temporaries(root, locked=False)  # dead writers' leftovers (kill -9 mid-save)

@@ -31,7 +31,7 @@ import torch
 
 from nash_fast.checkpoint import (
     CheckpointDamaged,
-    _read_manifest,
+    read_manifest,
     checkpoint_name,
     is_complete,
     list_checkpoints,
@@ -261,7 +261,7 @@ def _read_checkpoint(run: ResumableRun, path: Path, verify: bool = True) -> Load
     """Verify every file's SHA-256 against the manifest, then read it (weights_only / JSON) without applying it.
     CheckpointDamaged names the file that fails. verify=False: rank 0 has verified it (the files are read the
     same weights_only way)."""
-    manifest = verify_checkpoint(path) if verify else _read_manifest(path)
+    manifest = verify_checkpoint(path) if verify else read_manifest(path)
     saved = _read_json(path, "trainer_state.json")
     if not isinstance(saved, dict) or not all(isinstance(saved.get(k), int) for k in TrainerState().to_dict()) \
             or not isinstance(saved.get("total_steps"), int) or saved["step"] != manifest["step"]:

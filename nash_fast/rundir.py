@@ -80,13 +80,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def temporary_path(final: str | os.PathLike, *, owner: str | None = None, serial: int | None = None) -> Path:
+def temporary_path(final: str | os.PathLike, *, owner: str | None = None, serial: int | None = None,
+                   register: bool = True) -> Path:
     """A fresh temporary name next to `final`, registered as live until done(path) is called. owner ("pid@host")
-    and serial name a temporary several processes share (a distributed checkpoint: rank 0's pid@host, the step)."""
+    and serial name a temporary several processes share (a distributed checkpoint: rank 0's pid@host, the step);
+    register=False: only the name (another process writes it and keeps it live)."""
     final = Path(final)
     owner = owner or f"{os.getpid()}@{hostname()}"
     path = final.parent / f".tmp-{final.name}.{owner}.{next(_counter) if serial is None else serial}"
-    _live.add(str(path))
+    if register:
+        _live.add(str(path))
     return path
 
 
