@@ -123,11 +123,12 @@ def _tanh(x, PORTABLE: tl.constexpr):
 
 @triton.jit
 def _logit_tile(
-    h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Returns the capped logits s [BLOCK_N, BLOCK_V] (fp32) of one tile, and the raw tile z."""
+    """The tile's logits before the soft-cap, z + b [BLOCK_N, BLOCK_V] (fp32); the caller applies the cap
+    (_tanh_of_cap), so the backward keeps the tanh itself for the slope."""
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < N
     col_ok = cols < V
@@ -146,10 +147,15 @@ def _logit_tile(
         w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        # (a multiply by the reciprocal: a per-element IEEE division costs registers the tile needs)
-        acc = softcap * _tanh(acc * (1.0 / softcap), UPCAST)  # UPCAST: the interpreter, without libdevice
     return acc
+
+
+@triton.jit
+def _tanh_of_cap(z, softcap, UPCAST: tl.constexpr):
+    """tanh(z / c): the soft-capped logit is c times it, its slope ds/dz 1 - its square (exactly 0 where it
+    saturates to +-1, e.g. z = -inf; s * (1/c) would miss that when 1/c is subnormal, c near 3.4e38)."""
+    # (a multiply by the reciprocal: a per-element IEEE division costs registers the tile needs)
+    return _tanh(z * (1.0 / softcap), UPCAST)  # UPCAST: the interpreter, without libdevice
 
 
 # restore_value: benchmarking a config must not leave its partial rows behind for the next one.
@@ -166,8 +172,10 @@ def _logits_lse_kernel(
     pid_n, pid_v = _tile_indices(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    s = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, softcap,
-                    HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    s = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w,
+                    HAS_BIAS, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    if HAS_SOFTCAP:
+        s = softcap * _tanh_of_cap(s, softcap, UPCAST)
     s = tl.where((cols < V)[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
     # A row whose logits in this tile are all -inf (a masked vocabulary block): shift by 0, not by m = -inf
@@ -210,8 +218,11 @@ def _dlogits_kernel(
         tl.store(dz_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dtype=dz_ptr.dtype.element_ty), mask=tile_ok)
         # dbias_partial is zeroed before launch (reset_to_zero / torch.zeros), so nothing to add.
     else:
-        s = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, softcap,
-                        HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        s = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w,
+                        HAS_BIAS, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        if HAS_SOFTCAP:
+            t = _tanh_of_cap(s, softcap, UPCAST)
+            s = softcap * t
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1) - v_offset
         p = tl.exp(s - lse[:, None])
@@ -222,7 +233,6 @@ def _dlogits_kernel(
             keep = tile_ok & (is_label | ~(p < filter_eps))
             dz = tl.where(tl.max(keep.to(tl.int32)) > 0, dz, 0.0)
         if HAS_SOFTCAP:
-            t = s * (1.0 / softcap)
             dz = dz * (1.0 - t * t)
         dz = tl.where(tile_ok, dz, 0.0)
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=tile_ok)

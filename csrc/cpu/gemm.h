@@ -139,16 +139,27 @@ void transpose_weight_rows(const scalar_t* W, int64_t nv, int64_t H, int64_t ld,
 
 // ------------------------------------------------------------------------------------------ epilogues
 
-// x + bias, soft-capped: c tanh(x / c).
-inline fVec logit(fVec x, float bias, float softcap, float inv_softcap) {
+// x + bias, soft-capped: c tanh(x / c). *slope (when given and soft-capped): ds/dx = 1 - tanh^2, from the tanh
+// itself, so it is exactly 0 where the tanh saturates to +-1 (x = -inf: a masked entry). Recovering the tanh as
+// s * (1/c) is off by up to 2^-150 / (1/c) relative when 1/c is subnormal (c near 3.4e38): a slope of ~1e-7
+// there, times a -inf weight in d_hidden, gave -inf where float64 gives 0 x -inf = NaN.
+inline fVec logit(fVec x, float bias, float softcap, float inv_softcap, fVec* slope = nullptr) {
   x = x + fVec(bias);
-  if (softcap > 0) x = fVec(softcap) * (x * fVec(inv_softcap)).tanh();
+  if (softcap > 0) {
+    const fVec t = (x * fVec(inv_softcap)).tanh();
+    if (slope) *slope = fVec(1.0f) - t * t;
+    x = fVec(softcap) * t;
+  }
   return x;
 }
 
-inline float logit_scalar(float x, float bias, float softcap, float inv_softcap) {
+inline float logit_scalar(float x, float bias, float softcap, float inv_softcap, float* slope = nullptr) {
   x = x + bias;
-  if (softcap > 0) x = softcap * std::tanh(x * inv_softcap);
+  if (softcap > 0) {
+    const float t = std::tanh(x * inv_softcap);
+    if (slope) *slope = 1.0f - t * t;
+    x = softcap * t;
+  }
   return x;
 }
 
@@ -248,17 +259,14 @@ inline void mark_label_groups(const TileContext& c, uint8_t* live) {
 class DzTile {
  public:
   DzTile(const float* tile, const TileContext& c, const float* lse, const float* grad)
-      : c_(c), one_(1.0f), inv_cap_(c.inv_softcap), padded_(c.tokens < BLOCK_T) {
+      : c_(c), padded_(c.tokens < BLOCK_T) {
     for (int64_t t = 0; t < BLOCK_T; ++t) {
       const int64_t local = t < c.tokens ? c.labels[t] - c.col0 : -1;
       label_row_[t] = (local >= 0 && local < c.vrows) ? local : -1;
       if (label_row_[t] < 0) continue;
-      const float s = logit_scalar(tile[local * BLOCK_T + t], c.bias ? c.bias[local] : 0.0f, c.softcap, c.inv_softcap);
       float cap = 1.0f;
-      if (c.softcap > 0) {
-        const float u = s * c.inv_softcap;
-        cap = 1.0f - u * u;
-      }
+      const float s =
+          logit_scalar(tile[local * BLOCK_T + t], c.bias ? c.bias[local] : 0.0f, c.softcap, c.inv_softcap, &cap);
       label_dz_[t] = (1.0f - std::exp(s - lse[t])) * grad[t] * cap;
     }
     for (int64_t q = 0; q < TOKEN_VECS; ++q) {
@@ -271,14 +279,12 @@ class DzTile {
   // -g exp(s - lse) cap' for the lanes [q LANES, (q + 1) LANES) of a row with logits z and bias b (the entry
   // wherever the row is not the label); folds exp(s - lse) into *max_p when max_p is given.
   fVec operator()(const fVec& z, float b, int64_t q, fVec* max_p) const {
-    const fVec s = logit(z, b, c_.softcap, c_.inv_softcap);
+    fVec cap;
+    const fVec s = logit(z, b, c_.softcap, c_.inv_softcap, &cap);
     const fVec p = vexp(s - shift_[q]);
     if (max_p) *max_p = at::vec::maximum(*max_p, p);
     fVec d = p * neg_g_[q];
-    if (c_.softcap > 0) {
-      const fVec t = s * inv_cap_;
-      d = d * (one_ - t * t);
-    }
+    if (c_.softcap > 0) d = d * cap;
     if (padded_) d = fVec::blendv(fVec(0.0f), d, valid_[q]);
     return d;
   }
@@ -292,7 +298,6 @@ class DzTile {
 
  private:
   const TileContext& c_;
-  const fVec one_, inv_cap_;
   const bool padded_;
   fVec shift_[TOKEN_VECS], neg_g_[TOKEN_VECS], valid_[TOKEN_VECS];
   float label_dz_[BLOCK_T];
