@@ -169,6 +169,11 @@ ISSUE_MASKED = dict(V=700, H=32, lengths=[4], padded=False, dtype=torch.float32,
 @example(p=ISSUE_MASKED | dict(V=300, H=16, lengths=[10], mask_kind=None, masked_blocks=[], softcap=1e-50))
 @example(p=ISSUE_MASKED | dict(V=7, H=0, lengths=[5], mask_kind=None, masked_blocks=[], bias=True, softcap=4.0))
 @example(p=ISSUE_MASKED | dict(V=200, H=16, label_dtype=torch.uint8, ignore_p=0.3, mask_kind=None, masked_blocks=[]))
+# A label on a -inf-weight entry under a cap whose 1/c is subnormal: the slope must be exactly 0 there (d_hidden
+# 0 x -inf = NaN, as float64), not 1 - (s / c)^2 recovered through a rounded 1/c (found by --hypothesis-seed=970).
+@example(p=dict(V=129, H=3, lengths=[0, 9], padded=True, dtype=torch.float32, label_dtype=torch.uint8,
+                ignore_index=-100, ignore_p=0.0, mask_kind="weight", masked_blocks=[1], mask_value=float("-inf"),
+                masked_label_p=0.0, average=False, bias=False, softcap=3e38, seed=1075, threads=1))
 def test_edges_match_float64(backend, isa, p):
     if DEVICE[backend] != "cpu":
         pytest.skip("the child process runs CPU backends (the Triton interpreter included)")
